@@ -1,0 +1,1 @@
+"""devicekit's benchmarks: peers side by side, medians and ratios, printed as tables."""

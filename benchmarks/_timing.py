@@ -1,0 +1,36 @@
+"""Timing helpers shared by the benchmarks: medians of repeats, ratios, plain-text tables.
+
+Machines here are 2 cores and noisy: every figure is a median over repeats taken in one run, and
+comparisons are ratios between things measured side by side, never absolute thresholds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import timeit
+from collections.abc import Callable, Sequence
+
+
+def median_us(function: Callable[[], object], *, repeat: int = 15, min_time: float = 0.02) -> float:
+    """Median microseconds per call of `function` over `repeat` timed batches."""
+    timer = timeit.Timer(function)
+    number, _ = timer.autorange()
+    number = max(1, int(number * min_time / 0.2))
+    samples = timer.repeat(repeat=repeat, number=number)
+    return statistics.median(samples) / number * 1e6
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (readable as plain text too) with floats to two decimals."""
+
+    def cell(value: object) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    text_rows = [list(headers)] + [[cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in text_rows) for i in range(len(headers))]
+    lines = [
+        "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |"
+        for r in text_rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""devicekit: boring PyTorch device handling.
+
+Find the devices, pick one, put models and nested batches on it, and catch cross-device mistakes
+in tests.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from devicekit._context import current_device
+from devicekit._discovery import (
+    DeviceInfo,
+    accelerator_type,
+    as_device,
+    best_device,
+    devices,
+    explain_best_device,
+    local_device,
+)
+from devicekit._errors import (
+    CrossDeviceError,
+    DevicekitError,
+    DevicekitWarning,
+    DeviceMismatchWarning,
+    DeviceMoveWarning,
+    DeviceUnavailableError,
+    InvalidDeviceSpecError,
+    MixedDevicesError,
+    MoveError,
+    SimulationError,
+    TransferGuardError,
+    UnmovableError,
+)
+from devicekit._types import DeviceLike, SupportsTo
+
+try:
+    __version__ = _metadata.version("devicekit")
+except (
+    _metadata.PackageNotFoundError
+):  # pragma: no cover - running from a source tree without install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "CrossDeviceError",
+    "DeviceInfo",
+    "DeviceLike",
+    "DeviceMismatchWarning",
+    "DeviceMoveWarning",
+    "DeviceUnavailableError",
+    "DevicekitError",
+    "DevicekitWarning",
+    "InvalidDeviceSpecError",
+    "MixedDevicesError",
+    "MoveError",
+    "SimulationError",
+    "SupportsTo",
+    "TransferGuardError",
+    "UnmovableError",
+    "__version__",
+    "accelerator_type",
+    "as_device",
+    "best_device",
+    "current_device",
+    "devices",
+    "explain_best_device",
+    "local_device",
+]

@@ -1,0 +1,105 @@
+"""The devicekit exception and warning hierarchy.
+
+Every error devicekit raises is a `DevicekitError`, and also the built-in exception a torch
+user already catches for that kind of mistake: a malformed device spec is a `ValueError`, a
+device that is not there or a device mismatch is a `RuntimeError` (as torch raises for
+`cuda` tensors meeting `cpu` ones), an object devicekit cannot rebuild is a `TypeError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CrossDeviceError",
+    "DeviceMismatchWarning",
+    "DeviceMoveWarning",
+    "DeviceUnavailableError",
+    "DevicekitError",
+    "DevicekitWarning",
+    "InvalidDeviceSpecError",
+    "MixedDevicesError",
+    "MoveError",
+    "SimulationError",
+    "TransferGuardError",
+    "UnmovableError",
+]
+
+
+class DevicekitError(Exception):
+    """Base class of every exception devicekit raises.
+
+    Example:
+        >>> import devicekit
+        >>> try:
+        ...     devicekit.as_device("cuda:x")
+        ... except devicekit.DevicekitError as error:
+        ...     print(type(error).__name__)
+        InvalidDeviceSpecError
+    """
+
+
+class InvalidDeviceSpecError(DevicekitError, ValueError):
+    """A device spec is malformed or of an unsupported type (`"cuda:x"`, `3.5`, `""`).
+
+    Attributes:
+        spec: The value that was given.
+    """
+
+    def __init__(self, message: str, *, spec: object) -> None:
+        super().__init__(message)
+        self.spec = spec
+
+
+class DeviceUnavailableError(DevicekitError, RuntimeError):
+    """A well-formed device spec names a device this machine does not have (`"cuda:7"`).
+
+    Attributes:
+        device: The device that was asked for.
+        available: The devices that are available instead.
+    """
+
+    def __init__(self, message: str, *, device: object, available: tuple[object, ...]) -> None:
+        super().__init__(message)
+        self.device = device
+        self.available = available
+
+
+class MixedDevicesError(DevicekitError, RuntimeError):
+    """An object was expected to live on one device but its tensors are spread over several."""
+
+
+class MoveError(DevicekitError, RuntimeError):
+    """Moving one tensor or object failed; the original error is the `__cause__`."""
+
+
+class UnmovableError(DevicekitError, TypeError):
+    """An object holds tensors that devicekit cannot rebuild on another device."""
+
+
+class CrossDeviceError(DevicekitError, RuntimeError):
+    """A torch operation received tensors on different devices."""
+
+
+class TransferGuardError(DevicekitError, RuntimeError):
+    """An implicit accelerator-host transfer happened inside `transfer_guard`.
+
+    Raised for `.item()`, `.tolist()`, `bool(t)` and similar host syncs.
+    """
+
+
+class SimulationError(DevicekitError, RuntimeError):
+    """Simulated devices were requested in a way that cannot work.
+
+    For example, simulating a device type the machine really has.
+    """
+
+
+class DevicekitWarning(UserWarning):
+    """Base class of every warning devicekit issues."""
+
+
+class DeviceMismatchWarning(DevicekitWarning):
+    """A torch operation received tensors on different devices (`device_guard("warn")`)."""
+
+
+class DeviceMoveWarning(DevicekitWarning):
+    """`device_guard("move")` moved an operand to another device to run an operation."""
