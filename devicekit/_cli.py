@@ -1,9 +1,10 @@
-"""`python -m devicekit`: the device report."""
+"""`python -m devicekit`: the device report, and the `bench` subcommand."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,13 @@ from typing import Any
 import torch
 
 from devicekit import _nvml
-from devicekit._discovery import DeviceInfo, as_device, devices, explain_best_device
+from devicekit._discovery import (
+    DeviceInfo,
+    accelerator_type,
+    as_device,
+    devices,
+    explain_best_device,
+)
 from devicekit._errors import DevicekitError
 
 __all__ = ["main"]
@@ -85,17 +92,44 @@ def _print_table(report: dict[str, Any]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="devicekit", description="Report the devices torch can use on this machine."
+        prog="devicekit",
+        description="Report the devices torch can use on this machine (the default), "
+        "or time CPU against accelerators (bench).",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--device", help="also resolve this device spec (e.g. 'cuda:1', 'auto')")
+    commands = parser.add_subparsers(dest="command", metavar="{bench}")
+    bench = commands.add_parser(
+        "bench",
+        help="time element-wise ops and matmuls of growing size on each device",
+        description="Time element-wise operations and matrix products of growing size on "
+        "every device torch can use, count transfers separately, and show where each "
+        "accelerator overtakes the CPU.",
+    )
+    bench.add_argument("--plot", metavar="FILE.png", help="also draw the curves (matplotlib)")
+    bench.add_argument(
+        "--repeat", type=_positive, default=5, help="timed batches per point (default: 5)"
+    )
+    bench.add_argument(
+        "--cpu-threads",
+        type=_positive,
+        metavar="N",
+        help="threads for the CPU's operations (default: torch's, usually one per core)",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _run_report(args: argparse.Namespace) -> int:
     try:
         report = _report(args.device)
     except DevicekitError as error:
@@ -106,3 +140,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         _print_table(report)
     return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from devicekit import _bench
+
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before minutes of measuring, not after)
+        except ImportError:
+            print(
+                "devicekit bench: error: --plot needs matplotlib, which is not installed. "
+                "Install it with `pip install 'devicekit[plot]'` (or `pip install matplotlib`), "
+                "or run without --plot.",
+                file=sys.stderr,
+            )
+            return 2
+    if accelerator_type() is None:
+        print(
+            "devicekit bench: this machine has no accelerator that torch can use "
+            f"(torch {torch.__version__}); measuring the CPU curve only.",
+            flush=True,
+        )
+    threads = torch.get_num_threads()
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        _print_bench_setting(torch.get_num_threads())
+        results = _bench.run(
+            repeat=args.repeat,
+            progress=lambda point: print(".", end="", flush=True),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    print()
+    print(_bench.format_report(results, repeat=args.repeat))
+    if args.plot is not None:
+        _bench.plot(results, args.plot)
+        print(f"Plot written to {args.plot}.")
+    return 0
+
+
+def _print_bench_setting(threads: int) -> None:
+    cores = os.cpu_count() or 1
+    print(f"The CPU runs each operation on {threads} thread(s); this machine has {cores} core(s).")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load >= 0.5 * cores:
+        advice = "rerun when it is idle" + (", or with --cpu-threads 1" if threads > 1 else "")
+        print(
+            f"The machine is busy (load average {load:.1f} for {cores} cores): CPU timings that "
+            "jump to milliseconds mean other processes hold the cores the CPU's threads wait "
+            f"for; {advice}.",
+            flush=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _run_bench(args)
+    return _run_report(args)
