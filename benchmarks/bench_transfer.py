@@ -1,0 +1,285 @@
+"""Coalesced transfers: CPU-side packing cost here, and host<->GPU copies where CUDA exists.
+
+    python -m benchmarks.bench_transfer            # both sections, tables on stdout
+    python -m benchmarks.bench_transfer --plot transfer.png
+
+CPU section (any machine): microseconds per tensor spent planning (grouping by dtype and shape),
+packing (one `torch.stack` per group into the staging buffer) and unpacking (one `unbind` per
+group), beside the CPU cost of one per-tensor `.to("meta")` dispatch for scale.
+
+GPU section (only with CUDA; otherwise it prints why it is skipped): host->device and
+device->host for the shapes of issue 7, from pinned and pageable memory, devicekit against
+per-tensor `.to(non_blocking=True)` plus one synchronisation, accelerate's `send_to_device`, and
+one pinned memcpy of the same bytes (the practical limit, measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks._timing import format_table, median_us
+from devicekit import _nvml, _transfer
+from devicekit._transfer import transfer_tensors
+
+CPU = torch.device("cpu")
+KIB = 1024
+MIB = 1024 * KIB
+
+#: The CPU shapes: name and a factory of the tensor list.
+CPU_SHAPES: dict[str, Callable[[], list[torch.Tensor]]] = {
+    "(c) 10,000 x 256 B": lambda: [torch.randn(64) for _ in range(10_000)],
+    "(b) 256 x 16 KiB": lambda: [torch.randn(4 * KIB) for _ in range(256)],
+    "1,000 x 16 KiB": lambda: [torch.randn(4 * KIB) for _ in range(1000)],
+    "512 in 8 shapes": lambda: [torch.randn(8, 4 + i % 8) for i in range(512)],
+    "200 distinct shapes": lambda: [torch.randn(i + 1) for i in range(200)],
+}
+
+
+def _per_tensor(function: Callable[[], object], count: int, repeat: int) -> float:
+    return median_us(function, repeat=repeat) / count
+
+
+def _cpu_row(name: str, tensors: list[torch.Tensor], repeat: int) -> list[object]:
+    count = len(tensors)
+    plan = _transfer._plan(tensors, on_cpu=True, source=None, limit=None)
+    buffer = torch.empty(plan.nbytes, dtype=torch.uint8)
+    results = list(tensors)
+    planning = _per_tensor(
+        lambda: _transfer._plan(tensors, on_cpu=True, source=None, limit=None), count, repeat
+    )
+    packing = _per_tensor(lambda: _transfer._pack(plan, tensors, buffer), count, repeat)
+    unpacking = _per_tensor(lambda: _transfer._unpack(plan, buffer, results, None), count, repeat)
+    dispatch = _per_tensor(lambda: [t.to("meta") for t in tensors], count, repeat)
+    nbytes = sum(t.nbytes for t in tensors) // count
+    total = planning + packing + unpacking
+    return [name, nbytes, planning, packing, unpacking, packing + unpacking, total, dispatch]
+
+
+def cpu_section(repeat: int = 15) -> str:
+    """The CPU cost of planning, packing and unpacking, in microseconds per tensor."""
+    rows = [_cpu_row(name, make(), repeat) for name, make in CPU_SHAPES.items()]
+    headers = [
+        "tensors",
+        "bytes each",
+        "plan",
+        "pack",
+        "unpack",
+        "pack + unpack",
+        "all three",
+        "one .to('meta')",
+    ]
+    return (
+        "CPU cost per tensor in us, medians of one run. `pack` includes the host memcpy of\n"
+        "the bytes into the staging buffer, so it grows with the tensor size; the copy to the\n"
+        "device is not included. `one .to('meta')` is the CPU cost of one per-tensor dispatch,\n"
+        "for scale.\n\n" + format_table(headers, rows)
+    )
+
+
+# --- GPU section ---------------------------------------------------------------------------
+
+#: The GPU shapes of issue 7: name and the size in bytes of each tensor.
+GPU_SHAPES: dict[str, list[int]] = {
+    "(a) 8 x 256 KiB-8 MiB": [256 * KIB * 2**i for i in (0, 1, 2, 3, 4, 5)] + [MIB, 8 * MIB],
+    "(b) 256 x 16 KiB": [16 * KIB] * 256,
+    "(c) 10,000 x 256 B": [256] * 10_000,
+    "(d) 256 x 1 MiB": [MIB] * 256,
+}
+#: device->host shapes: the issue's 1,000 x 16 KiB, and (b) and (c).
+D2H_SHAPES: dict[str, list[int]] = {
+    "1,000 x 16 KiB": [16 * KIB] * 1000,
+    "(b) 256 x 16 KiB": [16 * KIB] * 256,
+    "(c) 10,000 x 256 B": [256] * 10_000,
+}
+#: For the plot: 16 MiB split into this many tensors.
+PLOT_COUNTS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
+
+
+def _host_tensors(sizes: Sequence[int], pinned: bool) -> list[torch.Tensor]:
+    tensors = [torch.randn(size // 4) for size in sizes]
+    return [t.pin_memory() for t in tensors] if pinned else tensors
+
+
+def _send_to_device() -> Callable[..., object] | None:
+    try:
+        from accelerate.utils import send_to_device
+    except ImportError:  # a benchmark extra
+        return None
+    return send_to_device  # type: ignore[no-any-return]
+
+
+def _h2d_rows(
+    name: str, tensors: list[torch.Tensor], cuda: torch.device, repeat: int
+) -> list[object]:
+    sync = torch.cuda.synchronize
+    nbytes = sum(t.nbytes for t in tensors)
+    flat = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+
+    def devicekit() -> None:
+        transfer_tensors(tensors, cuda, non_blocking=True)
+        sync()
+
+    def per_tensor() -> None:
+        [t.to(cuda, non_blocking=True) for t in tensors]
+        sync()
+
+    def memcpy() -> None:
+        flat.to(cuda, non_blocking=True)
+        sync()
+
+    times = {"devicekit": median_us(devicekit, repeat=repeat)}
+    times["per-tensor"] = median_us(per_tensor, repeat=repeat)
+    send = _send_to_device()
+    if send is not None:
+        times["accelerate"] = median_us(
+            lambda: (send(tensors, cuda, non_blocking=True), sync()), repeat=repeat
+        )
+    times["memcpy"] = median_us(memcpy, repeat=repeat)
+    return _row(name, nbytes, times)
+
+
+def _d2h_rows(name: str, sizes: Sequence[int], cuda: torch.device, repeat: int) -> list[object]:
+    tensors = [torch.randn(size // 4, device=cuda) for size in sizes]
+    nbytes = sum(t.nbytes for t in tensors)
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=cuda)
+    pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    stream = torch.cuda.current_stream(cuda)
+
+    def per_tensor() -> None:  # one event sync at the end, as `to_device` does
+        [t.to(CPU, non_blocking=True) for t in tensors]
+        stream.synchronize()
+
+    def memcpy() -> None:
+        pinned.copy_(flat, non_blocking=True)
+        stream.synchronize()
+
+    times = {"devicekit": median_us(lambda: transfer_tensors(tensors, CPU), repeat=repeat)}
+    times["per-tensor"] = median_us(per_tensor, repeat=repeat)
+    send = _send_to_device()
+    if send is not None:
+        times["accelerate"] = median_us(lambda: send(tensors, CPU), repeat=repeat)
+    times["memcpy"] = median_us(memcpy, repeat=repeat)
+    return _row(name, nbytes, times)
+
+
+def _row(name: str, nbytes: int, times: dict[str, float]) -> list[object]:
+    ours = times["devicekit"]
+    return [
+        name,
+        ours,
+        nbytes / ours / 1e3,
+        times["per-tensor"] / ours,
+        times["accelerate"] / ours if "accelerate" in times else "-",
+        times["memcpy"] / ours,
+        nbytes / times["memcpy"] / 1e3,
+    ]
+
+
+_GPU_HEADERS = [
+    "shape",
+    "devicekit us",
+    "devicekit GB/s",
+    "per-tensor / devicekit",
+    "accelerate / devicekit",
+    "memcpy / devicekit",
+    "memcpy GB/s",
+]
+
+
+def _crossover(cuda: torch.device, repeat: int) -> str:
+    """256 tensors of each size, coalesced against alone: where packing stops paying."""
+    rows = []
+    for size in (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB):
+        tensors = _host_tensors([size] * 256, pinned=False)
+        times = []
+        for coalesce in (True, False):
+
+            def move(tensors: list[torch.Tensor] = tensors, coalesce: bool = coalesce) -> None:
+                transfer_tensors(tensors, cuda, non_blocking=True, coalesce=coalesce)
+                torch.cuda.synchronize()
+
+            times.append(median_us(move, repeat=repeat))
+        rows.append([f"{size // KIB} KiB", times[0], times[1], times[1] / times[0]])
+    headers = ["tensor size", "coalesced us", "alone us", "alone / coalesced"]
+    return (
+        f"Threshold crossover, 256 pageable tensors host->device (`COALESCE_MAX_BYTES` is "
+        f"{_transfer.COALESCE_MAX_BYTES // KIB} KiB):\n\n" + format_table(headers, rows)
+    )
+
+
+def _plot(cuda: torch.device, path: Path, repeat: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = 16 * MIB
+    curves: dict[str, list[float]] = {"devicekit": [], "per-tensor .to()": [], "memcpy": []}
+    for count in PLOT_COUNTS:
+        tensors = _host_tensors([total // count] * count, pinned=False)
+        row = _h2d_rows("", tensors, cuda, repeat)
+        ours = float(row[2])  # type: ignore[arg-type]
+        curves["devicekit"].append(ours)
+        curves["per-tensor .to()"].append(ours / float(row[3]))  # type: ignore[arg-type]
+        curves["memcpy"].append(float(row[6]))  # type: ignore[arg-type]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, values in curves.items():
+        axes.plot(PLOT_COUNTS, values, marker="o", label=label)
+    axes.set_xscale("log")
+    axes.set_xlabel("number of tensors (16 MiB in all, pageable)")
+    axes.set_ylabel("host -> device GB/s")
+    axes.set_title(torch.cuda.get_device_name(cuda))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def gpu_section(repeat: int = 7, plot: Path | None = None) -> str:
+    """Host<->GPU tables, or one line saying why they were not measured."""
+    if not torch.cuda.is_available():
+        return (
+            f"GPU section skipped: CUDA is not available here (torch {torch.__version__}). "
+            "Run `python -m benchmarks.run_all` on a CUDA machine for the host<->device tables."
+        )
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    header = (
+        f"{torch.cuda.get_device_name(cuda)}, torch {torch.__version__}, CUDA "
+        f"{torch.version.cuda}, driver {_nvml.driver_version()}, "
+        f"{datetime.date.today().isoformat()}, {platform.node()}"
+    )
+    parts = [header]
+    for pinned in (True, False):
+        rows = [
+            _h2d_rows(name, _host_tensors(sizes, pinned), cuda, repeat)
+            for name, sizes in GPU_SHAPES.items()
+        ]
+        kind = "pinned" if pinned else "pageable"
+        parts.append(f"host -> device, {kind} sources:\n\n" + format_table(_GPU_HEADERS, rows))
+    rows = [_d2h_rows(name, sizes, cuda, repeat) for name, sizes in D2H_SHAPES.items()]
+    parts.append("device -> host:\n\n" + format_table(_GPU_HEADERS, rows))
+    parts.append(_crossover(cuda, repeat))
+    if plot is not None:
+        _plot(cuda, plot, repeat)
+        parts.append(f"Plot written to {plot}.")
+    return "\n\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--plot", type=Path, help="PNG of GPU throughput against tensor count")
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args(argv)
+    print(cpu_section(args.repeat))
+    print()
+    print(gpu_section(max(3, args.repeat // 2), args.plot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Coalesced transfers give what per-tensor `.to()` gives, exercised on `cpu` and `meta`.
+
+Without an accelerator, `_emulate` runs the coalesced path from `cpu` to `cpu` as if one side were
+an accelerator (the "copy" is a `clone()`), so the packing and unpacking are checked bit for bit;
+`cpu -> meta` with `coalesce=True` checks shapes, strides and dtypes through a real dispatch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Literal
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from devicekit import _transfer
+from devicekit._transfer import COALESCE_MAX_BYTES, transfer_tensors
+
+CPU = torch.device("cpu")
+META = torch.device("meta")
+MODES: tuple[Literal["to_accelerator", "to_host"], ...] = ("to_accelerator", "to_host")
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as bytes, so that NaN payloads and signed zeros count."""
+    if tensor.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    plain = torch.empty(tensor.shape, dtype=tensor.dtype)
+    plain.copy_(tensor.detach().resolve_conj().resolve_neg())
+    return plain.view(-1).view(torch.uint8)
+
+
+def random_tensor(draw: st.DrawFn, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = 1
+    for size in shape:
+        numel *= size
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    if dtype is torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
+    return raw.view(dtype).reshape(shape)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    """One tensor: any dtype, 0-3 dims, sizes 0-4, contiguous or one of torch's odd layouts."""
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    base = random_tensor(draw, dtype, shape)
+    layout = draw(
+        st.sampled_from(["contiguous", "transposed", "sliced", "odd-strides", "conj", "grad"])
+    )
+    if layout == "transposed" and base.dim() >= 2:
+        return base.transpose(0, 1)
+    if layout == "sliced" and base.dim() >= 1:
+        return base[::2]
+    if layout == "odd-strides" and base.dim() >= 1:  # a size-1 dim with a stride torch keeps
+        return base.unsqueeze(0).as_strided((1, *base.shape), (7, *base.stride()))
+    if layout == "conj" and dtype.is_complex:
+        return base.conj()
+    if layout == "grad" and dtype in (torch.float32, torch.float64):
+        return base.requires_grad_()
+    return base
+
+
+@st.composite
+def tensor_lists(draw: st.DrawFn) -> list[torch.Tensor]:
+    """Lists with repeated shapes (stacked groups), singletons (flat groups) and aliasing."""
+    unique = draw(st.lists(tensors(), max_size=8))
+    repeated = draw(st.lists(tensors(), max_size=2))
+    for tensor in repeated:  # the same shape and dtype many times: a stacked group
+        count = draw(st.integers(3, 6))
+        unique += [random_tensor(draw, tensor.dtype, tuple(tensor.shape)) for _ in range(count)]
+    result = draw(st.permutations(unique))
+    if result and draw(st.booleans()):  # the same tensor twice, and a view of another
+        result.append(result[0])
+        if result[-1].dim() >= 1 and result[-1].shape[0] > 1:
+            result.append(result[-1][1:])
+    return result
+
+
+def per_tensor_layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shape and strides that `.to()` gives when the tensor really changes device."""
+    moved = tensor.detach().to(META)
+    return tuple(moved.shape), moved.stride()
+
+
+def assert_like_per_tensor(
+    inputs: list[torch.Tensor], results: list[torch.Tensor], dtype: torch.dtype | None = None
+) -> None:
+    assert len(results) == len(inputs)
+    for tensor, result in zip(inputs, results, strict=True):
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        expected = tensor.to(dtype) if dtype is not None and floating else tensor
+        assert result.dtype == expected.dtype
+        assert type(result) is type(tensor)
+        assert result.requires_grad == tensor.requires_grad
+        if result is not tensor:
+            assert (tuple(result.shape), result.stride()) == per_tensor_layout(expected)
+        assert torch.equal(bits(result), bits(expected))
+
+
+def flip(tensor: torch.Tensor) -> None:
+    """Change every value of `tensor` in place (twice restores it)."""
+    with torch.no_grad():
+        if tensor.dtype is torch.bool:
+            tensor.logical_not_()
+        else:
+            flipped = (bits(tensor) ^ 0xFF).view(tensor.dtype).reshape(tensor.shape)
+            tensor.copy_(flipped)
+
+
+def assert_isolated(inputs: list[torch.Tensor], results: list[torch.Tensor]) -> None:
+    """Writing into any fresh result changes no other result and no input."""
+    fresh = [r for r, t in zip(results, inputs, strict=True) if r is not t and r.numel()]
+    for result in fresh:
+        others = [other for other in [*inputs, *results] if other is not result]
+        before = [bits(other).clone() for other in others]
+        flip(result)
+        after = [bits(other).clone() for other in others]
+        flip(result)
+        for old, new in zip(before, after, strict=True):
+            assert torch.equal(old, new)
+
+
+def coalesced(results: list[torch.Tensor]) -> int:
+    return sum(result._base is not None for result in results)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=60)
+@given(inputs=tensor_lists())
+@example(inputs=[torch.tensor(1.5), torch.tensor(True), torch.zeros(0, 3), torch.zeros(0, 3)])
+def test_coalesced_matches_per_tensor(
+    mode: Literal["to_accelerator", "to_host"], inputs: list[torch.Tensor]
+) -> None:
+    results = transfer_tensors(inputs, CPU, coalesce=True, _emulate=mode)
+    assert_like_per_tensor(inputs, results)
+    assert_isolated(inputs, results)
+
+
+@settings(max_examples=30)
+@given(inputs=tensor_lists(), dtype=st.sampled_from([torch.float16, torch.float64]))
+def test_dtype_casts_floating_point_and_complex_only(
+    inputs: list[torch.Tensor], dtype: torch.dtype
+) -> None:
+    inputs = [t for t in inputs if not t.is_complex()]  # complex to real warns, as torch does
+    results = transfer_tensors(inputs, CPU, dtype=dtype, coalesce=True, _emulate="to_accelerator")
+    assert_like_per_tensor(inputs, results, dtype)
+
+
+@settings(max_examples=40)
+@given(inputs=tensor_lists())
+def test_meta_layouts_match_per_tensor(inputs: list[torch.Tensor]) -> None:
+    results = transfer_tensors(inputs, META, coalesce=True)
+    for tensor, result in zip(inputs, results, strict=True):
+        assert result.device == META
+        assert result.dtype == tensor.dtype
+        assert (tuple(result.shape), result.stride()) == per_tensor_layout(tensor)
+
+
+def test_small_tensors_are_coalesced_and_the_rest_go_alone() -> None:
+    small = [torch.full((4, 8), float(i)) for i in range(5)]
+    rare = [torch.arange(3), torch.ones(2, 2, dtype=torch.bfloat16)]
+    large = torch.zeros(COALESCE_MAX_BYTES // 4 + 1)
+    transposed = torch.ones(3, 4).t()
+    grad = torch.ones(3, requires_grad=True)
+    parameter = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    sparse = torch.tensor(1.0).to_sparse()  # 0-dim: its strides look contiguous
+    inputs = [*small, *rare, large, transposed, grad, parameter, sparse]
+    results = transfer_tensors(inputs, CPU, _emulate="to_accelerator")
+    for result in results[:7]:
+        assert result._base is not None
+    assert results[7:] == inputs[7:]  # alone: `.to(cpu)` returns the tensor itself
+    plan = _transfer._plan(inputs, on_cpu=True, source=None, limit=COALESCE_MAX_BYTES)
+    assert [(g.shape, g.indices) for g in plan.groups] == [
+        (torch.Size([4, 8]), [0, 1, 2, 3, 4]),
+        (None, [5]),
+        (None, [6]),
+    ]
+    assert plan.alone == [7, 8, 9, 10, 11]
+    assert [g.offset % 64 for g in plan.groups] == [0, 0, 0]
+    assert plan.nbytes == 5 * 128 + 64 + 64
+
+
+def test_auto_coalesces_only_between_host_and_accelerator() -> None:
+    inputs = [torch.ones(2), torch.zeros(2)]
+    assert coalesced(transfer_tensors(inputs, META)) == 0  # meta is no accelerator
+    assert coalesced(transfer_tensors(inputs, META, coalesce=True)) == 2
+    assert coalesced(transfer_tensors(inputs, META, coalesce=False)) == 0
+    assert transfer_tensors(inputs, CPU) == inputs  # nothing moves, nothing copies
+
+
+def test_auto_leaves_a_single_small_tensor_alone() -> None:
+    inputs = [torch.ones(2), torch.zeros(COALESCE_MAX_BYTES)]
+    assert coalesced(transfer_tensors(inputs, CPU, _emulate="to_accelerator")) == 0
+    assert coalesced(transfer_tensors(inputs, CPU, coalesce=True, _emulate="to_accelerator")) == 2
+
+
+def test_tensors_already_on_the_target_stay_themselves() -> None:
+    on_meta = torch.empty(3, device=META)
+    inputs = [torch.ones(2), on_meta, torch.zeros(2)]
+    results = transfer_tensors(inputs, META, coalesce=True)
+    assert results[1] is on_meta
+    assert coalesced(results) == 2
+
+
+def test_copies_to_the_host_come_from_one_accelerator_only() -> None:
+    inputs = [torch.empty(2, device=META), torch.ones(2)]
+    assert _transfer._crossing(inputs, CPU, "auto", None) is None
+    plan = _transfer._plan(inputs, on_cpu=False, source=torch.device("cuda:0"), limit=None)
+    assert plan.groups == []
+    assert plan.alone == [0, 1]
+
+
+def test_an_error_on_the_coalesced_path_falls_back_to_per_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (emulated)")
+
+    monkeypatch.setattr(_transfer, "_to_accelerator", out_of_memory)
+    inputs = [torch.ones(2), torch.zeros(2)]
+    results = transfer_tensors(inputs, META, coalesce=True)
+    assert coalesced(results) == 0
+    assert [r.device for r in results] == [META, META]
+
+
+class FakeEvent:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def synchronize(self) -> None:
+        self.log.append("synchronize")
+
+
+def test_staging_waits_for_the_copy_in_flight_before_reuse() -> None:
+    staging = _transfer._Staging()
+    log: list[str] = []
+    with staging.lock:
+        first = staging.take(128, pin=False)
+        staging.in_flight(FakeEvent(log))  # type: ignore[arg-type]
+        assert log == []
+        again = staging.take(64, pin=False)
+        assert log == ["synchronize"]
+        assert again.data_ptr() == first.data_ptr()  # reused, not reallocated
+        bigger = staging.take(256, pin=False)
+        assert bigger.numel() == 256  # grown: still one buffer
+    staging.in_flight(FakeEvent(log))  # type: ignore[arg-type]
+    staging.clear()
+    assert log == ["synchronize", "synchronize"]
+
+
+def test_the_staging_buffer_is_shared_and_sized_to_the_largest_batch() -> None:
+    _transfer._STAGING.clear()
+    transfer_tensors([torch.ones(100) for _ in range(4)], CPU, _emulate="to_accelerator")
+    buffer = _transfer._STAGING._buffer
+    assert buffer is not None
+    assert buffer.numel() == 4 * 400
+    transfer_tensors([torch.ones(10) for _ in range(4)], CPU, _emulate="to_accelerator")
+    assert _transfer._STAGING._buffer is buffer
+
+
+def test_back_to_back_calls_from_threads_never_mix_batches() -> None:
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for step in range(30):
+                inputs = [torch.full((16,), float(seed * 1000 + step + i)) for i in range(8)]
+                results = transfer_tensors(inputs, CPU, _emulate="to_accelerator")
+                assert all(torch.equal(a, b) for a, b in zip(inputs, results, strict=True))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_pinning_is_for_cuda_and_xpu_of_this_machine(
+    fake_backend: Callable[..., object],
+) -> None:
+    assert not _transfer._pinnable(META)
+    assert not _transfer._pinnable(CPU)
+    fake_backend("cuda", free_memory=[2**30])
+    assert _transfer._pinnable(torch.device("cuda:0"))
+    assert not _transfer._pinnable(torch.device("xpu:0"))
+    fake_backend("mps", free_memory=[None])
+    assert not _transfer._pinnable(torch.device("mps:0"))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("non_blocking", [False, True])
+@settings(max_examples=30)
+@given(inputs=tensor_lists())
+def test_cuda_round_trip_matches_per_tensor(non_blocking: bool, inputs: list[torch.Tensor]) -> None:
+    cuda = torch.device("cuda:0")
+    there = transfer_tensors(inputs, cuda, coalesce=True, non_blocking=non_blocking)
+    expected = [t.to(cuda) for t in inputs]
+    for result, reference in zip(there, expected, strict=True):
+        assert (result.shape, result.stride(), result.dtype) == (
+            reference.shape,
+            reference.stride(),
+            reference.dtype,
+        )
+    back = transfer_tensors(there, CPU, coalesce=True)
+    assert_like_per_tensor(inputs, back)
+    assert_isolated(inputs, back)
+
+
+@needs_cuda
+def test_cuda_back_to_back_batches_are_never_corrupted() -> None:
+    cuda = torch.device("cuda:0")
+    batches = []
+    for step in range(50):
+        inputs = [torch.full((256,), float(step * 100 + i)) for i in range(64)]
+        batches.append((inputs, transfer_tensors(inputs, cuda, non_blocking=True)))
+        for tensor in inputs:
+            tensor.fill_(-1.0)  # the caller reuses its buffers right away
+    for step, (_, results) in enumerate(batches):
+        for i, result in enumerate(results):
+            assert torch.equal(result.cpu(), torch.full((256,), float(step * 100 + i)))
