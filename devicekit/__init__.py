@@ -32,6 +32,7 @@ from devicekit._errors import (
     TransferGuardError,
     UnmovableError,
 )
+from devicekit._move import devices_of, find_device, register_mover, to_device
 from devicekit._types import DeviceLike, SupportsTo
 
 try:
@@ -63,6 +64,10 @@ __all__ = [
     "best_device",
     "current_device",
     "devices",
+    "devices_of",
     "explain_best_device",
+    "find_device",
     "local_device",
+    "register_mover",
+    "to_device",
 ]

@@ -8,6 +8,9 @@ device that is not there or a device mismatch is a `RuntimeError` (as torch rais
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 __all__ = [
     "CrossDeviceError",
     "DeviceMismatchWarning",
@@ -64,15 +67,48 @@ class DeviceUnavailableError(DevicekitError, RuntimeError):
 
 
 class MixedDevicesError(DevicekitError, RuntimeError):
-    """An object was expected to live on one device but its tensors are spread over several."""
+    """An object was expected to live on one device but its tensors are spread over several.
+
+    Attributes:
+        devices: Each device found, mapped to the paths of the tensors on it
+            (`{device(type='cpu'): ["batch['ids']"], ...}`).
+    """
+
+    def __init__(self, message: str, *, devices: Mapping[Any, Sequence[str]]) -> None:
+        super().__init__(message)
+        self.devices = dict(devices)
 
 
 class MoveError(DevicekitError, RuntimeError):
-    """Moving one tensor or object failed; the original error is the `__cause__`."""
+    """Moving one tensor or object failed; the original error is the `__cause__`.
+
+    Attributes:
+        path: Where the value sits in the moved structure (`"batch['inputs'][2]"`), or `None`
+            when the failure is not about one value (an invalid argument).
+        nbytes: The bytes that were being moved, where known.
+        device: The target device.
+    """
+
+    def __init__(self, message: str, *, path: str | None, nbytes: int | None, device: Any) -> None:
+        super().__init__(message)
+        self.path = path
+        self.nbytes = nbytes
+        self.device = device
 
 
 class UnmovableError(DevicekitError, TypeError):
-    """An object holds tensors that devicekit cannot rebuild on another device."""
+    """An object holds tensors that devicekit cannot rebuild on another device.
+
+    Attributes:
+        path: Where the object sits in the structure (`"batch['meta'].cache"`), or `None` when
+            the problem is not about one value (a bad `register_mover` call).
+        obj: The object itself.
+    """
+
+    def __init__(self, message: str, *, path: str | None, obj: object) -> None:
+        super().__init__(message)
+        self.path = path
+        self.obj = obj
 
 
 class CrossDeviceError(DevicekitError, RuntimeError):

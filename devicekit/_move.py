@@ -1,0 +1,619 @@
+"""Moving nested batches and models between devices: `to_device`, `devices_of`, `find_device`.
+
+`to_device` walks the structure once (`devicekit._tree.collect`), moves the tensors that are
+not where they should be in one step (`_transfer_leaves`, the only place tensor data moves), and
+rebuilds the containers that hold moved tensors (`devicekit._tree.rebuild`). Tensors already on the
+target, and containers holding only such tensors, come back as the very same objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Hashable
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from devicekit._discovery import _as_device
+from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
+from devicekit._tree import (
+    ATOM,
+    LEAF_TYPES,
+    MODULE,
+    OPAQUE,
+    TENSOR,
+    Collected,
+    classify,
+    collect,
+    path_of,
+    rebuild,
+    register_mover,
+    render,
+    walk,
+)
+
+__all__ = ["devices_of", "find_device", "register_mover", "to_device"]
+
+T = TypeVar("T")
+
+NonBlocking = bool | Literal["auto"]
+
+#: Device specs whose meaning never changes (they resolve to `cpu` or `meta`), resolved once.
+_TARGETS: dict[Any, torch.device] = {}
+_PLAIN_TENSOR_TYPES = frozenset({torch.Tensor})
+
+
+def _target(device: Any) -> torch.device:
+    try:
+        return _TARGETS[device]
+    except (KeyError, TypeError):
+        pass
+    target = _as_device(device, check=True, operation="to_device")
+    if device is not None and target.type in ("cpu", "meta"):
+        with contextlib.suppress(TypeError):
+            _TARGETS[device] = target
+    return target
+
+
+def _root_name(obj: Any) -> str:
+    return "model" if isinstance(obj, torch.nn.Module) else "batch"
+
+
+_SHORT_DTYPES = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "bool",
+    torch.complex64: "c64",
+    torch.complex128: "c128",
+}
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    """A compact tensor description: `f32[2,3]@cpu`."""
+    dtype = _SHORT_DTYPES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch."))
+    shape = ",".join(str(size) for size in tensor.shape)
+    return f"{dtype}[{shape}]@{tensor.device}"
+
+
+def _cause(error: BaseException) -> str:
+    """`OutOfMemoryError: CUDA out of memory`, without a trailing full stop."""
+    text = str(error).strip().rstrip(".!")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _format_bytes(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{nbytes} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# The transfer step
+
+
+class _TransferFailed(Exception):
+    """One tensor failed to move; `to_device` turns this into a `MoveError` with its path."""
+
+    def __init__(self, tensor: torch.Tensor, nbytes: int, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.tensor = tensor
+        self.nbytes = nbytes
+        self.cause = cause
+
+
+def _plan(
+    source: torch.device, target: torch.device, pinned: bool, non_blocking: NonBlocking
+) -> tuple[bool, torch.device | None]:
+    """The safe asynchrony policy for one copy: `(non_blocking, device to synchronise after)`.
+
+    Copies to the host, and to or from MPS, may be issued asynchronously but are always waited for
+    (one event per accelerator) before `to_device` returns, so a returned tensor never changes
+    under the caller. Host-to-accelerator copies are asynchronous from pinned memory only (under
+    `"auto"`), and accelerator-to-accelerator copies are asynchronous (stream-ordered).
+    """
+    if target.type == "meta" or source.type == "meta" or source == target:
+        return False, None
+    asynchronous = non_blocking is not False
+    if target.type == "cpu" or source.type == "mps" or target.type == "mps":
+        accelerator = target if source.type == "cpu" else source
+        return asynchronous, (accelerator if asynchronous else None)
+    if source.type == "cpu":
+        return (pinned if non_blocking == "auto" else asynchronous), None
+    return asynchronous, None
+
+
+def _synchronize(devices: Collection[torch.device]) -> None:
+    """Wait for the copies queued so far on each device's current stream: one event each."""
+    for device in devices:
+        event = torch.Event(device=device)
+        event.record(torch.accelerator.current_stream(device))
+        event.synchronize()
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype` for floating-point and complex tensors, like `Module.to(dtype)`; else `None`."""
+    if dtype is None or not (tensor.is_floating_point() or tensor.is_complex()):
+        return None
+    return dtype
+
+
+def _rewrap(original: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """Keep an `nn.Parameter` one (its `.to()` returns a plain tensor, as a leaf)."""
+    if type(original) is torch.nn.Parameter and type(moved) is not torch.nn.Parameter:
+        return torch.nn.Parameter(moved, requires_grad=original.requires_grad)
+    return moved
+
+
+def _copy_each(
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    non_blocking: NonBlocking,
+    dtype: torch.dtype | None,
+    sync: set[torch.device],
+) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    append = out.append
+    try:
+        if device.type == "meta" and dtype is None:
+            for tensor in tensors:
+                append(tensor.to(device))
+        else:
+            for tensor in tensors:
+                source = tensor.device
+                pinned = (
+                    non_blocking == "auto"
+                    and source.type == "cpu"
+                    and device.type not in ("cpu", "meta")
+                    and tensor.is_pinned()
+                )
+                asynchronous, wait_for = _plan(source, device, pinned, non_blocking)
+                append(tensor.to(device, _cast(tensor, dtype), asynchronous))
+                if wait_for is not None:
+                    sync.add(wait_for)
+    except Exception as error:
+        failed = tensors[len(out)]
+        raise _TransferFailed(failed, failed.nbytes, error) from error
+    if not set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES:
+        out = [_rewrap(t, m) for t, m in zip(tensors, out, strict=True)]
+    return out
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The elements of its storage a tensor reaches: `[start, stop)`."""
+    start = int(tensor.storage_offset())
+    if tensor.numel() == 0:
+        return start, start
+    extent = sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return start, start + int(extent) + 1
+
+
+def _shares_cleanly(members: list[torch.Tensor]) -> bool:
+    """Whether views of one storage can be moved as one span and re-viewed on the target."""
+    first = members[0]
+    return all(
+        type(t) in LEAF_TYPES
+        and t.layout is torch.strided
+        and t.dtype is first.dtype
+        and not t.requires_grad
+        and not t.is_conj()
+        and not t.is_neg()
+        and not t.is_quantized
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
+        for t in members
+    )
+
+
+def _copy_views(
+    members: list[torch.Tensor],
+    device: torch.device,
+    non_blocking: NonBlocking,
+    dtype: torch.dtype | None,
+    sync: set[torch.device],
+) -> list[torch.Tensor]:
+    """Move distinct tensors sharing one storage as one copy of the span they use."""
+    spans = [_span(t) for t in members if t.numel() > 0]
+    first = members[0]
+    if not spans:
+        return _copy_each(members, device, non_blocking, dtype, sync)
+    low = min(start for start, _ in spans)
+    high = max(stop for _, stop in spans)
+    flat = first.as_strided((high - low,), (1,), low)
+    [moved] = _copy_each([flat], device, non_blocking, dtype, sync)
+    out = []
+    for tensor in members:
+        offset = max(tensor.storage_offset() - low, 0)
+        view = moved.as_strided(tensor.shape, tensor.stride(), offset)
+        out.append(_rewrap(tensor, view))
+    return out
+
+
+def _transfer_leaves(
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    *,
+    non_blocking: NonBlocking = "auto",
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Move tensors to `device`; the only place where `to_device` moves tensor data.
+
+    `tensors` are the tensors that need a copy or a cast, in walk order; the same tensor may
+    appear more than once and then comes back as one moved tensor. Tensors sharing a storage
+    (views, tied or loaded weights) are moved as one copy of the part of the storage they use and
+    come back as views of one moved storage, with the same strides and relative offsets. Views
+    that cannot be re-viewed safely (different dtypes over one storage, autograd history,
+    conjugate or quantized views) are moved one by one. Copies follow the `_plan` policy and the
+    host-bound ones are waited for before returning.
+
+    Extension point (issue 7, coalesced pinned copies in `devicekit._transfer`): a `coalesce=`
+    parameter added here can route groups of small host tensors through one pinned staging copy;
+    the traversal in `devicekit._tree` and `to_device` need no change, as long as this function
+    keeps returning one tensor per input, in order.
+
+    Raises:
+        _TransferFailed: A copy failed; `to_device` re-raises it as `MoveError` with a path.
+    """
+    try:
+        storages: list[object] = list(map(torch.Tensor.untyped_storage, tensors))
+    except Exception:  # sparse, nested or wrapper-subclass tensors have no storage to share
+        storages = [_storage_or_self(t) for t in tensors]
+    keys = list(map(id, storages))  # `storages` keeps every storage alive: ids stay unique
+    sync: set[torch.device] = set()
+    if len(set(keys)) == len(keys):
+        out = _copy_each(tensors, device, non_blocking, dtype, sync)
+    else:
+        groups: dict[int, list[int]] = {}
+        for position, key in enumerate(keys):
+            groups.setdefault(key, []).append(position)
+        result: list[torch.Tensor | None] = [None] * len(tensors)
+        for positions in groups.values():
+            distinct = list({id(tensors[p]): tensors[p] for p in positions}.values())
+            if len(distinct) > 1 and _shares_cleanly(distinct):
+                moved = _copy_views(distinct, device, non_blocking, dtype, sync)
+            else:
+                moved = _copy_each(distinct, device, non_blocking, dtype, sync)
+            by_id = {id(t): m for t, m in zip(distinct, moved, strict=True)}
+            for position in positions:
+                result[position] = by_id[id(tensors[position])]
+        out = result  # type: ignore[assignment]
+    if sync:
+        _synchronize(sync)
+    return out
+
+
+def _storage_or_self(tensor: torch.Tensor) -> object:
+    try:
+        return tensor.untyped_storage()
+    except Exception:
+        return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# to_device
+
+
+def _argument_error(message: str, device: torch.device | None) -> MoveError:
+    return MoveError(message, path=None, nbytes=None, device=device)
+
+
+def _skip_arguments(
+    skip: Callable[[Any], bool] | Collection[Hashable] | None,
+) -> tuple[Callable[[Any], bool] | None, frozenset[Hashable] | None]:
+    if skip is None:
+        return None, None
+    if isinstance(skip, str):
+        return None, frozenset({skip})
+    if callable(skip):
+        return skip, None
+    try:
+        return None, frozenset(skip)
+    except TypeError:
+        raise _argument_error(
+            f"to_device(skip={skip!r}): expected a predicate (a function of the value) or a "
+            "collection of mapping keys, such as skip={'meta', 'text'}.",
+            None,
+        ) from None
+
+
+class _Mover:
+    """One `to_device` call: the arguments, and how to report an error with a path."""
+
+    def __init__(
+        self,
+        root: Any,
+        target: torch.device,
+        non_blocking: NonBlocking,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.root = root
+        self.target = target
+        self.non_blocking = non_blocking
+        self.dtype = dtype
+
+    def path(self, obj: Any) -> str:
+        return render(_root_name(self.root), path_of(self.root, obj))
+
+    def failed(self, failure: _TransferFailed) -> MoveError:
+        tensor, cause = failure.tensor, failure.cause
+        path = self.path(tensor)
+        if isinstance(cause, torch.OutOfMemoryError):
+            fix = f"Free memory on {self.target}, or move a smaller batch."
+        elif tensor.is_meta:
+            fix = "Meta tensors hold no data: create this tensor on a real device instead."
+        else:
+            fix = "The original error is attached as __cause__."
+        return MoveError(
+            f"to_device({self.target}): moving {path} ({_describe(tensor)}, "
+            f"{_format_bytes(failure.nbytes)}) to {self.target} failed with "
+            f"{_cause(cause)}. {fix}",
+            path=path,
+            nbytes=failure.nbytes,
+            device=self.target,
+        )
+
+    def call(self, obj: Any, kind: int) -> Any:
+        """Move a module (in place, `Module.to`) or an object with its own `.to()`."""
+        try:
+            if kind == MODULE:
+                asynchronous = self.non_blocking is True and self.target.type not in ("cpu", "mps")
+                return obj.to(device=self.target, dtype=self.dtype, non_blocking=asynchronous)
+            moved = obj.to(self.target)
+        except Exception as error:
+            path = self.path(obj)
+            nbytes = None
+            if kind == MODULE:
+                nbytes = sum(t.nbytes for t in (*obj.parameters(), *obj.buffers()))
+            size = "" if nbytes is None else f", {_format_bytes(nbytes)}"
+            raise MoveError(
+                f"to_device({self.target}): {path} ({type(obj).__name__}{size}).to"
+                f"({self.target}) failed with {_cause(error)}. "
+                "The original error is attached as __cause__.",
+                path=path,
+                nbytes=nbytes,
+                device=self.target,
+            ) from error
+        return obj if moved is None else moved
+
+    def unmovable(self, obj: Any, problem: str, cause: BaseException | None) -> UnmovableError:
+        path = self.path(obj)
+        name = type(obj).__name__
+        detail = "" if cause is None else f" ({_cause(cause)})"
+        return UnmovableError(
+            f"to_device({self.target}): {path} (of type {name}) {problem}{detail}. "
+            f"Teach devicekit to rebuild it with devicekit.register_mover({name}, fn), "
+            "or give it a .to(device) method.",
+            path=path,
+            obj=obj,
+        )
+
+    def check_opaque(self, obj: Any) -> None:
+        """Under `strict=True`: refuse an object devicekit cannot rebuild if it holds tensors."""
+        for value, where in walk(obj, look_inside=True):
+            if isinstance(value, torch.Tensor):
+                path = self.path(obj)
+                inside = render(path, where)
+                name = type(obj).__name__
+                raise UnmovableError(
+                    f"to_device({self.target}, strict=True): {path} is of type {name}, which "
+                    f"devicekit cannot rebuild, and it holds tensors ({inside}: "
+                    f"{_describe(value)}). "
+                    f"Make {name} a dataclass, give it a .to(device) method, or call "
+                    f"devicekit.register_mover({name}, fn); or pass strict=False to leave "
+                    "it as it is.",
+                    path=inside,
+                    obj=obj,
+                )
+
+
+def _pending(
+    leaves: list[torch.Tensor], target: torch.device, dtype: torch.dtype | None
+) -> list[torch.Tensor]:
+    """The leaves that need a copy or a cast."""
+    if dtype is None:
+        if target.type == "cpu":
+            return [t for t in leaves if not t.is_cpu]
+        if target.type == "meta":
+            return [t for t in leaves if not t.is_meta]
+        return [t for t in leaves if t.device != target]
+    return [t for t in leaves if t.device != target or _cast(t, dtype) not in (None, t.dtype)]
+
+
+def to_device(
+    obj: T,
+    device: Any = None,
+    *,
+    non_blocking: NonBlocking = "auto",
+    dtype: torch.dtype | None = None,
+    skip: Callable[[Any], bool] | Collection[Hashable] | None = None,
+    strict: bool = False,
+) -> T:
+    """Move a tensor, a model, or any nested batch to a device, keeping its structure and types.
+
+    Moved: tensors (subclasses and `nn.Parameter` kept), `nn.Module`s (in place, exactly
+    `Module.to`), any object with a callable `.to(device)` (a `.to()` that returns `None` moved
+    the object in place, and the object is kept), and the tensors inside `dict`, `OrderedDict`,
+    `defaultdict`, other `Mapping`s that can be rebuilt from a dict, `list`, `tuple`,
+    namedtuples, `torch.return_types`, `deque`, `set`, `frozenset`, dataclasses (frozen, and
+    fields with `init=False`, too) and types registered with `devicekit.register_mover`.
+    Everything else is returned as is.
+
+    Containers are rebuilt with their own type (`defaultdict` factories and `deque.maxlen` kept);
+    nothing in `obj` is changed, except modules and `.to()`-in-place objects. A tensor already on
+    the target comes back as the very same object, as does a container holding only such values.
+    The same tensor met twice comes back as one tensor, tensors sharing a storage (views) come
+    back as views of one moved storage, and cycles come back as the same cycles. Nesting depth
+    is unlimited (no recursion).
+
+    Args:
+        obj: What to move.
+        device: The target: anything `devicekit.as_device` accepts; `None` means
+            `devicekit.current_device()`.
+        non_blocking: `"auto"` overlaps copies where that is safe: from pinned host memory to an
+            accelerator, and between accelerators. Copies to the host, and to or from MPS, are
+            waited for (one event per device) before returning, so a returned tensor never
+            changes afterwards. `True` makes every copy asynchronous and `False` every copy
+            blocking, with the same guarantee for copies to the host.
+        dtype: Cast floating-point and complex tensors (and modules, as `Module.to(dtype)`
+            does) to this floating-point or complex dtype; other tensors keep theirs.
+        skip: Leave some values untouched: a predicate called with every value (`True` skips
+            it, and everything inside it), or a collection of mapping keys (and dataclass field
+            names) skipped at any depth.
+        strict: Raise `UnmovableError` for an object devicekit cannot rebuild that holds tensors,
+            instead of returning it as is.
+
+    Returns:
+        The moved object, typed as the input.
+
+    Raises:
+        MoveError: A tensor, module or `.to()` call failed (out of memory, a meta tensor has no
+            data); the message names its path, size and the target, and the original error is
+            the `__cause__`. Also raised for an invalid `dtype`, `non_blocking` or `skip`.
+        UnmovableError: A container could not be rebuilt from its moved contents, or, with
+            `strict=True`, an object devicekit cannot rebuild holds tensors.
+        InvalidDeviceSpecError: `device` is malformed.
+        DeviceUnavailableError: `device` is not on this machine.
+
+    Example:
+        >>> import torch, devicekit
+        >>> batch = {"x": torch.ones(2, 3), "ids": [torch.arange(3), "text"]}
+        >>> moved = devicekit.to_device(batch, "meta")
+        >>> moved["x"].device, moved["ids"][1]
+        (device(type='meta'), 'text')
+        >>> devicekit.to_device(batch, "cpu") is batch
+        True
+    """
+    target = _target(device)
+    if non_blocking != "auto" and non_blocking is not True and non_blocking is not False:
+        raise _argument_error(
+            f"to_device({target}, non_blocking={non_blocking!r}): expected 'auto', True or False.",
+            target,
+        )
+    if dtype is not None and not (
+        isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
+    ):
+        raise _argument_error(
+            f"to_device({target}, dtype={dtype!r}): dtype must be a floating-point or complex "
+            "torch.dtype (only such tensors are cast, as Module.to does). Cast integer tensors "
+            "yourself, e.g. batch['ids'].to(torch.int32).",
+            target,
+        )
+    predicate, keys = _skip_arguments(skip)
+    if predicate is not None and predicate(obj):
+        return obj
+    tp = type(obj)
+    kind = classify(tp)
+    if kind == TENSOR:
+        if not _pending([obj], target, dtype):  # type: ignore[list-item]
+            return obj
+        found = None
+        leaves: list[torch.Tensor] = [obj]  # type: ignore[list-item]
+    elif kind <= OPAQUE:
+        if strict and kind != ATOM:
+            _Mover(obj, target, non_blocking, dtype).check_opaque(obj)
+        return obj
+    else:
+        mover = _Mover(obj, target, non_blocking, dtype)
+        found = collect(
+            obj,
+            kind,
+            skip=predicate,
+            skip_keys=keys,
+            on_opaque=mover.check_opaque if strict else None,
+        )
+        leaves = found.leaves
+    pending = _pending(leaves, target, dtype)
+    try:
+        moved_pending = (
+            _transfer_leaves(pending, target, non_blocking=non_blocking, dtype=dtype)
+            if pending
+            else pending
+        )
+    except _TransferFailed as failure:
+        raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
+    if found is None:
+        return moved_pending[0]  # type: ignore[return-value]
+    return _finish(found, leaves, pending, moved_pending, mover)  # type: ignore[no-any-return]
+
+
+def _finish(
+    found: Collected,
+    leaves: list[torch.Tensor],
+    pending: list[torch.Tensor],
+    moved_pending: list[torch.Tensor],
+    mover: _Mover,
+) -> Any:
+    if not pending:
+        if not found.calls:
+            return mover.root
+        moved = leaves
+    elif len(pending) == len(leaves):
+        moved = moved_pending
+    else:
+        by_id = dict(zip(map(id, pending), moved_pending, strict=True))
+        moved = [by_id.get(id(t), t) for t in leaves]
+    return rebuild(found, moved, mover.call, mover.unmovable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding devices
+
+
+def devices_of(obj: Any) -> dict[torch.device, list[str]]:
+    """Where the tensors in `obj` are: each device mapped to the paths of the tensors on it.
+
+    Looks through everything `to_device` moves, and into modules (parameters and buffers) and
+    the attributes of `.to()` objects. Devices come in the order they are first met.
+
+    Example:
+        >>> import torch, devicekit
+        >>> devicekit.devices_of({"x": torch.ones(2), "y": [torch.zeros(1, device="meta")]})
+        {device(type='cpu'): ["batch['x']"], device(type='meta'): ["batch['y'][0]"]}
+    """
+    found: dict[torch.device, list[str]] = {}
+    name = _root_name(obj)
+    for value, where in walk(obj):
+        if isinstance(value, torch.Tensor):
+            found.setdefault(value.device, []).append(render(name, where))
+    return found
+
+
+def find_device(obj: Any) -> torch.device | None:
+    """The one device all tensors in `obj` are on, or `None` when it holds no tensor.
+
+    Raises:
+        MixedDevicesError: The tensors are on several devices; the message lists the paths of
+            the tensors on each.
+
+    Example:
+        >>> import torch, devicekit
+        >>> devicekit.find_device({"x": torch.ones(2), "y": (torch.zeros(1),)})
+        device(type='cpu')
+    """
+    if type(obj) in LEAF_TYPES:
+        return obj.device  # type: ignore[no-any-return]
+    found = devices_of(obj)
+    if len(found) <= 1:
+        return next(iter(found), None)
+    listed = "; ".join(f"{device}: {_listing(paths)}" for device, paths in found.items())
+    raise MixedDevicesError(
+        f"find_device(): the tensors are on {len(found)} devices ({listed}). Move them to one "
+        "device first, e.g. devicekit.to_device(batch, device).",
+        devices=found,
+    )
+
+
+def _listing(paths: list[str], limit: int = 3) -> str:
+    shown = ", ".join(paths[:limit])
+    more = len(paths) - limit
+    return shown if more <= 0 else f"{shown} and {more} more"

@@ -1,0 +1,582 @@
+"""Walking nested batches without recursion: which values are containers, how to rebuild them.
+
+`to_device` works in three steps, and this module does the first and the last:
+
+1. `collect` walks the structure depth-first with an explicit stack (so 100,000 levels of
+   nesting work), records every container it will have to rebuild in post-order, and gathers the
+   tensors in the order it meets them.
+2. `devicekit._move` transfers the tensors (this module never touches a tensor's data).
+3. `rebuild` goes through the containers in post-order, so every child is rebuilt before its
+   parent; a container whose children did not change comes back as the very same object.
+
+Types are classified once, by exact type, into a small integer "kind"; the per-leaf cost of the
+walk is a type lookup, and for containers of nothing but tensors and atoms (the common batch),
+not even that: one `set(map(type, values))` decides for the whole container.
+
+Paths such as `batch['inputs'][2]` are never built while moving: `path_of` finds one by walking
+again, only when an error needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from operator import is_not
+from typing import Any
+
+import torch
+
+from devicekit._errors import UnmovableError
+
+__all__ = [
+    "Collected",
+    "Mover",
+    "classify",
+    "collect",
+    "path_of",
+    "rebuild",
+    "register_mover",
+    "render",
+    "walk",
+]
+
+#: A registered mover: takes an object apart into named children, and returns how to rebuild it.
+Mover = Callable[[Any], tuple[Mapping[str, Any], Callable[[dict[str, Any]], Any]]]
+
+# Kinds. Leaves and atoms first; kinds >= DICT are containers that are rebuilt.
+ATOM = 0  # returned as is: numbers, strings, None, numpy arrays, devices, dtypes
+OPAQUE = 1  # returned as is, but may hide tensors (checked under strict=True)
+TENSOR = 2
+MODULE = 3  # nn.Module: moved in place with Module.to
+TO = 4  # any other object with a callable .to()
+DICT = 5
+DICT_SUBCLASS = 6  # OrderedDict, defaultdict, ...: copied with copy.copy, factory and order kept
+LIST = 7
+LIST_SUBCLASS = 8
+DEQUE = 9
+SET = 10
+DATACLASS = 11
+# Kinds from here on cannot be rebuilt before their children are (no empty "shell" to fill).
+TUPLE = 12
+NAMEDTUPLE = 13
+STRUCTSEQ = 14  # torch.return_types
+TUPLE_SUBCLASS = 15
+FROZENSET = 16
+MAPPING = 17
+REGISTERED = 18
+
+_FIRST_CONTAINER = DICT
+_KEYED = frozenset({DICT, DICT_SUBCLASS, MAPPING, DATACLASS})
+_FIRST_UNSHELLABLE = TUPLE
+
+_PLAIN_ATOM_TYPES = (
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    type(Ellipsis),
+    range,
+    slice,
+    enum.Enum,
+    torch.device,
+    torch.dtype,
+    torch.Size,
+    torch.layout,
+    torch.memory_format,
+    type,
+)
+
+#: Exact type -> kind. Filled lazily; cleared by `register_mover`.
+_KIND: dict[type, int] = {}
+#: Exact types known to be tensors, and exact types that are leaves or atoms (for the fast path).
+LEAF_TYPES: set[type] = set()
+SIMPLE_TYPES: set[type] = set()  # tensors, atoms and opaque objects: nothing to descend into
+STRICT_SIMPLE_TYPES: set[type] = set()  # tensors and atoms only (opaque objects need a check)
+#: Registered movers, by the type they were registered for (subclasses use their base's mover).
+_MOVERS: dict[type, Mover] = {}
+#: Dataclass field names, by exact type.
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _reset_caches() -> None:
+    _KIND.clear()
+    LEAF_TYPES.clear()
+    SIMPLE_TYPES.clear()
+    STRICT_SIMPLE_TYPES.clear()
+    for tp in (torch.Tensor, torch.nn.Parameter):
+        classify(tp)
+    for atom in (str, int, float, bool, type(None), bytes):
+        classify(atom)
+
+
+def register_mover(cls: type[Any], fn: Mover) -> None:
+    """Teach `to_device` (and `devices_of`) how to take apart and rebuild a type of your own.
+
+    `fn(obj)` returns the object's children as a mapping of names to values, and a function that
+    builds a new object from the moved children (a `dict` with the same names). Children are moved
+    like everything else: nested containers, aliasing and cycles included. Subclasses of `cls`
+    use the same mover unless they have their own. Registering a type again replaces its mover.
+
+    Args:
+        cls: The type to handle.
+        fn: Takes an instance apart: `fn(obj) -> (children, rebuild)`.
+
+    Raises:
+        UnmovableError: `cls` is not a class or `fn` is not callable.
+
+    Example:
+        >>> import torch, devicekit
+        >>> class Pair:
+        ...     def __init__(self, left, right):
+        ...         self.left, self.right = left, right
+        >>> devicekit.register_mover(
+        ...     Pair, lambda p: ({"left": p.left, "right": p.right}, lambda m: Pair(**m))
+        ... )
+        >>> moved = devicekit.to_device(Pair(torch.ones(2), "label"), "meta")
+        >>> moved.left.device, moved.right
+        (device(type='meta'), 'label')
+    """
+    if not isinstance(cls, type):
+        raise UnmovableError(
+            f"register_mover({cls!r}, ...): expected a class, got a {type(cls).__name__}. "
+            "Pass the type itself, e.g. register_mover(MyBatch, fn).",
+            path=None,
+            obj=cls,
+        )
+    if not callable(fn):
+        raise UnmovableError(
+            f"register_mover({cls.__name__}, {fn!r}): expected a function "
+            "fn(obj) -> (children, rebuild), got a {type(fn).__name__}.",
+            path=None,
+            obj=fn,
+        )
+    _MOVERS[cls] = fn
+    _reset_caches()
+
+
+def _mover_for(tp: type) -> Mover | None:
+    for base in tp.__mro__:
+        mover = _MOVERS.get(base)
+        if mover is not None:
+            return mover
+    return None
+
+
+def _kind_of(tp: type) -> int:
+    if _MOVERS and _mover_for(tp) is not None:
+        return REGISTERED
+    if issubclass(tp, torch.Tensor):
+        return TENSOR
+    if issubclass(tp, torch.nn.Module):
+        return MODULE
+    if issubclass(tp, _PLAIN_ATOM_TYPES) or tp.__module__ == "numpy":
+        return ATOM
+    if callable(getattr(tp, "to", None)):
+        return TO
+    if dataclasses.is_dataclass(tp):
+        return DATACLASS
+    if issubclass(tp, dict):
+        return DICT if tp is dict else DICT_SUBCLASS
+    if issubclass(tp, Mapping):
+        return MAPPING
+    if issubclass(tp, list):
+        return LIST if tp is list else LIST_SUBCLASS
+    if issubclass(tp, tuple):
+        if tp is tuple:
+            return TUPLE
+        if hasattr(tp, "_fields") and hasattr(tp, "_make"):
+            return NAMEDTUPLE
+        if hasattr(tp, "n_fields"):
+            return STRUCTSEQ
+        return TUPLE_SUBCLASS
+    if issubclass(tp, deque):
+        return DEQUE
+    if issubclass(tp, set):
+        return SET
+    if issubclass(tp, frozenset):
+        return FROZENSET
+    return OPAQUE
+
+
+def classify(tp: type) -> int:
+    """The kind of an exact type (cached)."""
+    kind = _KIND.get(tp)
+    if kind is None:
+        kind = _kind_of(tp)
+        if len(_KIND) > 4096:  # types made on the fly (namedtuple factories): stay bounded
+            _reset_caches()
+        _KIND[tp] = kind
+        if kind == TENSOR:
+            LEAF_TYPES.add(tp)
+        if kind <= TENSOR:
+            SIMPLE_TYPES.add(tp)
+            if kind != OPAQUE:
+                STRICT_SIMPLE_TYPES.add(tp)
+        if kind == DATACLASS:
+            _FIELDS[tp] = tuple(field.name for field in dataclasses.fields(tp))
+    return kind
+
+
+_reset_caches()
+
+
+def children(obj: Any, kind: int) -> Iterator[tuple[Any, Any]]:
+    """`(key, child)` pairs of a container; the key is what `rebuild` patches."""
+    if kind in (DICT, DICT_SUBCLASS):
+        return iter(obj.items())
+    if kind == DATACLASS:
+        return ((name, getattr(obj, name)) for name in _FIELDS[type(obj)])
+    if kind in (SET, FROZENSET):
+        return ((value, value) for value in obj)
+    if kind == MAPPING:
+        return iter(list(obj.items()))
+    return enumerate(obj)
+
+
+class Collected:
+    """What `collect` found: the containers in post-order and the tensors in walk order.
+
+    Each container has a kind and slots. Slots are either `(start, stop)` into `leaves` when
+    the container holds nothing but tensors (in order), or a list of `(key, child, leaf)`
+    where `leaf` is the child's index in `leaves`, or -1 for a container child.
+    """
+
+    __slots__ = ("calls", "index", "kinds", "leaves", "objs", "order", "parts", "slots")
+
+    def __init__(self) -> None:
+        self.leaves: list[torch.Tensor] = []
+        self.objs: list[Any] = []
+        self.kinds: list[int] = []
+        self.slots: list[Any] = []
+        self.order: list[int] = []
+        self.index: dict[int, int] = {}
+        #: For registered types: what the mover returned, `(children, rebuild)`.
+        self.parts: dict[int, tuple[Mapping[str, Any], Callable[[dict[str, Any]], Any]]] = {}
+        self.calls = 0  # modules and .to() objects: phase 3 must run even if no tensor moved
+
+
+def collect(
+    root: Any,
+    kind: int,
+    *,
+    skip: Callable[[Any], bool] | None,
+    skip_keys: frozenset[Hashable] | None,
+    on_opaque: Callable[[Any], None] | None,
+) -> Collected:
+    """Walk `root` (a container, module or `.to()` object) depth-first, without recursion."""
+    found = Collected()
+    leaves, objs, kinds, slots_of, index = (
+        found.leaves,
+        found.objs,
+        found.kinds,
+        found.slots,
+        found.index,
+    )
+    fast = skip is None and skip_keys is None
+    simple = SIMPLE_TYPES if on_opaque is None else STRICT_SIMPLE_TYPES
+    order_append = found.order.append
+
+    def enter(obj: Any, kind: int) -> tuple[int, Iterator[tuple[Any, Any]] | None, Any]:
+        """Register a container; return its frame, or a finished frame when it is flat."""
+        number = len(objs)
+        index[id(obj)] = number
+        objs.append(obj)
+        kinds.append(kind)
+        if kind < _FIRST_CONTAINER:  # module or .to() object: called in phase 3
+            found.calls += 1
+            slots_of.append(None)
+            return number, None, None
+        if kind == REGISTERED:
+            parts = found.parts[number] = _mover_for(type(obj))(obj)  # type: ignore[misc]
+            slots: list[Any] = []
+            slots_of.append(slots)
+            return number, iter(list(parts[0].items())), slots
+        if fast and (kind in (LIST, TUPLE, DICT)):
+            values = obj.values() if kind == DICT else obj
+            types = set(map(type, values))
+            if not types <= simple:
+                for tp in types:
+                    classify(tp)
+            if types <= LEAF_TYPES:  # nothing but tensors: one slice of `leaves`
+                start = len(leaves)
+                leaves.extend(values)
+                slots_of.append((start, len(leaves)))
+                return number, None, None
+        slots = []
+        slots_of.append(slots)
+        return number, children(obj, kind), slots
+
+    top = enter(root, kind)
+    stack = [top]
+    while stack:
+        number, items, slots = stack[-1]
+        if items is None:
+            stack.pop()
+            order_append(number)
+            continue
+        descend = None
+        for key, child in items:
+            tp = type(child)
+            child_kind = _KIND.get(tp)
+            if child_kind is None:
+                child_kind = classify(tp)
+            if not fast and (
+                (skip_keys is not None and kinds[number] in _KEYED and key in skip_keys)
+                or (skip is not None and skip(child))
+            ):
+                continue
+            if child_kind == TENSOR:
+                slots.append((key, child, len(leaves)))
+                leaves.append(child)
+            elif child_kind <= OPAQUE:
+                if child_kind == OPAQUE and on_opaque is not None:
+                    on_opaque(child)
+            else:
+                slots.append((key, child, -1))
+                if id(child) not in index:
+                    descend = enter(child, child_kind)
+                    break
+        if descend is None:
+            stack.pop()
+            order_append(number)
+        else:
+            stack.append(descend)
+    return found
+
+
+_UNSET: Any = object()
+
+
+def _copy_of(obj: Any, kind: int) -> Any:
+    if kind == DICT:
+        return dict(obj)
+    if kind == LIST:
+        return list(obj)
+    if kind == SET and type(obj) is set:
+        return set(obj)
+    return copy.copy(obj)
+
+
+def _patch(target: Any, kind: int, changes: list[tuple[Any, Any]]) -> None:
+    if kind == DATACLASS:
+        for name, value in changes:
+            object.__setattr__(target, name, value)
+    elif kind == SET:
+        for old, value in changes:
+            target.discard(old)
+            target.add(value)
+    else:
+        for key, value in changes:
+            target[key] = value
+
+
+def _construct(obj: Any, kind: int, parts: Any, changes: list[tuple[Any, Any]]) -> Any:
+    """Build an immutable container from its children with `changes` applied."""
+    tp = type(obj)
+    if kind == FROZENSET:
+        by_id = {id(old): new for old, new in changes}
+        return tp(by_id.get(id(value), value) for value in obj)
+    if kind in (MAPPING, REGISTERED):
+        values = dict(obj.items()) if kind == MAPPING else dict(parts[0])
+        values.update(changes)
+        return tp(values) if kind == MAPPING else parts[1](values)
+    items = list(obj)
+    for key, new in changes:
+        items[key] = new
+    if kind == TUPLE:
+        return tuple(items)
+    if kind == NAMEDTUPLE:
+        return tp._make(items)
+    return tp(items)  # structseq (torch.return_types), other tuple subclasses
+
+
+class _Rebuild:
+    """Phase 3: rebuild containers bottom-up from moved leaves (see module docstring)."""
+
+    def __init__(
+        self,
+        found: Collected,
+        moved: list[Any],
+        call: Callable[[Any, int], Any],
+        unmovable: Callable[[Any, str, BaseException | None], UnmovableError],
+    ) -> None:
+        self.found = found
+        self.moved = moved
+        self.call = call
+        self.unmovable = unmovable
+        self.results: list[Any] = [_UNSET] * len(found.objs)
+        self.shells: set[int] = set()  # shells made early for a cycle, to be filled
+        self.forcing: set[int] = set()
+
+    def child(self, child: Any) -> Any:
+        number = self.found.index[id(child)]
+        result = self.results[number]
+        if result is not _UNSET:
+            return result
+        # Not built yet: `child` is an ancestor (a cycle) or was met earlier through another path.
+        kind = self.found.kinds[number]
+        if _FIRST_CONTAINER <= kind < _FIRST_UNSHELLABLE:
+            shell = self.results[number] = _copy_of(child, kind)
+            self.shells.add(number)
+            return shell
+        if number in self.forcing:
+            raise self.unmovable(
+                child, "is part of a cycle made only of immutable containers", None
+            )
+        self.forcing.add(number)
+        try:
+            self.build(number)
+        finally:
+            self.forcing.discard(number)
+        return self.results[number]
+
+    def build(self, number: int) -> None:
+        found = self.found
+        obj, kind, slots = found.objs[number], found.kinds[number], found.slots[number]
+        if kind < _FIRST_CONTAINER:
+            self.results[number] = self.call(obj, kind)
+            return
+        moved, leaves = self.moved, found.leaves
+        if type(slots) is tuple:  # nothing but tensors
+            start, stop = slots
+            if moved is leaves or not any(map(is_not, moved[start:stop], leaves[start:stop])):
+                self.results[number] = obj
+            elif kind == DICT:
+                self.results[number] = dict(zip(obj, moved[start:stop], strict=True))
+            elif kind == LIST:
+                self.results[number] = moved[start:stop]
+            else:
+                self.results[number] = tuple(moved[start:stop])
+            return
+        changes = []
+        for key, child, leaf in slots:
+            new = moved[leaf] if leaf >= 0 else self.child(child)
+            if new is not child:
+                changes.append((key, new))
+        shelled = number in self.shells
+        if not changes and not shelled:
+            self.results[number] = obj
+        elif kind < _FIRST_UNSHELLABLE:
+            target = self.results[number] if shelled else _copy_of(obj, kind)
+            _patch(target, kind, changes)
+            self.results[number] = target
+            self.shells.discard(number)
+        else:
+            self.results[number] = self._immutable(obj, kind, number, changes)
+
+    def _immutable(self, obj: Any, kind: int, number: int, changes: list[tuple[Any, Any]]) -> Any:
+        try:
+            return _construct(obj, kind, self.found.parts.get(number), changes)
+        except UnmovableError:
+            raise
+        except Exception as error:
+            raise self.unmovable(
+                obj, "could not be rebuilt from its moved contents", error
+            ) from error
+
+    def run(self) -> Any:
+        results, shells = self.results, self.shells
+        for number in self.found.order:
+            if results[number] is _UNSET or number in shells:
+                self.build(number)
+        return results[self.found.order[-1]]
+
+
+def rebuild(
+    found: Collected,
+    moved: list[Any],
+    call: Callable[[Any, int], Any],
+    unmovable: Callable[[Any, str, BaseException | None], UnmovableError],
+) -> Any:
+    """Phase 3: the rebuilt root. `call(obj, kind)` moves a module or `.to()` object."""
+    return _Rebuild(found, moved, call, unmovable).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths, computed only when needed (errors, devices_of)
+
+#: A path as a linked list: (parent, step) or None for the root.
+Where = tuple[Any, str] | None
+
+
+def render(root_name: str, where: Where) -> str:
+    steps = []
+    while where is not None:
+        where, step = where
+        steps.append(step)
+    return root_name + "".join(reversed(steps))
+
+
+def _labelled(obj: Any, kind: int, look_inside: bool) -> list[tuple[str, Any]]:
+    """Children of any object with the path step that reaches each."""
+    if kind in (DICT, DICT_SUBCLASS, MAPPING):
+        return [(f"[{key!r}]", value) for key, value in obj.items()]
+    if kind == NAMEDTUPLE:
+        return [(f".{name}", value) for name, value in zip(obj._fields, obj, strict=True)]
+    if kind in (LIST, LIST_SUBCLASS, TUPLE, STRUCTSEQ, TUPLE_SUBCLASS, DEQUE):
+        return [(f"[{i}]", value) for i, value in enumerate(obj)]
+    if kind in (SET, FROZENSET):
+        return [(f"{{{i}}}", value) for i, value in enumerate(obj)]
+    if kind == DATACLASS:
+        return [(f".{name}", getattr(obj, name)) for name in _FIELDS[type(obj)]]
+    if kind == REGISTERED:
+        parts, _ = _mover_for(type(obj))(obj)  # type: ignore[misc]
+        return [(f".{name}", value) for name, value in parts.items()]
+    if kind == MODULE:
+        named = [*obj.named_parameters(), *obj.named_buffers()]
+        return [(f".{name}", value) for name, value in named]
+    if kind == TO and isinstance(obj, Mapping):
+        return [(f"[{key!r}]", value) for key, value in obj.items()]
+    if kind == TO or (kind == OPAQUE and look_inside):
+        return _attributes(obj)
+    return []
+
+
+def _attributes(obj: Any) -> list[tuple[str, Any]]:
+    found = [(f".{name}", value) for name, value in getattr(obj, "__dict__", {}).items()]
+    for cls in type(obj).__mro__:
+        names = cls.__dict__.get("__slots__", ())
+        for name in (names,) if isinstance(names, str) else names:
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                found.append((f".{name}", getattr(obj, name)))
+    return found
+
+
+def walk(
+    root: Any, *, where: Where = None, look_inside: bool = False
+) -> Iterator[tuple[Any, Where]]:
+    """Every value reachable from `root`, depth-first in order, each with its path; no recursion.
+
+    With `look_inside`, the attributes of opaque objects are walked too.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, Where]] = [(root, where)]
+    while stack:
+        obj, at = stack.pop()
+        yield obj, at
+        tp = type(obj)
+        kind = _KIND.get(tp)
+        if kind is None:
+            kind = classify(tp)
+        if kind in (TENSOR, ATOM) or (kind == OPAQUE and not look_inside):
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        labelled = _labelled(obj, kind, look_inside)
+        stack.extend((value, (at, step)) for step, value in reversed(labelled))
+
+
+def path_of(root: Any, target: Any) -> Where:
+    """The path of the first occurrence of `target` (by identity) in `root`."""
+    for value, where in walk(root):
+        if value is target:
+            return where
+    return None

@@ -1,0 +1,595 @@
+"""`to_device`, `devices_of`, `find_device`, `register_mover`: examples for every container and
+every error; the invariants are hypothesis properties in `test_move_properties.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict, UserDict, defaultdict, deque, namedtuple
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+
+import devicekit
+from devicekit import _move, _tree
+
+META = torch.device("meta")
+CPU = torch.device("cpu")
+
+
+class Point(NamedTuple):
+    x: torch.Tensor
+    label: str
+
+
+@dataclasses.dataclass
+class Batch:
+    inputs: torch.Tensor
+    name: str = "b"
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    inputs: torch.Tensor
+    derived: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "derived", self.inputs * 2)
+
+
+@dataclasses.dataclass(slots=True)
+class Slotted:
+    inputs: torch.Tensor
+
+
+class Opaque:
+    def __init__(self) -> None:
+        self.cache = torch.ones(2)
+
+
+class FrozenMapping(Mapping[str, Any]):
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class StubbornMapping(FrozenMapping):
+    def __init__(self, data: dict[str, Any], extra: int) -> None:
+        super().__init__(data)
+
+
+class InPlace:
+    """Moves itself in place and returns None from .to(), like some third-party containers."""
+
+    def __init__(self) -> None:
+        self.tensor = torch.ones(2)
+
+    def to(self, device: torch.device) -> None:
+        self.tensor = self.tensor.to(device)
+
+
+class Returning:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def to(self, device: torch.device) -> Returning:
+        return Returning(self.tensor.to(device))
+
+
+def on_meta(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+def test_tensor_moves_and_keeps_values() -> None:
+    tensor = torch.arange(6.0).reshape(2, 3)
+    moved = devicekit.to_device(tensor, "meta")
+    assert moved.device == META
+    assert moved.shape == (2, 3)
+    assert moved.dtype == torch.float32
+    assert torch.equal(devicekit.to_device(tensor, "cpu", dtype=torch.float64), tensor.double())
+
+
+def test_tensor_already_there_is_returned_as_is() -> None:
+    tensor = torch.ones(2)
+    assert devicekit.to_device(tensor, "cpu") is tensor
+    assert devicekit.to_device(tensor, torch.device("cpu")) is tensor
+
+
+def test_parameter_keeps_its_type() -> None:
+    parameter = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    [moved_parameter] = devicekit.to_device([parameter], "meta")
+    assert type(moved_parameter) is torch.nn.Parameter
+    assert moved_parameter.requires_grad is False
+    trainable = devicekit.to_device(torch.nn.Parameter(torch.ones(2)), "meta")
+    assert type(trainable) is torch.nn.Parameter
+    assert trainable.is_leaf
+    assert trainable.requires_grad
+
+
+def test_tensor_subclass_is_kept() -> None:
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = torch.ones(2).as_subclass(Tagged)
+    assert type(devicekit.to_device([tagged], "meta")[0]) is Tagged
+
+
+def test_device_none_uses_the_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from devicekit import _context
+
+    token = _context._ACTIVE.set(META)
+    try:
+        assert devicekit.to_device(torch.ones(1)).is_meta
+    finally:
+        _context._ACTIVE.reset(token)
+
+
+# --- containers ----------------------------------------------------------------------------------
+
+
+def test_every_container_is_rebuilt_with_its_type() -> None:
+    tensor = torch.ones(2)
+    factory = defaultdict(list, {"a": tensor})
+    batch = {
+        "dict": {"a": tensor},
+        "ordered": OrderedDict([("b", tensor), ("a", 1)]),
+        "default": factory,
+        "list": [tensor, "text"],
+        "tuple": (tensor, 3),
+        "point": Point(tensor, "p"),
+        "max": torch.arange(3.0).max(0),
+        "deque": deque([tensor, 1], maxlen=4),
+        "set": {tensor},
+        "frozenset": frozenset({tensor}),
+        "dataclass": Batch(tensor),
+        "frozen": Frozen(tensor),
+        "slotted": Slotted(tensor),
+        "mapping": FrozenMapping({"a": tensor, "b": "text"}),
+        "proxy": MappingProxyType({"a": tensor}),
+    }
+    moved = devicekit.to_device(batch, "meta")
+    for key, value in batch.items():
+        assert type(moved[key]) is type(value), key
+    assert moved["dict"]["a"].is_meta
+    assert list(moved["ordered"]) == ["b", "a"]
+    assert moved["ordered"]["b"].is_meta
+    assert moved["default"].default_factory is list
+    assert moved["default"]["a"].is_meta
+    assert moved["list"][1] == "text"
+    assert moved["list"][0].is_meta
+    assert moved["point"].label == "p"
+    assert moved["point"].x.is_meta
+    assert moved["max"].values.is_meta
+    assert moved["max"].indices.is_meta
+    assert moved["deque"].maxlen == 4
+    assert moved["deque"][0].is_meta
+    assert all(on_meta(v) for v in moved["set"])
+    assert all(on_meta(v) for v in moved["frozenset"])
+    assert moved["dataclass"].inputs.is_meta
+    assert moved["dataclass"].name == "b"
+    assert moved["frozen"].inputs.is_meta
+    assert moved["frozen"].derived.is_meta
+    assert moved["slotted"].inputs.is_meta
+    assert moved["mapping"]["a"].is_meta
+    assert moved["mapping"]["b"] == "text"
+    assert moved["proxy"]["a"].is_meta
+
+
+def test_other_values_are_returned_as_is() -> None:
+    numpy = pytest.importorskip("numpy")
+    array = numpy.ones(3)
+    opaque = Opaque()
+    batch = {
+        "s": "text",
+        "n": 3,
+        "none": None,
+        "array": array,
+        "opaque": opaque,
+        "t": torch.ones(1),
+    }
+    moved = devicekit.to_device(batch, "meta")
+    assert moved["array"] is array
+    assert moved["opaque"] is opaque
+    assert moved["opaque"].cache.is_cpu
+    assert moved["s"] == "text"
+    assert moved["n"] == 3
+    assert moved["none"] is None
+    assert devicekit.to_device(opaque, "meta") is opaque
+
+
+def test_unchanged_containers_are_the_same_objects() -> None:
+    inner = {"a": torch.ones(1)}
+    batch = {"inner": inner, "moves": torch.ones(1, device="meta"), "text": ["x"]}
+    moved = devicekit.to_device(batch, "meta")
+    assert moved is not batch
+    assert moved["inner"] is not inner
+    assert moved["text"] is batch["text"]
+
+
+def test_module_moves_in_place_with_tied_weights() -> None:
+    first = torch.nn.Linear(2, 2)
+    second = torch.nn.Linear(2, 2)
+    second.weight = first.weight
+    model = torch.nn.Sequential(first, second)
+    weight = model[0].weight
+    result = devicekit.to_device(model, "cpu", dtype=torch.float64)
+    assert result is model
+    assert model[0].weight is weight
+    assert weight.dtype == torch.float64
+    assert model[1].weight is model[0].weight
+    assert devicekit.to_device({"model": model}, "meta")["model"] is model
+    assert model[0].weight.is_meta
+
+
+def test_to_method_objects() -> None:
+    in_place = InPlace()
+    batch = {"in_place": in_place, "returning": Returning(torch.ones(1))}
+    moved = devicekit.to_device(batch, "meta")
+    assert moved["in_place"] is in_place
+    assert in_place.tensor.is_meta
+    assert type(moved["returning"]) is Returning
+    assert moved["returning"].tensor.is_meta
+
+
+def test_batch_encoding_and_tensordict() -> None:
+    transformers = pytest.importorskip("transformers")
+    tensordict = pytest.importorskip("tensordict")
+    encoding = transformers.BatchEncoding({"input_ids": torch.ones(1, 3, dtype=torch.long)})
+    moved = devicekit.to_device({"enc": encoding}, "meta")
+    assert moved["enc"]["input_ids"].is_meta
+    data = tensordict.TensorDict({"x": torch.ones(2, 3)}, batch_size=[2])
+    assert devicekit.to_device(data, "meta")["x"].is_meta
+
+
+def test_register_mover() -> None:
+    class Cache:
+        def __init__(self, keys: torch.Tensor, size: int) -> None:
+            self.keys, self.size = keys, size
+
+    class SubCache(Cache):
+        pass
+
+    calls: list[str] = []
+
+    def take_apart(cache: Cache) -> tuple[dict[str, Any], Any]:
+        calls.append(type(cache).__name__)
+        return {"keys": cache.keys, "size": cache.size}, lambda moved: type(cache)(**moved)
+
+    devicekit.register_mover(Cache, take_apart)
+    try:
+        moved = devicekit.to_device({"c": SubCache(torch.ones(2), 3)}, "meta")
+        assert type(moved["c"]) is SubCache
+        assert moved["c"].keys.is_meta
+        assert moved["c"].size == 3
+        assert devicekit.devices_of(Cache(torch.ones(1), 1)) == {CPU: ["batch.keys"]}
+    finally:
+        del _tree._MOVERS[Cache]
+        _tree._reset_caches()
+    assert calls[0] == "SubCache"
+
+
+def test_register_mover_rejects_bad_arguments() -> None:
+    with pytest.raises(devicekit.UnmovableError, match=r"expected a class, got a str"):
+        devicekit.register_mover("Cache", lambda c: ({}, c))  # type: ignore[arg-type]
+    with pytest.raises(devicekit.UnmovableError, match=r"expected a function"):
+        devicekit.register_mover(Opaque, 3)  # type: ignore[arg-type]
+
+
+# --- aliasing, cycles, depth ---------------------------------------------------------------------
+
+
+def test_same_tensor_twice_is_one_tensor() -> None:
+    tensor = torch.ones(3)
+    moved = devicekit.to_device({"a": tensor, "b": [tensor, (tensor,)]}, "meta")
+    assert moved["a"] is moved["b"][0] is moved["b"][1][0]
+
+
+def test_views_share_one_moved_storage() -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    row, column = base[1], base[:, 2]
+    moved_base, moved_row, moved_column = devicekit.to_device(
+        [base, row, column], "cpu", dtype=torch.float64
+    )
+    storage = moved_base.untyped_storage()
+    assert moved_row.untyped_storage() is storage
+    assert moved_column.untyped_storage() is storage
+    assert (moved_row.storage_offset(), moved_row.stride()) == (4, (1,))
+    assert (moved_column.storage_offset(), moved_column.stride()) == (2, (4,))
+    assert torch.equal(moved_column, column.double())
+    moved_base[1, 2] = -1.0
+    assert moved_row[2] == -1.0
+    assert moved_column[1] == -1.0
+
+
+def test_views_of_part_of_a_storage_move_only_that_part() -> None:
+    big = torch.arange(1000.0)
+    first, second = big[10:20], big[15:30]
+    moved_first, moved_second = devicekit.to_device((first, second), "cpu", dtype=torch.float64)
+    assert moved_first.untyped_storage() is moved_second.untyped_storage()
+    assert moved_first.untyped_storage().nbytes() == 20 * 8
+    assert moved_second.storage_offset() - moved_first.storage_offset() == 5
+    assert torch.equal(moved_second, second.double())
+
+
+def test_views_with_autograd_history_move_one_by_one() -> None:
+    base = torch.ones(4, requires_grad=True)
+    view = base[1:]
+    moved_base, moved_view = devicekit.to_device([base, view], "meta")
+    assert moved_view.requires_grad
+    assert moved_view.grad_fn is not None
+    assert moved_base.shape == (4,)
+    assert moved_view.shape == (3,)
+
+
+def test_cycles_are_preserved() -> None:
+    tensor = torch.ones(1)
+    looped: list[Any] = [tensor]
+    looped.append(looped)
+    mapping: dict[str, Any] = {"t": tensor}
+    mapping["self"] = mapping
+    holder: list[Any] = []
+    through_tuple = (holder, tensor)
+    holder.append(through_tuple)
+    moved = devicekit.to_device({"list": looped, "dict": mapping, "tuple": through_tuple}, "meta")
+    assert moved["list"][1] is moved["list"]
+    assert moved["list"][0].is_meta
+    assert moved["dict"]["self"] is moved["dict"]
+    assert moved["dict"]["t"].is_meta
+    assert moved["tuple"][0][0] is moved["tuple"]
+    assert moved["tuple"][1].is_meta
+    assert looped[1] is looped
+    assert looped[0] is tensor
+
+
+def test_tuple_root_of_a_cycle() -> None:
+    holder: list[Any] = []
+    root = (holder, torch.ones(1))
+    holder.append(root)
+    moved = devicekit.to_device(root, "meta")
+    assert moved[0][0] is moved
+    assert moved[1].is_meta
+
+
+def test_deep_nesting_has_no_recursion_limit() -> None:
+    nested: Any = torch.ones(1)
+    for _ in range(100_000):
+        nested = {"k": [nested]}
+    moved = devicekit.to_device(nested, "meta")
+    for _ in range(100_000):
+        moved = moved["k"][0]
+    assert moved.is_meta
+    assert devicekit.find_device(nested) == CPU
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def test_dtype_casts_floating_and_complex_only() -> None:
+    batch = {
+        "f": torch.ones(1),
+        "c": torch.ones(1, dtype=torch.complex64),
+        "i": torch.ones(1, dtype=torch.long),
+        "b": torch.ones(1, dtype=torch.bool),
+    }
+    with pytest.warns(UserWarning, match="discards the imaginary part"):
+        moved = devicekit.to_device(batch, "cpu", dtype=torch.float16)
+    assert moved["f"].dtype == torch.float16
+    assert moved["i"] is batch["i"]
+    assert moved["b"] is batch["b"]
+    assert moved["c"].dtype == torch.float16  # as Module.to(torch.float16) does, with its warning
+    complex_moved = devicekit.to_device(batch, "cpu", dtype=torch.complex128)
+    assert complex_moved["c"].dtype == torch.complex128
+    assert complex_moved["f"].dtype == torch.complex128
+
+
+def test_dtype_must_be_floating() -> None:
+    with pytest.raises(devicekit.MoveError, match=r"dtype=torch.int64\): dtype must be a"):
+        devicekit.to_device(torch.ones(1), "cpu", dtype=torch.int64)
+
+
+def test_non_blocking_must_be_auto_or_bool() -> None:
+    with pytest.raises(devicekit.MoveError, match=r"non_blocking='yes'\): expected 'auto'"):
+        devicekit.to_device(torch.ones(1), "cpu", non_blocking="yes")  # type: ignore[arg-type]
+
+
+def test_skip_keys_at_any_depth() -> None:
+    batch = {"x": torch.ones(1), "inner": [{"raw": torch.ones(1), "y": torch.ones(1)}]}
+    moved = devicekit.to_device(batch, "meta", skip={"raw"})
+    assert moved["x"].is_meta
+    assert moved["inner"][0]["y"].is_meta
+    assert moved["inner"][0]["raw"] is batch["inner"][0]["raw"]  # type: ignore[index]
+    assert devicekit.to_device(batch, "meta", skip="x")["x"] is batch["x"]
+
+
+def test_skip_predicate() -> None:
+    keep = torch.ones(1)
+    batch = {"a": keep, "b": torch.ones(1), "c": [keep]}
+    moved = devicekit.to_device(batch, "meta", skip=lambda value: value is keep)
+    assert moved["a"] is keep
+    assert moved["c"][0] is keep
+    assert moved["b"].is_meta
+    assert devicekit.to_device(keep, "meta", skip=lambda value: True) is keep
+
+
+def test_skip_must_be_a_predicate_or_keys() -> None:
+    with pytest.raises(devicekit.MoveError, match=r"skip=3\): expected a predicate"):
+        devicekit.to_device(torch.ones(1), "meta", skip=3)  # type: ignore[arg-type]
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_strict_names_the_path_inside() -> None:
+    batch = {"meta": Opaque(), "x": torch.ones(1)}
+    with pytest.raises(devicekit.UnmovableError) as caught:
+        devicekit.to_device(batch, "meta", strict=True)
+    message = str(caught.value)
+    assert "to_device(meta, strict=True): batch['meta'] is of type Opaque" in message
+    assert "(batch['meta'].cache: f32[2]@cpu)" in message
+    assert "register_mover(Opaque, fn)" in message
+    assert "strict=False" in message
+    assert caught.value.path == "batch['meta'].cache"
+    with pytest.raises(devicekit.UnmovableError, match=r"batch is of type Opaque"):
+        devicekit.to_device(Opaque(), "meta", strict=True)
+
+
+def test_strict_accepts_objects_without_tensors() -> None:
+    class Empty:
+        def __init__(self) -> None:
+            self.name = "x"
+
+    empty = Empty()
+    assert devicekit.to_device([empty], "meta", strict=True)[0] is empty
+
+
+def test_mapping_that_cannot_be_rebuilt() -> None:
+    batch = {"m": StubbornMapping({"a": torch.ones(1)}, 3)}
+    with pytest.raises(devicekit.UnmovableError) as caught:
+        devicekit.to_device(batch, "meta")
+    assert "batch['m'] (of type StubbornMapping) could not be rebuilt" in str(caught.value)
+    assert "register_mover(StubbornMapping, fn)" in str(caught.value)
+    assert isinstance(caught.value.__cause__, TypeError)
+
+
+def test_failing_tensor_move_names_path_bytes_and_target() -> None:
+    batch = {"inputs": [torch.ones(1), torch.ones(2, 3, device="meta")]}
+    with pytest.raises(devicekit.MoveError) as caught:
+        devicekit.to_device(batch, "cpu")
+    error = caught.value
+    assert str(error).startswith(
+        "to_device(cpu): moving batch['inputs'][1] (f32[2,3]@meta, 24 bytes) to cpu failed with "
+        "NotImplementedError: Cannot copy out of meta tensor; no data. Meta tensors hold no data"
+    )
+    assert (error.path, error.nbytes, error.device) == ("batch['inputs'][1]", 24, CPU)
+    assert isinstance(error.__cause__, NotImplementedError)
+
+
+def test_failing_to_call_is_a_move_error() -> None:
+    class Broken:
+        def to(self, device: torch.device) -> None:
+            raise RuntimeError("no room")
+
+    with pytest.raises(devicekit.MoveError) as caught:
+        devicekit.to_device({"b": [Broken()]}, "meta")
+    assert str(caught.value).startswith(
+        "to_device(meta): batch['b'][0] (Broken).to(meta) failed with RuntimeError: no room."
+    )
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_failing_module_names_its_bytes() -> None:
+    model = torch.nn.Linear(2, 3, device="meta")
+    with pytest.raises(devicekit.MoveError) as caught:
+        devicekit.to_device(model, "cpu")
+    assert str(caught.value).startswith("to_device(cpu): model (Linear, 36 bytes).to(cpu) failed")
+    assert caught.value.nbytes == 36
+
+
+def test_invalid_device() -> None:
+    with pytest.raises(devicekit.InvalidDeviceSpecError, match=r"to_device\('cuda:x'\)"):
+        devicekit.to_device(torch.ones(1), "cuda:x")
+
+
+# --- devices_of / find_device --------------------------------------------------------------------
+
+
+def test_devices_of_lists_paths_per_device() -> None:
+    model = torch.nn.Linear(1, 1)
+    batch = {"x": torch.ones(1), "y": [torch.ones(1, device="meta")], "p": Point(torch.ones(1), "")}
+    assert devicekit.devices_of(batch) == {
+        CPU: ["batch['x']", "batch['p'].x"],
+        META: ["batch['y'][0]"],
+    }
+    assert devicekit.devices_of(model) == {CPU: ["model.weight", "model.bias"]}
+    assert devicekit.devices_of(torch.ones(1)) == {CPU: ["batch"]}
+    assert devicekit.devices_of(["text", 3]) == {}
+
+
+def test_find_device() -> None:
+    assert devicekit.find_device(torch.ones(1, device="meta")) == META
+    assert devicekit.find_device({"a": [torch.ones(1)]}) == CPU
+    assert devicekit.find_device({"a": "text"}) is None
+
+
+def test_find_device_on_mixed_devices() -> None:
+    batch = {f"c{i}": torch.ones(1) for i in range(5)}
+    batch["m"] = torch.ones(1, device="meta")
+    with pytest.raises(devicekit.MixedDevicesError) as caught:
+        devicekit.find_device(batch)
+    assert str(caught.value) == (
+        "find_device(): the tensors are on 2 devices (cpu: batch['c0'], batch['c1'], batch['c2'] "
+        "and 2 more; meta: batch['m']). Move them to one device first, e.g. "
+        "devicekit.to_device(batch, device)."
+    )
+    assert caught.value.devices[META] == ["batch['m']"]
+
+
+# --- the asynchrony policy -----------------------------------------------------------------------
+
+CUDA0 = torch.device("cuda", 0)
+CUDA1 = torch.device("cuda", 1)
+MPS = torch.device("mps", 0)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "pinned", "mode", "expected"),
+    [
+        (CPU, CUDA0, True, "auto", (True, None)),
+        (CPU, CUDA0, False, "auto", (False, None)),
+        (CPU, CUDA0, False, True, (True, None)),
+        (CPU, CUDA0, True, False, (False, None)),
+        (CUDA0, CUDA1, False, "auto", (True, None)),
+        (CUDA0, CUDA1, False, False, (False, None)),
+        (CUDA0, CPU, False, "auto", (True, CUDA0)),
+        (CUDA0, CPU, False, True, (True, CUDA0)),
+        (CUDA0, CPU, False, False, (False, None)),
+        (CPU, MPS, True, "auto", (True, MPS)),
+        (MPS, CPU, False, "auto", (True, MPS)),
+        (CPU, META, False, True, (False, None)),
+        (CUDA0, CUDA0, False, True, (False, None)),
+    ],
+)
+def test_plan(
+    source: torch.device, target: torch.device, pinned: bool, mode: Any, expected: Any
+) -> None:
+    assert _move._plan(source, target, pinned, mode) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip_is_safe() -> None:
+    batch = {"x": torch.arange(1000.0).pin_memory(), "y": [torch.arange(10)]}
+    on_gpu = devicekit.to_device(batch, "cuda:0")
+    assert on_gpu["x"].is_cuda
+    assert on_gpu["y"][0].is_cuda
+    back = devicekit.to_device(on_gpu, "cpu")
+    assert torch.equal(back["x"], batch["x"])
+    assert torch.equal(back["y"][0], batch["y"][0])
+
+
+def test_user_dict_is_rebuilt() -> None:
+    data = UserDict({"a": torch.ones(1)})
+    moved = devicekit.to_device(data, "meta")
+    assert type(moved) is UserDict
+    assert moved["a"].is_meta
+    assert data["a"].is_cpu
+
+
+def test_namedtuple_factory_types() -> None:
+    Pair = namedtuple("Pair", "a b")
+    moved = devicekit.to_device(Pair(torch.ones(1), 2), "meta")
+    assert type(moved) is Pair
+    assert moved.a.is_meta
+    assert moved.b == 2
