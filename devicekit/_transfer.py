@@ -14,8 +14,9 @@ changes another; the buffer lives as long as any of them does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -268,51 +269,59 @@ _STAGING = _Staging()
 
 
 def _to_accelerator(
-    plan: _Plan,
-    tensors: Sequence[torch.Tensor],
-    device: torch.device,
-    *,
-    non_blocking: bool,
-    emulate: bool,
+    plan: _Plan, tensors: Sequence[torch.Tensor], device: torch.device, *, non_blocking: bool
 ) -> torch.Tensor:
     """Pack into the staging buffer and copy it to `device`: one transfer."""
+    emulate = _EMULATE is not None
     pin = not emulate and _pinnable(device)
+    asynchronous = non_blocking and pin
     with _STAGING.lock:
         buffer = _STAGING.take(plan.nbytes, pin=pin)[: plan.nbytes]
         _pack(plan, tensors, buffer)
-        if emulate:
-            moved = buffer.clone()
-        else:
-            moved = buffer.to(device, non_blocking=non_blocking and pin)
-        _STAGING.in_flight(None if emulate else _record_event(device))
+        moved = buffer.clone() if emulate else buffer.to(device, non_blocking=asynchronous)
+        _STAGING.in_flight(_record_event(device) if asynchronous else None)
     return moved
 
 
-def _to_host(
-    plan: _Plan, tensors: Sequence[torch.Tensor], source: torch.device, *, emulate: bool
-) -> torch.Tensor:
+def _to_host(plan: _Plan, tensors: Sequence[torch.Tensor], source: torch.device) -> torch.Tensor:
     """Gather on `source`, copy into fresh (pinned) host memory once, wait for that copy."""
     gathered = torch.empty(plan.nbytes, dtype=torch.uint8, device=source)
     _pack(plan, tensors, gathered)
-    pin = not emulate and _pinnable(source)
+    pin = _EMULATE is None and _pinnable(source)
     host = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=pin)
     host.copy_(gathered, non_blocking=pin)
-    event = None if emulate else _record_event(source)
-    if event is not None:
-        event.synchronize()
+    if pin:
+        event = _record_event(source)
+        if event is not None:
+            event.synchronize()
     return host
 
 
+#: Tests and benchmarks only: run the coalesced path from `cpu` to `cpu` as if one side were an
+#: accelerator. `"to_accelerator"` packs into the staging buffer and "copies" it with `clone()`;
+#: `"to_host"` gathers on the source and copies into fresh host memory.
+Emulation: TypeAlias = Literal["to_accelerator", "to_host"]
+_EMULATE: Emulation | None = None
+
+
+@contextlib.contextmanager
+def _emulating(mode: Emulation) -> Iterator[None]:
+    """Within the block, `cpu -> cpu` transfers take the coalesced path as described by `mode`."""
+    global _EMULATE
+    saved, _EMULATE = _EMULATE, mode
+    try:
+        yield
+    finally:
+        _EMULATE = saved
+
+
 def _crossing(
-    tensors: Sequence[torch.Tensor],
-    device: torch.device,
-    coalesce: Coalesce,
-    emulate: Literal["to_accelerator", "to_host"] | None,
+    tensors: Sequence[torch.Tensor], device: torch.device, coalesce: Coalesce
 ) -> tuple[bool, torch.device | None] | None:
     """How packed tensors cross, or `None`: whether they are on `cpu`, and the accelerator they
     come from (`None` when going from the host to `device`)."""
-    if emulate is not None:
-        return (True, None) if emulate == "to_accelerator" else (True, _HOST)
+    if _EMULATE is not None and device.type == "cpu":
+        return (True, None) if _EMULATE == "to_accelerator" else (True, _HOST)
     if device.type == "cpu":
         for tensor in tensors:
             source = tensor.device
@@ -332,11 +341,10 @@ def _coalesced(
     dtype: torch.dtype | None,
     non_blocking: bool,
     coalesce: Coalesce,
-    emulate: Literal["to_accelerator", "to_host"] | None,
 ) -> list[int]:
     """Move what can be packed into `results`; the indices of the tensors left to go alone."""
     everything = list(range(len(tensors)))
-    crossing = _crossing(tensors, device, coalesce, emulate)
+    crossing = _crossing(tensors, device, coalesce)
     if crossing is None:
         return everything
     on_cpu, source = crossing
@@ -346,15 +354,27 @@ def _coalesced(
         return everything
     try:
         if source is None:
-            moved = _to_accelerator(
-                plan, tensors, device, non_blocking=non_blocking, emulate=emulate is not None
-            )
+            moved = _to_accelerator(plan, tensors, device, non_blocking=non_blocking)
         else:
-            moved = _to_host(plan, tensors, source, emulate=emulate is not None)
+            moved = _to_host(plan, tensors, source)
         _unpack(plan, moved, results, dtype)
     except RuntimeError:  # out of memory and the like: go per tensor, which names the culprit
         return everything
     return plan.alone
+
+
+def _each(
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    non_blocking: bool,
+) -> list[torch.Tensor]:
+    """Per-tensor `.to()`, casting floating-point and complex tensors only."""
+    moved = []
+    for tensor in tensors:
+        cast = dtype if tensor.is_floating_point() or tensor.is_complex() else None
+        moved.append(tensor.to(device, dtype=cast, non_blocking=non_blocking))
+    return moved
 
 
 def transfer_tensors(
@@ -362,20 +382,18 @@ def transfer_tensors(
     device: torch.device,
     *,
     dtype: torch.dtype | None = None,
-    non_blocking: bool = False,
+    non_blocking: bool | Literal["auto"] = False,
     coalesce: Coalesce = "auto",
-    _emulate: Literal["to_accelerator", "to_host"] | None = None,
+    alone: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Move `tensors` to `device`, coalescing the small ones; the results in the same order.
 
-    Each result is what `t.to(device, dtype=..., non_blocking=non_blocking)` gives, with `dtype`
-    applied to floating-point and complex tensors only (like `Module.to`). Coalesced copies to
-    the host are finished when this returns; copies from pinned staging to an accelerator are
-    ordered on the accelerator's current stream, like any non-blocking copy.
-
-    `_emulate` (tests and benchmarks only) runs the coalesced path from `cpu` to `cpu` as if one
-    side were an accelerator: `"to_accelerator"` packs into the staging buffer and "copies" it
-    with `clone()`; `"to_host"` gathers on the source and copies into fresh host memory.
+    Each result is what `t.to(device, dtype=..., non_blocking=...)` gives, with `dtype` applied
+    to floating-point and complex tensors only (like `Module.to`). Coalesced copies to the host
+    are finished when this returns; coalesced copies to an accelerator come from pinned staging
+    and are ordered on the accelerator's current stream, asynchronous unless `non_blocking` is
+    `False`. `alone` moves the tensors that are not coalesced (default: `.to()` each, with
+    `non_blocking=True` only if `non_blocking is True`), and returns them in order.
 
     Example:
         >>> import torch
@@ -387,19 +405,22 @@ def transfer_tensors(
         [('meta', (2,)), ('meta', (3, 1))]
     """
     results = list(tensors)
-    alone: Sequence[int] = range(len(tensors))
-    if coalesce is not False:
-        alone = _coalesced(
+    rest: Sequence[int] = range(len(tensors))
+    if coalesce is not False and len(tensors) > (coalesce is not True):
+        rest = _coalesced(
             tensors,
             device,
             results,
             dtype=dtype,
-            non_blocking=non_blocking,
+            non_blocking=non_blocking is not False,
             coalesce=coalesce,
-            emulate=_emulate,
         )
-    for i in alone:
-        tensor = tensors[i]
-        cast = dtype if tensor.is_floating_point() or tensor.is_complex() else None
-        results[i] = tensor.to(device, dtype=cast, non_blocking=non_blocking)
+    if rest:
+        leftover = [tensors[i] for i in rest]
+        if alone is None:
+            moved = _each(leftover, device, dtype, non_blocking is True)
+        else:
+            moved = alone(leftover)
+        for i, tensor in zip(rest, moved, strict=True):
+            results[i] = tensor
     return results

@@ -1,6 +1,6 @@
 """Coalesced transfers give what per-tensor `.to()` gives, exercised on `cpu` and `meta`.
 
-Without an accelerator, `_emulate` runs the coalesced path from `cpu` to `cpu` as if one side were
+Without an accelerator, `_emulating` runs the coalesced path from `cpu` to `cpu` as if one side were
 an accelerator (the "copy" is a `clone()`), so the packing and unpacking are checked bit for bit;
 `cpu -> meta` with `coalesce=True` checks shapes, strides and dtypes through a real dispatch.
 """
@@ -145,6 +145,17 @@ def assert_isolated(inputs: list[torch.Tensor], results: list[torch.Tensor]) -> 
             assert torch.equal(old, new)
 
 
+def emulated(
+    mode: Literal["to_accelerator", "to_host"],
+    inputs: list[torch.Tensor],
+    *args: object,
+    **kwargs: object,
+) -> list[torch.Tensor]:
+    """`transfer_tensors` from cpu to cpu, as if one side were an accelerator."""
+    with _transfer._emulating(mode):
+        return transfer_tensors(inputs, *args, **kwargs)  # type: ignore[arg-type]
+
+
 def coalesced(results: list[torch.Tensor]) -> int:
     return sum(result._base is not None for result in results)
 
@@ -156,7 +167,7 @@ def coalesced(results: list[torch.Tensor]) -> int:
 def test_coalesced_matches_per_tensor(
     mode: Literal["to_accelerator", "to_host"], inputs: list[torch.Tensor]
 ) -> None:
-    results = transfer_tensors(inputs, CPU, coalesce=True, _emulate=mode)
+    results = emulated(mode, inputs, CPU, coalesce=True)
     assert_like_per_tensor(inputs, results)
     assert_isolated(inputs, results)
 
@@ -167,7 +178,7 @@ def test_dtype_casts_floating_point_and_complex_only(
     inputs: list[torch.Tensor], dtype: torch.dtype
 ) -> None:
     inputs = [t for t in inputs if not t.is_complex()]  # complex to real warns, as torch does
-    results = transfer_tensors(inputs, CPU, dtype=dtype, coalesce=True, _emulate="to_accelerator")
+    results = emulated("to_accelerator", inputs, CPU, dtype=dtype, coalesce=True)
     assert_like_per_tensor(inputs, results, dtype)
 
 
@@ -190,7 +201,7 @@ def test_small_tensors_are_coalesced_and_the_rest_go_alone() -> None:
     parameter = torch.nn.Parameter(torch.ones(3), requires_grad=False)
     sparse = torch.tensor(1.0).to_sparse()  # 0-dim: its strides look contiguous
     inputs = [*small, *rare, large, transposed, grad, parameter, sparse]
-    results = transfer_tensors(inputs, CPU, _emulate="to_accelerator")
+    results = emulated("to_accelerator", inputs, CPU)
     for result in results[:7]:
         assert result._base is not None
     assert results[7:] == inputs[7:]  # alone: `.to(cpu)` returns the tensor itself
@@ -215,8 +226,25 @@ def test_auto_coalesces_only_between_host_and_accelerator() -> None:
 
 def test_auto_leaves_a_single_small_tensor_alone() -> None:
     inputs = [torch.ones(2), torch.zeros(COALESCE_MAX_BYTES)]
-    assert coalesced(transfer_tensors(inputs, CPU, _emulate="to_accelerator")) == 0
-    assert coalesced(transfer_tensors(inputs, CPU, coalesce=True, _emulate="to_accelerator")) == 2
+    assert coalesced(emulated("to_accelerator", inputs, CPU)) == 0
+    assert coalesced(emulated("to_accelerator", inputs, CPU, coalesce=True)) == 2
+
+
+def test_alone_moves_the_rest_in_order() -> None:
+    seen: list[list[torch.Tensor]] = []
+
+    def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append(rest)
+        return [tensor.to(META) for tensor in rest]
+
+    large, transposed = torch.zeros(COALESCE_MAX_BYTES), torch.ones(3, 4).t()
+    inputs = [torch.ones(2), large, torch.zeros(2), transposed]
+    results = emulated("to_accelerator", inputs, CPU, alone=alone)
+    assert len(seen) == 1
+    assert seen[0][0] is large
+    assert seen[0][1] is transposed
+    assert [r.device for r in results] == [CPU, META, CPU, META]
+    assert coalesced([results[0], results[2]]) == 2
 
 
 def test_tensors_already_on_the_target_stay_themselves() -> None:
@@ -229,7 +257,7 @@ def test_tensors_already_on_the_target_stay_themselves() -> None:
 
 def test_copies_to_the_host_come_from_one_accelerator_only() -> None:
     inputs = [torch.empty(2, device=META), torch.ones(2)]
-    assert _transfer._crossing(inputs, CPU, "auto", None) is None
+    assert _transfer._crossing(inputs, CPU, "auto") is None
     plan = _transfer._plan(inputs, on_cpu=False, source=torch.device("cuda:0"), limit=None)
     assert plan.groups == []
     assert plan.alone == [0, 1]
@@ -275,11 +303,11 @@ def test_staging_waits_for_the_copy_in_flight_before_reuse() -> None:
 
 def test_the_staging_buffer_is_shared_and_sized_to_the_largest_batch() -> None:
     _transfer._STAGING.clear()
-    transfer_tensors([torch.ones(100) for _ in range(4)], CPU, _emulate="to_accelerator")
+    emulated("to_accelerator", [torch.ones(100) for _ in range(4)], CPU)
     buffer = _transfer._STAGING._buffer
     assert buffer is not None
     assert buffer.numel() == 4 * 400
-    transfer_tensors([torch.ones(10) for _ in range(4)], CPU, _emulate="to_accelerator")
+    emulated("to_accelerator", [torch.ones(10) for _ in range(4)], CPU)
     assert _transfer._STAGING._buffer is buffer
 
 
@@ -290,16 +318,18 @@ def test_back_to_back_calls_from_threads_never_mix_batches() -> None:
         try:
             for step in range(30):
                 inputs = [torch.full((16,), float(seed * 1000 + step + i)) for i in range(8)]
-                results = transfer_tensors(inputs, CPU, _emulate="to_accelerator")
+                results = transfer_tensors(inputs, CPU)
+                assert coalesced(results) == 8
                 assert all(torch.equal(a, b) for a, b in zip(inputs, results, strict=True))
         except BaseException as error:  # reported by the main thread
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with _transfer._emulating("to_accelerator"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert errors == []
 
 
