@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from devicekit._context import current_device
+from devicekit._context import carry_default_device, current_device, default_device
 from devicekit._discovery import (
     DeviceInfo,
     accelerator_type,
@@ -62,7 +62,9 @@ __all__ = [
     "accelerator_type",
     "as_device",
     "best_device",
+    "carry_default_device",
     "current_device",
+    "default_device",
     "devices",
     "devices_of",
     "explain_best_device",
