@@ -35,7 +35,9 @@ def main(out: Path, steps: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(device)
+    model = devicekit.to_device(
+        nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)), device
+    )
     ddp = DistributedDataParallel(
         model, device_ids=None if device.type == "cpu" else [device.index]
     )
@@ -45,7 +47,7 @@ def main(out: Path, steps: int) -> None:
     for _ in range(steps):
         features = torch.randn(16, 8, generator=generator)
         host_batch = {"features": features, "target": features.sum(1, keepdim=True)}
-        batch = {key: value.to(device) for key, value in host_batch.items()}
+        batch = devicekit.to_device(host_batch)  # no device given: "auto", the LOCAL_RANK device
         batch_devices.append(str(batch["features"].device))
         loss = nn.functional.mse_loss(ddp(batch["features"]), batch["target"])
         optimizer.zero_grad()
