@@ -33,6 +33,7 @@ from devicekit._errors import (
     UnmovableError,
 )
 from devicekit._move import devices_of, find_device, register_mover, to_device
+from devicekit._guard import GuardPolicy, device_guard
 from devicekit._types import DeviceLike, SupportsTo
 
 try:
@@ -51,6 +52,7 @@ __all__ = [
     "DeviceUnavailableError",
     "DevicekitError",
     "DevicekitWarning",
+    "GuardPolicy",
     "InvalidDeviceSpecError",
     "MixedDevicesError",
     "MoveError",
@@ -65,6 +67,7 @@ __all__ = [
     "carry_default_device",
     "current_device",
     "default_device",
+    "device_guard",
     "devices",
     "devices_of",
     "explain_best_device",

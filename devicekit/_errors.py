@@ -112,14 +112,49 @@ class UnmovableError(DevicekitError, TypeError):
 
 
 class CrossDeviceError(DevicekitError, RuntimeError):
-    """A torch operation received tensors on different devices."""
+    """A torch operation received tensors on different devices (`device_guard`).
+
+    Attributes:
+        op: The op as users write it (`"torch.nn.functional.linear"`, `"Tensor.__matmul__"`).
+        operands: Each tensor operand as `(label, compact form)`:
+            `("weight", "f32[32,64] @ cuda:0")`.
+        devices: The distinct devices that met, in order of appearance.
+        location: The user's source line that called the op (`"train.py:12: y = f(x)"`), or
+            `None` where there is none.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        op: str,
+        operands: tuple[tuple[str, str], ...],
+        devices: tuple[object, ...],
+        location: str | None,
+    ) -> None:
+        super().__init__(message)
+        self.op = op
+        self.operands = operands
+        self.devices = devices
+        self.location = location
 
 
 class TransferGuardError(DevicekitError, RuntimeError):
     """An implicit accelerator-host transfer happened inside `transfer_guard`.
 
     Raised for `.item()`, `.tolist()`, `bool(t)` and similar host syncs.
+
+    Attributes:
+        operation: The operation as users write it (`"Tensor.item"`, `"torch.tensor"`).
+        tensor: The compact form of the tensor involved (`"f32[] @ cuda:0"`).
+        location: The user's source line, or `None` where there is none.
     """
+
+    def __init__(self, message: str, *, operation: str, tensor: str, location: str | None) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.tensor = tensor
+        self.location = location
 
 
 class SimulationError(DevicekitError, RuntimeError):

@@ -1,0 +1,425 @@
+"""`device_guard()`: catch, report or repair torch ops that mix devices.
+
+A torch function mode sees every torch op run inside the block (functions, methods, operators,
+`nn.functional`, indexing) with its arguments. The check on each op is a hand-written scan of the
+arguments and of lists or tuples among them, comparing devices; only a call that mixes devices
+goes on to the slower path that applies the exceptions (0-dim CPU tensors, index tensors on the
+CPU), formats the report, and applies the policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, cast, get_args
+
+import torch
+from torch.overrides import TorchFunctionMode
+from typing_extensions import ParamSpec
+
+from devicekit import _context
+from devicekit._describe import (
+    CallSite,
+    describe_tensor,
+    labelled_tensors,
+    op_name_at,
+    user_call_site,
+)
+from devicekit._discovery import _as_device
+from devicekit._errors import CrossDeviceError, DeviceMismatchWarning, DeviceMoveWarning
+from devicekit._modes import acquire_mode, release_mode
+from devicekit._types import DeviceLike
+
+__all__ = ["GuardPolicy", "device_guard"]
+
+#: What `device_guard` does with an op that mixes devices.
+GuardPolicy = Literal["error", "warn", "move"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_Tensor = torch.Tensor
+_SEQUENCES = (list, tuple)
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class _GuardState:
+    policy: GuardPolicy
+    target: torch.device | None
+    reported: set[tuple[str, int]] = field(default_factory=set)
+
+
+#: The innermost active `device_guard` of this thread or asyncio task (`None`: none active).
+_ACTIVE_GUARD: ContextVar[_GuardState | None] = ContextVar("devicekit_device_guard", default=None)
+
+
+def _existing(functions: Iterable[str], owner: object) -> set[object]:
+    return {getattr(owner, name) for name in functions if hasattr(owner, name)}
+
+
+# Explicit transfers and the plumbing of `Module.to`: tensors on different devices are their point.
+_TRANSFERS: frozenset[object] = frozenset(
+    _existing(
+        (
+            "to",
+            "cpu",
+            "cuda",
+            "xpu",
+            "mps",
+            "copy_",
+            "type",
+            "pin_memory",
+            "new_tensor",
+            "set_",
+            "is_set_to",
+            "__deepcopy__",
+            "__reduce_ex__",
+            "__setstate__",
+        ),
+        torch.Tensor,
+    )
+    | _existing(("as_tensor", "tensor", "_has_compatible_shallow_copy_type"), torch)
+    | {torch.Tensor.data.__set__}  # type: ignore[attr-defined]
+)
+
+# Indexing follows CUDA's rule: index tensors may live on the CPU or on the indexed tensor's device.
+_INDEXING: frozenset[object] = frozenset(
+    _existing(("__getitem__", "__setitem__", "index_put", "index_put_"), torch.Tensor)
+    | {torch.index_put, torch.index_put_}
+)
+_INDEX_LABELS = ("key", "indices")
+
+
+class _DeviceGuardMode(TorchFunctionMode):
+    """Checks the devices of every op's tensor arguments while a `device_guard` is active."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        state = _ACTIVE_GUARD.get()
+        if state is None or func in _TRANSFERS:
+            return func(*args, **kwargs)
+        # The fast path: find a tensor whose device differs from the first tensor's. The first
+        # tensor's device is only read once a second tensor turns up, since most ops take one.
+        first = device = None
+        for arg in args:
+            if isinstance(arg, _Tensor):
+                if first is None:
+                    first = arg
+                    continue
+                if device is None:
+                    device = first.device
+                if arg.device != device:
+                    return _mixed(state, func, args, kwargs)
+            elif isinstance(arg, _SEQUENCES):
+                for item in arg:
+                    if isinstance(item, _Tensor):
+                        if first is None:
+                            first = item
+                            continue
+                        if device is None:
+                            device = first.device
+                        if item.device != device:
+                            return _mixed(state, func, args, kwargs)
+        if kwargs:
+            for arg in kwargs.values():
+                for item in arg if isinstance(arg, _SEQUENCES) else (arg,):
+                    if isinstance(item, _Tensor):
+                        if first is None:
+                            first = item
+                            continue
+                        if device is None:
+                            device = first.device
+                        if item.device != device:
+                            return _mixed(state, func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _is_cpu_scalar(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dim() == 0
+
+
+def _is_in_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name.startswith("__"):
+        return name.startswith("__i") or name == "__setitem__"
+    return name.endswith("_") or "out" in kwargs
+
+
+@dataclass
+class _Call:
+    """A call that mixes devices, as the slow path sees it."""
+
+    func: Callable[..., Any]
+    operands: list[tuple[str, torch.Tensor]]
+    devices: list[torch.device]  # distinct, in order of appearance, 0-dim CPU tensors left out
+    home: torch.device | None  # where an in-place or indexing op's destination lives
+    site: CallSite | None
+
+    @property
+    def op(self) -> str:
+        return op_name_at(self.func, self.site.line if self.site is not None else "")
+
+    def describe(self) -> str:
+        lines = [f"  {label}: {describe_tensor(tensor)}" for label, tensor in self.operands]
+        devices = ", ".join(str(device) for device in self.devices)
+        head = f"{self.op} got tensors on different devices ({devices}):"
+        return "\n".join([head, *lines, _called_at(self.site)])
+
+    def error(self, message: str) -> CrossDeviceError:
+        return CrossDeviceError(
+            message,
+            op=self.op,
+            operands=tuple((label, describe_tensor(t)) for label, t in self.operands),
+            devices=tuple(self.devices),
+            location=str(self.site) if self.site is not None else None,
+        )
+
+
+def _called_at(site: CallSite | None) -> str:
+    return f"called at {site}" if site is not None else "called at an unknown line"
+
+
+def _examine(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+    operands = list(labelled_tensors(func, args, kwargs))
+    home = None
+    if func in _INDEXING or _is_in_place(func, kwargs):
+        destination = kwargs.get("out")
+        if not isinstance(destination, torch.Tensor) and operands:
+            destination = operands[0][1]
+        home = destination.device if isinstance(destination, torch.Tensor) else None
+    devices: list[torch.device] = []
+    for _label, tensor in _relevant(func, operands, home):
+        if tensor.device not in devices:
+            devices.append(tensor.device)
+    return _Call(func, operands, devices, home, user_call_site())
+
+
+def _relevant(
+    func: Callable[..., Any], operands: list[tuple[str, torch.Tensor]], home: torch.device | None
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """The operands whose device must match; index tensors on the CPU and scalars mix freely."""
+    indexing = func in _INDEXING
+    for label, tensor in operands:
+        if _is_cpu_scalar(tensor):
+            continue
+        if indexing and label.startswith(_INDEX_LABELS) and tensor.device in (_CPU, home):
+            continue
+        if indexing and label == "value":  # `t[i] = v` copies `v` from wherever it lives
+            continue
+        yield label, tensor
+
+
+def _is_violation(call: _Call) -> bool:
+    if call.home is not None and call.func in _INDEXING:
+        return any(device != call.home for device in call.devices)
+    return len(call.devices) > 1
+
+
+def _target(call: _Call, state: _GuardState) -> torch.device | None:
+    """Where the op should run: `None` where that is ambiguous."""
+    if call.home is not None:
+        return call.home  # indexing, in-place and `out=` ops run where their destination lives
+    if state.target is not None:
+        return state.target
+    default = _context._ACTIVE.get()
+    if default is not None:
+        return default
+    accelerators = [device for device in call.devices if device.type != "cpu"]
+    return accelerators[0] if len(accelerators) == 1 else None
+
+
+def _strays(call: _Call, target: torch.device) -> list[tuple[str, torch.Tensor]]:
+    return [
+        (label, tensor)
+        for label, tensor in _relevant(call.func, call.operands, call.home)
+        if tensor.device != target
+    ]
+
+
+def _fix(call: _Call, target: torch.device | None) -> str:
+    if target is None:
+        first = str(call.devices[0])
+        return (
+            f'Fix: choose the device, e.g. `devicekit.device_guard("move", target="{first}")`, '
+            "or move the operands to one device with `devicekit.to_device` first."
+        )
+    labels = [label for label, _ in _strays(call, target)]
+    return (
+        f"Fix: move {', '.join(labels)} to {target} first, e.g. "
+        f'`devicekit.to_device({labels[0]}, "{target}")`, '
+        'or let `devicekit.device_guard("move")` move operands for you.'
+    )
+
+
+def _report(call: _Call, state: _GuardState, category: type[Warning], message: str) -> None:
+    """Warn once per call site and guard, pointing the warning at the user's line."""
+    if call.site is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    key = (call.site.filename, call.site.lineno)
+    if key not in state.reported:
+        state.reported.add(key)
+        warnings.warn_explicit(message, category, call.site.filename, call.site.lineno)
+
+
+def _mixed(
+    state: _GuardState, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    with torch._C.DisableTorchFunction():  # keep this bookkeeping out of the user's own modes
+        call = _examine(func, args, kwargs)
+        if not _is_violation(call):
+            return func(*args, **kwargs)
+        target = _target(call, state)
+        if state.policy != "move" or target is None:
+            message = f"{call.describe()}\n{_fix(call, target)}"
+        else:
+            strays = _strays(call, target)
+            labels = ", ".join(label for label, _ in strays)
+            message = (
+                f'device_guard("move") moved {labels} to {target} to run {call.op}, '
+                f"{_called_at(call.site)}.\n"
+                "Each call copies them again: move them once with `devicekit.to_device`, or "
+                "silence this with "
+                '`warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.'
+            )
+    if state.policy == "warn":
+        _report(call, state, DeviceMismatchWarning, message)
+        return func(*args, **kwargs)
+    if state.policy == "error" or target is None:
+        raise call.error(message)
+    _report(call, state, DeviceMoveWarning, message)
+    moved = {id(tensor): tensor.to(target) for _, tensor in strays}
+    return func(*_replace(args, moved), **_replace(kwargs, moved))
+
+
+def _replace(values: Any, moved: dict[int, torch.Tensor]) -> Any:
+    """`values` (args or kwargs) with the moved tensors swapped in, one level deep as scanned."""
+
+    def swap(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return moved.get(id(value), value)
+        if isinstance(value, list):
+            return [moved.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in value]
+        if type(value) is tuple:
+            return tuple(moved.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in value)
+        return value
+
+    if isinstance(values, dict):
+        return {key: swap(value) for key, value in values.items()}
+    return tuple(swap(value) for value in values)
+
+
+class device_guard:
+    """Check every torch op run inside the block for tensors on different devices.
+
+    torch's own check misses many ops: `cpu @ meta`, `F.linear`, `embedding`, `index_select`,
+    `a[idx]`, `gather`, `conv2d`, `einsum` and more accept the mix silently. Inside the block,
+    every torch function, method, operator and indexing expression is checked, including tensors
+    nested in list arguments (`torch.cat([a, b])`). 0-dim CPU tensors mix with any device, as CUDA
+    allows; index tensors may live on the CPU or on the indexed tensor's device; explicit
+    transfers (`.to()`, `.cpu()`, `.cuda()`, `copy_`, `devicekit.to_device`) are never violations.
+
+    Policies:
+
+    - `"error"`: raise `CrossDeviceError` before the op runs, naming the op, each tensor operand
+      with its compact form, the line of your code that called it, and the fix.
+    - `"warn"`: issue `DeviceMismatchWarning` once per call site, then run the op as torch would.
+    - `"move"`: move stray operands before the op runs, to `target`, else to the innermost
+      `default_device`, else to the one non-CPU device among the operands (an in-place op, or
+      one with `out=`, runs where its destination lives). Each call site that moved something
+      is reported once with `DeviceMoveWarning`. Operands on two accelerators and no target to
+      choose between them raise `CrossDeviceError`.
+
+    Works as a context manager and as a decorator of functions and coroutine functions. The
+    setting is seen by the thread or asyncio task that entered it (and tasks it creates), nests,
+    and is restored when the block exits, also by an exception. It composes with
+    `default_device` and with your own torch function modes. With no guard active, devicekit
+    adds nothing to torch ops.
+
+    Args:
+        policy: `"error"`, `"warn"` or `"move"`.
+        target: Where `"move"` runs mixed ops; `None` to use the rule above.
+
+    Raises:
+        ValueError: `policy` is not one of the three.
+
+    Example:
+        >>> import torch, devicekit
+        >>> x, w = torch.ones(2, 3), torch.ones(4, 3, device="meta")
+        >>> with devicekit.device_guard():
+        ...     torch.nn.functional.linear(x, w)
+        Traceback (most recent call last):
+        ...
+        devicekit._errors.CrossDeviceError: torch.nn.functional.linear got tensors on different devices (cpu, meta):
+        ...
+    """  # noqa: E501
+
+    def __init__(self, policy: GuardPolicy = "error", *, target: DeviceLike = None) -> None:
+        if policy not in get_args(GuardPolicy):
+            raise ValueError(
+                f"device_guard: unknown policy {policy!r}; expected 'error', 'warn' or 'move'."
+            )
+        self.policy: GuardPolicy = policy
+        self.target = (
+            None if target is None else _as_device(target, check=True, operation="device_guard")
+        )
+        self._reported: set[tuple[str, int]] = set()
+        self._tokens: list[Token[_GuardState | None]] = []
+
+    def __repr__(self) -> str:
+        target = "" if self.target is None else f", target={str(self.target)!r}"
+        return f"device_guard({self.policy!r}{target})"
+
+    def _enter(self) -> Token[_GuardState | None]:
+        token = _ACTIVE_GUARD.set(_GuardState(self.policy, self.target, self._reported))
+        acquire_mode(_DeviceGuardMode)
+        return token
+
+    def _exit(self, token: Token[_GuardState | None]) -> None:
+        try:
+            release_mode(_DeviceGuardMode)
+        finally:
+            _ACTIVE_GUARD.reset(token)
+
+    def __enter__(self) -> device_guard:
+        self._tokens.append(self._enter())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._exit(self._tokens.pop())
+
+    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
+        """Run every call of `function` (or coroutine function) inside this guard."""
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def guarded_coroutine(*args: P.args, **kwargs: P.kwargs) -> Any:
+                token = self._enter()
+                try:
+                    return await function(*args, **kwargs)
+                finally:
+                    self._exit(token)
+
+            return cast(Callable[P, R], guarded_coroutine)
+
+        @functools.wraps(function)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            token = self._enter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._exit(token)
+
+        return guarded

@@ -1,0 +1,141 @@
+"""Messages users read, word for word. Each call under test sits on its own line of a helper, so
+the expected text can name the source line the message points at."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from devicekit import CrossDeviceError, DeviceMismatchWarning, DeviceMoveWarning, device_guard
+
+x = torch.ones(32, 64)
+weight = torch.ones(16, 64, device="meta")
+bias = torch.ones(16, device="meta")
+
+
+def site(function: Callable[[], object], source: str) -> str:
+    """`file:line: source` for the one-line body of `function`."""
+    return f"{__file__}:{function.__code__.co_firstlineno + 1}: {source}"
+
+
+def call_linear() -> object:
+    return F.linear(x, weight, bias)
+
+
+def call_matmul() -> object:
+    return x @ weight.T
+
+
+def call_cat() -> object:
+    return torch.cat([weight[:2], x, weight[:3]])
+
+
+def call_index() -> object:
+    return x[torch.tensor([0, 1], device="meta")]
+
+
+def test_device_guard_error() -> None:
+    with device_guard(), pytest.raises(CrossDeviceError) as info:
+        call_linear()
+    assert str(info.value) == (
+        "torch.nn.functional.linear got tensors on different devices (cpu, meta):\n"
+        "  input: f32[32,64] @ cpu\n"
+        "  weight: f32[16,64] @ meta\n"
+        "  bias: f32[16] @ meta\n"
+        f"called at {site(call_linear, 'return F.linear(x, weight, bias)')}\n"
+        'Fix: move input to meta first, e.g. `devicekit.to_device(input, "meta")`, '
+        'or let `devicekit.device_guard("move")` move operands for you.'
+    )
+
+
+def test_device_guard_error_for_an_operator() -> None:
+    with device_guard(), pytest.raises(CrossDeviceError) as info:
+        call_matmul()
+    assert str(info.value) == (
+        "Tensor.__matmul__ got tensors on different devices (cpu, meta):\n"
+        "  self: f32[32,64] @ cpu\n"
+        "  other: f32[64,16] @ meta\n"
+        f"called at {site(call_matmul, 'return x @ weight.T')}\n"
+        'Fix: move self to meta first, e.g. `devicekit.to_device(self, "meta")`, '
+        'or let `devicekit.device_guard("move")` move operands for you.'
+    )
+
+
+def test_device_guard_error_for_a_list_argument() -> None:
+    with device_guard(), pytest.raises(CrossDeviceError) as info:
+        call_cat()
+    assert str(info.value) == (
+        "torch.cat got tensors on different devices (meta, cpu):\n"
+        "  tensors[0]: f32[2,64] @ meta\n"
+        "  tensors[1]: f32[32,64] @ cpu\n"
+        "  tensors[2]: f32[3,64] @ meta\n"
+        f"called at {site(call_cat, 'return torch.cat([weight[:2], x, weight[:3]])')}\n"
+        'Fix: move tensors[1] to meta first, e.g. `devicekit.to_device(tensors[1], "meta")`, '
+        'or let `devicekit.device_guard("move")` move operands for you.'
+    )
+
+
+INDEX_SOURCE = 'return x[torch.tensor([0, 1], device="meta")]'
+
+
+def test_device_guard_error_for_indexing() -> None:
+    with device_guard(), pytest.raises(CrossDeviceError) as info:
+        call_index()
+    assert str(info.value) == (
+        "Tensor.__getitem__ got tensors on different devices (cpu, meta):\n"
+        "  self: f32[32,64] @ cpu\n"
+        "  key: i64[2] @ meta\n"
+        f"called at {site(call_index, INDEX_SOURCE)}\n"
+        'Fix: move key to cpu first, e.g. `devicekit.to_device(key, "cpu")`, '
+        'or let `devicekit.device_guard("move")` move operands for you.'
+    )
+
+
+def test_device_guard_warn() -> None:
+    with pytest.warns(DeviceMismatchWarning) as record, device_guard("warn"):
+        call_matmul()
+    assert str(record[0].message) == (
+        "Tensor.__matmul__ got tensors on different devices (cpu, meta):\n"
+        "  self: f32[32,64] @ cpu\n"
+        "  other: f32[64,16] @ meta\n"
+        f"called at {site(call_matmul, 'return x @ weight.T')}\n"
+        'Fix: move self to meta first, e.g. `devicekit.to_device(self, "meta")`, '
+        'or let `devicekit.device_guard("move")` move operands for you.'
+    )
+    assert (record[0].filename, record[0].lineno) == (
+        __file__,
+        call_matmul.__code__.co_firstlineno + 1,
+    )
+
+
+def test_device_guard_move() -> None:
+    with pytest.warns(DeviceMoveWarning) as record, device_guard("move"):
+        call_linear()
+    assert str(record[0].message) == (
+        'device_guard("move") moved input to meta to run torch.nn.functional.linear, '
+        f"called at {site(call_linear, 'return F.linear(x, weight, bias)')}.\n"
+        "Each call copies them again: move them once with `devicekit.to_device`, or silence "
+        'this with `warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.'
+    )
+
+
+def test_device_guard_move_without_a_target() -> None:
+    from devicekit import _guard
+
+    a, b = torch.device("cuda", 0), torch.device("cuda", 1)
+    call = _guard._Call(torch.add, [], [a, b], None, None)
+    assert _guard._fix(call, None) == (
+        'Fix: choose the device, e.g. `devicekit.device_guard("move", target="cuda:0")`, '
+        "or move the operands to one device with `devicekit.to_device` first."
+    )
+
+
+def test_device_guard_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="unknown policy") as info:
+        device_guard("strict")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "device_guard: unknown policy 'strict'; expected 'error', 'warn' or 'move'."
+    )

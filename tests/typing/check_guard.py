@@ -1,0 +1,35 @@
+"""Types users rely on for guards, checked by `mypy --strict` (never executed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import torch
+from typing_extensions import assert_type
+
+import devicekit
+
+
+@devicekit.device_guard()
+def step(x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    return x * scale
+
+
+@devicekit.device_guard("move", target="meta")
+async def astep(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+signature: Callable[[torch.Tensor], torch.Tensor] = step  # the signature survives decoration
+assert_type(step(torch.ones(2), scale=2.0), torch.Tensor)
+coroutine = astep(torch.ones(2))
+_ = assert_type(coroutine, Coroutine[Any, Any, torch.Tensor])
+
+with devicekit.device_guard("warn") as guard:
+    assert_type(guard, devicekit.device_guard)
+
+policy: devicekit.GuardPolicy = "error"
+devicekit.device_guard(policy)
+step("not a tensor")  # type: ignore[arg-type]
+step(torch.ones(2), scale="x")  # type: ignore[arg-type]
