@@ -32,8 +32,8 @@ from devicekit._errors import (
     TransferGuardError,
     UnmovableError,
 )
-from devicekit._move import devices_of, find_device, register_mover, to_device
 from devicekit._guard import GuardPolicy, device_guard
+from devicekit._move import devices_of, find_device, register_mover, to_device
 from devicekit._types import DeviceLike, SupportsTo
 
 try:

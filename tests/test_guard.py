@@ -140,6 +140,9 @@ class TestError:
             assert torch.as_tensor(cpu(2), device="meta").device.type == "meta"
             restored = torch.nn.Linear(3, 2, device="meta")
             restored.load_state_dict(torch.nn.Linear(3, 2).state_dict(), assign=True)
+            batch = {"x": cpu(2, 3), "parts": [cpu(2), meta(2), torch.tensor(1.0)]}
+            moved = devicekit.to_device(batch, "meta")
+            assert list(devicekit.devices_of(moved)) == [torch.device("meta")]
         assert target.tolist() == [5.0, 5.0]
 
 
