@@ -214,6 +214,15 @@ class TestMove:
         finally:
             _context._ACTIVE.reset(token)
 
+    def test_with_devicekit_default_device(self) -> None:
+        x, w = cpu(2, 3), meta(3, 4)
+        with devicekit.default_device("meta"), device_guard("move"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeviceMoveWarning)
+            assert torch.ones(2).device.type == "meta"
+            assert torch.mm(x, w).device.type == "meta"
+        with devicekit.default_device("cpu"), device_guard(), pytest.raises(CrossDeviceError):
+            torch.mm(x, w)
+
     def test_in_place_ops_run_where_their_destination_lives(self) -> None:
         destination, out = meta(2), meta(2)
         with warnings.catch_warnings(), device_guard("move", target="cpu"):
