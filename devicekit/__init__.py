@@ -34,6 +34,7 @@ from devicekit._errors import (
 )
 from devicekit._guard import GuardPolicy, device_guard
 from devicekit._move import devices_of, find_device, register_mover, to_device
+from devicekit._simulate import simulated_devices
 from devicekit._types import DeviceLike, SupportsTo
 
 try:
@@ -74,5 +75,6 @@ __all__ = [
     "find_device",
     "local_device",
     "register_mover",
+    "simulated_devices",
     "to_device",
 ]

@@ -87,6 +87,10 @@ class DeviceInfo:
         return " | ".join(parts)
 
 
+#: The devices `devicekit.simulated_devices` provides while it is active (it fills this list).
+_SIMULATED: list[DeviceInfo] = []
+
+
 def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB"
 
@@ -200,6 +204,8 @@ def devices(*, initialize: bool = False) -> list[DeviceInfo]:
         'cpu'
     """
     infos = [_cpu_info()]
+    if _SIMULATED:
+        return infos + _SIMULATED
     device_type = accelerator_type()
     if device_type is not None:
         count = _accelerator_count(device_type)
