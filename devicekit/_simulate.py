@@ -62,7 +62,10 @@ _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_", 
 # Ops that copy from their source operand to wherever `self` is: never a violation.
 _TRANSFERS = frozenset({"copy_", "new_tensor", "set_"})
 # Questions about tensors, not computations: torch answers them across devices too.
-_QUERIES = frozenset({"_has_compatible_shallow_copy_type", "is_same_size", "is_set_to"})
+# (`_parse_to` only reads `Module.to`'s arguments: its `device=` is no allocation.)
+_QUERIES = frozenset(
+    {"_has_compatible_shallow_copy_type", "is_same_size", "is_set_to", "_parse_to"}
+)
 
 
 @dataclass
@@ -244,9 +247,13 @@ class _SimulationMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if kwargs.get("pin_memory"):  # nothing to pin on a CPU build; the copy is the same
+            kwargs = {**kwargs, "pin_memory": False}
         if type(func) is types.MethodWrapperType:
             return self._attribute(func, args)
         name = getattr(func, "__name__", "")
+        if name in _QUERIES:
+            return func(*args, **kwargs)
         method = bool(args) and isinstance(args[0], torch.Tensor)
         if method:
             special = self._method(func, name, args, kwargs)
@@ -259,7 +266,7 @@ class _SimulationMode(TorchFunctionMode):
         operands = _operands(args, kwargs)
         if method and name in _TRANSFERS:
             operands = operands[:1]
-        if not operands or name in _QUERIES:
+        if not operands:
             return func(*args, **kwargs)
         exempt = _exemption(name) if method else _never
         device = _check(resolve_name(func) or name, operands, exempt)
@@ -508,8 +515,21 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
     def device_name(device: object = None) -> str:
         return f"simulated {kind}:{index_of(device)}"
 
+    def generic(original: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+        """`torch.Event`/`torch.Stream`: fakes for simulated devices, real ones otherwise."""
+
+        def make(*args: Any, **kwargs: Any) -> Any:
+            device = kwargs.get("device", args[0] if args else None)
+            if device is None or session.resolve(device) is not None:
+                return fake(device)
+            return original(*args, **kwargs)
+
+        return make
+
     accelerator = torch.accelerator
     patches: dict[tuple[object, str], object] = {
+        (torch, "Event"): generic(torch.Event, _FakeEvent),
+        (torch, "Stream"): generic(torch.Stream, _FakeStream),
         (accelerator, "current_accelerator"): lambda check_available=False: torch.device(kind),
         (accelerator, "device_count"): lambda: session.count,
         (accelerator, "is_available"): lambda: True,

@@ -447,3 +447,31 @@ def test_a_real_device_type_is_refused(fake_backend: Callable[..., object]) -> N
 def test_bad_arguments_are_refused(args: tuple[str, int], match: str) -> None:
     with pytest.raises(SimulationError, match=match):
         simulated_devices(*args)
+
+
+# --- devicekit's own movers see the simulated devices ---------------------------------------
+
+
+@pytest.mark.parametrize("non_blocking", ["auto", True, False])
+def test_to_device_moves_batches_and_models(sim: object, non_blocking: bool | str) -> None:
+    batch = {"x": torch.ones(2, 3), "ids": [torch.arange(3), "text"], "many": [torch.ones(2)] * 40}
+    moved = devicekit.to_device(batch, "cuda:1", non_blocking=non_blocking)  # type: ignore[arg-type]
+    assert devicekit.find_device(moved) == CUDA1
+    assert set(devicekit.devices_of(moved)) == {CUDA1}
+    assert moved["many"][0] is moved["many"][39]
+    assert torch.equal(moved["x"].cpu(), batch["x"])
+    model = devicekit.to_device(torch.nn.Linear(2, 2), "cuda:0")
+    assert devicekit.find_device(model) == CUDA0
+    back = devicekit.to_device(moved, "cpu")
+    assert devicekit.find_device(back) == torch.device("cpu")
+    assert _TAG not in back["x"].__dict__
+
+
+def test_find_device_reports_mixed_simulated_devices(sim: object) -> None:
+    batch = {"a": torch.ones(1, device="cuda:0"), "b": torch.ones(1, device="cuda:1")}
+    with pytest.raises(devicekit.MixedDevicesError, match=r"cuda:0: batch\['a'\]; cuda:1"):
+        devicekit.find_device(batch)
+
+
+def test_to_device_without_a_device_uses_the_simulated_accelerator(sim: object) -> None:
+    assert devicekit.to_device(torch.ones(1)).device == CUDA0
