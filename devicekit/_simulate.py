@@ -195,7 +195,13 @@ def _cross_device_error(op: str, operands: list[tuple[str, torch.Tensor]]) -> Cr
             f"(Devices {session.type}:0 to {session.type}:{session.count - 1} are simulated "
             "on the CPU by devicekit.simulated_devices; real hardware raises here too.)"
         )
-    return CrossDeviceError("\n".join(lines))
+    return CrossDeviceError(
+        "\n".join(lines),
+        op=op,
+        operands=tuple((label, _compact(tensor)) for label, tensor in operands),
+        devices=tuple(devices),
+        location=where,
+    )
 
 
 def _check(

@@ -150,7 +150,13 @@ def test_cross_device_message(sim: object) -> None:
     b = torch.ones(3)
     with pytest.raises(CrossDeviceError) as caught:
         torch.add(a, b)
-    lines = str(caught.value).splitlines()
+    error = caught.value
+    assert error.op == "torch.add"
+    assert error.operands == (("args[0]", "f32[2,3] @ cuda:0"), ("args[1]", "f32[3] @ cpu"))
+    assert error.devices == (CUDA0, torch.device("cpu"))
+    assert error.location is not None
+    assert error.location.endswith("torch.add(a, b)")
+    lines = str(error).splitlines()
     assert lines[0] == "torch.add: expected all tensors on one device, but found cuda:0 and cpu."
     assert lines[1] == "  args[0]: f32[2,3] @ cuda:0"
     assert lines[2] == "  args[1]: f32[3] @ cpu"
