@@ -16,6 +16,7 @@ import torch
 
 from devicekit._discovery import _as_device
 from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
+from devicekit._transfer import Coalesce, transfer_tensors
 from devicekit._tree import (
     ATOM,
     LEAF_TYPES,
@@ -245,6 +246,7 @@ def _transfer_leaves(
     *,
     non_blocking: NonBlocking = "auto",
     dtype: torch.dtype | None = None,
+    coalesce: Coalesce = "auto",
 ) -> list[torch.Tensor]:
     """Move tensors to `device`; the only place where `to_device` moves tensor data.
 
@@ -256,10 +258,9 @@ def _transfer_leaves(
     conjugate or quantized views) are moved one by one. Copies follow the `_plan` policy and the
     host-bound ones are waited for before returning.
 
-    Extension point (issue 7, coalesced pinned copies in `devicekit._transfer`): a `coalesce=`
-    parameter added here can route groups of small host tensors through one pinned staging copy;
-    the traversal in `devicekit._tree` and `to_device` need no change, as long as this function
-    keeps returning one tensor per input, in order.
+    Tensors that share no storage with another go through `devicekit._transfer.transfer_tensors`,
+    which coalesces the small ones between host and accelerator (`coalesce`) and hands the rest
+    to `_copy_each`.
 
     Raises:
         _TransferFailed: A copy failed; `to_device` re-raises it as `MoveError` with a path.
@@ -270,22 +271,39 @@ def _transfer_leaves(
         storages = [_storage_or_self(t) for t in tensors]
     keys = list(map(id, storages))  # `storages` keeps every storage alive: ids stay unique
     sync: set[torch.device] = set()
+
+    def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _copy_each(rest, device, non_blocking, dtype, sync)
+
+    def transfer(distinct: list[torch.Tensor]) -> list[torch.Tensor]:
+        return transfer_tensors(
+            distinct, device, dtype=dtype, non_blocking=non_blocking, coalesce=coalesce, alone=alone
+        )
+
     if len(set(keys)) == len(keys):
-        out = _copy_each(tensors, device, non_blocking, dtype, sync)
+        out = transfer(tensors)
     else:
         groups: dict[int, list[int]] = {}
         for position, key in enumerate(keys):
             groups.setdefault(key, []).append(position)
         result: list[torch.Tensor | None] = [None] * len(tensors)
+        singles: list[torch.Tensor] = []  # one distinct tensor per storage: moved together
         for positions in groups.values():
             distinct = list({id(tensors[p]): tensors[p] for p in positions}.values())
-            if len(distinct) > 1 and _shares_cleanly(distinct):
+            if len(distinct) == 1:
+                singles.append(distinct[0])
+                continue
+            if _shares_cleanly(distinct):
                 moved = _copy_views(distinct, device, non_blocking, dtype, sync)
             else:
                 moved = _copy_each(distinct, device, non_blocking, dtype, sync)
             by_id = {id(t): m for t, m in zip(distinct, moved, strict=True)}
             for position in positions:
                 result[position] = by_id[id(tensors[position])]
+        by_id = {id(t): m for t, m in zip(singles, transfer(singles), strict=True)}
+        for position, tensor in enumerate(tensors):
+            if result[position] is None:
+                result[position] = by_id[id(tensor)]
         out = result  # type: ignore[assignment]
     if sync:
         _synchronize(sync)
@@ -437,6 +455,7 @@ def to_device(
     dtype: torch.dtype | None = None,
     skip: Callable[[Any], bool] | Collection[Hashable] | None = None,
     strict: bool = False,
+    coalesce: Coalesce = "auto",
 ) -> T:
     """Move a tensor, a model, or any nested batch to a device, keeping its structure and types.
 
@@ -471,6 +490,11 @@ def to_device(
             names) skipped at any depth.
         strict: Raise `UnmovableError` for an object devicekit cannot rebuild that holds tensors,
             instead of returning it as is.
+        coalesce: `"auto"` packs small tensors going between host and accelerator into one
+            buffer and moves it with one copy (see the Fast transfers docs); the results are
+            the same as per-tensor copies, as views of one buffer that do not overlap. `True`
+            packs every tensor that can be packed, whatever its size and also to `meta`;
+            `False` copies tensor by tensor.
 
     Returns:
         The moved object, typed as the input.
@@ -497,6 +521,11 @@ def to_device(
     if non_blocking != "auto" and non_blocking is not True and non_blocking is not False:
         raise _argument_error(
             f"to_device({target}, non_blocking={non_blocking!r}): expected 'auto', True or False.",
+            target,
+        )
+    if coalesce != "auto" and coalesce is not True and coalesce is not False:
+        raise _argument_error(
+            f"to_device({target}, coalesce={coalesce!r}): expected 'auto', True or False.",
             target,
         )
     if dtype is not None and not (
@@ -535,7 +564,9 @@ def to_device(
     pending = _pending(leaves, target, dtype)
     try:
         moved_pending = (
-            _transfer_leaves(pending, target, non_blocking=non_blocking, dtype=dtype)
+            _transfer_leaves(
+                pending, target, non_blocking=non_blocking, dtype=dtype, coalesce=coalesce
+            )
             if pending
             else pending
         )

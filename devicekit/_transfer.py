@@ -15,6 +15,7 @@ changes another; the buffer lives as long as any of them does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -324,9 +325,8 @@ def _crossing(
         return (True, None) if _EMULATE == "to_accelerator" else (True, _HOST)
     if device.type == "cpu":
         for tensor in tensors:
-            source = tensor.device
-            if source.type not in ("cpu", "meta"):
-                return False, source
+            if not tensor.is_cpu and not tensor.is_meta:
+                return False, tensor.device
         return None
     if device.type == "meta" and coalesce is not True:
         return None
@@ -404,23 +404,25 @@ def transfer_tensors(
         >>> [(t.device.type, tuple(t.shape)) for t in moved]
         [('meta', (2,)), ('meta', (3, 1))]
     """
-    results = list(tensors)
-    rest: Sequence[int] = range(len(tensors))
-    if coalesce is not False and len(tensors) > (coalesce is not True):
-        rest = _coalesced(
-            tensors,
-            device,
-            results,
-            dtype=dtype,
-            non_blocking=non_blocking is not False,
-            coalesce=coalesce,
+    everything = tensors if isinstance(tensors, list) else list(tensors)
+    if alone is None:
+        alone = functools.partial(
+            _each, device=device, dtype=dtype, non_blocking=non_blocking is True
         )
+    if coalesce is False or len(tensors) < (1 if coalesce is True else 2):
+        return alone(everything)
+    results = list(tensors)
+    rest = _coalesced(
+        tensors,
+        device,
+        results,
+        dtype=dtype,
+        non_blocking=non_blocking is not False,
+        coalesce=coalesce,
+    )
+    if len(rest) == len(tensors):
+        return alone(everything)
     if rest:
-        leftover = [tensors[i] for i in rest]
-        if alone is None:
-            moved = _each(leftover, device, dtype, non_blocking is True)
-        else:
-            moved = alone(leftover)
-        for i, tensor in zip(rest, moved, strict=True):
+        for i, tensor in zip(rest, alone([tensors[i] for i in rest]), strict=True):
             results[i] = tensor
     return results

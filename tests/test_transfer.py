@@ -16,6 +16,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import devicekit
 from devicekit import _transfer
 from devicekit._transfer import COALESCE_MAX_BYTES, transfer_tensors
 
@@ -274,6 +275,113 @@ def test_an_error_on_the_coalesced_path_falls_back_to_per_tensor(
     results = transfer_tensors(inputs, META, coalesce=True)
     assert coalesced(results) == 0
     assert [r.device for r in results] == [META, META]
+
+
+# --- Through `to_device` ----------------------------------------------------------------------
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> dict[str, object]:
+    inputs = draw(tensor_lists())
+    cut = draw(st.integers(0, len(inputs)))
+    return {"features": inputs[:cut], "extra": {"more": tuple(inputs[cut:]), "name": "text"}}
+
+
+def leaves(batch: dict[str, object]) -> list[torch.Tensor]:
+    extra = batch["extra"]
+    assert isinstance(batch["features"], list)
+    assert isinstance(extra, dict)
+    return [*batch["features"], *extra["more"]]
+
+
+def same_pattern(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    """Whether the same positions hold the same objects in both lists."""
+    return [[a is b for b in first] for a in first] == [[a is b for b in second] for a in second]
+
+
+@settings(max_examples=40)
+@given(batch=batches())
+def test_to_device_coalesced_matches_per_tensor_on_meta(batch: dict[str, object]) -> None:
+    coalesced_batch = devicekit.to_device(batch, "meta", coalesce=True)
+    per_tensor = devicekit.to_device(batch, "meta", coalesce=False)
+    assert coalesced_batch["extra"]["name"] == "text"  # type: ignore[index]
+    ours, theirs = leaves(coalesced_batch), leaves(per_tensor)
+    for result, reference in zip(ours, theirs, strict=True):
+        assert type(result) is type(reference)
+        assert result.device == META
+        assert (result.shape, result.stride(), result.dtype) == (
+            reference.shape,
+            reference.stride(),
+            reference.dtype,
+        )
+        assert result.requires_grad == reference.requires_grad
+    assert same_pattern(ours, theirs)
+
+
+@settings(max_examples=40)
+@given(batch=batches())
+def test_to_device_coalesced_values_alias_and_isolation(batch: dict[str, object]) -> None:
+    inputs = [t for t in leaves(batch) if not t.is_complex()]  # complex to real warns
+    batch = {"features": inputs, "extra": {"more": (), "name": "text"}}
+    with _transfer._emulating("to_accelerator"):  # tensors to cast go "to an accelerator"
+        ours = leaves(devicekit.to_device(batch, "cpu", dtype=torch.float64))
+    theirs = leaves(devicekit.to_device(batch, "cpu", dtype=torch.float64, coalesce=False))
+    for result, reference in zip(ours, theirs, strict=True):
+        assert (result.shape, result.stride(), result.dtype) == (
+            reference.shape,
+            reference.stride(),
+            reference.dtype,
+        )
+        assert torch.equal(bits(result), bits(reference))
+    assert same_pattern(ours, theirs)
+    assert_sharing_as_per_tensor(inputs, ours, theirs)
+
+
+def storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+
+
+def assert_sharing_as_per_tensor(
+    inputs: list[torch.Tensor], ours: list[torch.Tensor], theirs: list[torch.Tensor]
+) -> None:
+    """Writing into a moved tensor changes only what per-tensor moves share memory with."""
+    for i, result in enumerate(ours):
+        if result is inputs[i] or not result.numel():
+            continue  # not moved: the caller's own tensor
+        before = [bits(other).clone() for other in [*inputs, *ours]]
+        flip(result)
+        after = [bits(other).clone() for other in [*inputs, *ours]]
+        flip(result)
+        for j, (old, new) in enumerate(zip(before, after, strict=True)):
+            if not torch.equal(old, new):
+                k = j - len(inputs)
+                assert k >= 0, "a moved tensor shares memory with an input"
+                assert storage_of(theirs[k]) == storage_of(theirs[i])
+
+
+def test_to_device_coalesces_small_tensors_by_default_only_towards_accelerators() -> None:
+    batch = {"x": torch.ones(4, 4), "mask": torch.ones(4, dtype=torch.bool), "ids": [1, 2]}
+    assert coalesced(list(devicekit.to_device(batch, "meta").values())[:2]) == 0
+    moved = devicekit.to_device(batch, "meta", coalesce=True)
+    assert coalesced([moved["x"], moved["mask"]]) == 2
+    assert moved["ids"] == [1, 2]
+
+
+def test_to_device_keeps_views_of_one_storage_and_coalesces_the_others() -> None:
+    base = torch.arange(12.0)
+    batch = [base[:6], base[6:], torch.ones(3), torch.zeros(3)]
+    with _transfer._emulating("to_accelerator"):
+        moved = devicekit.to_device(batch, "cpu", dtype=torch.float64)
+    assert moved[0].untyped_storage().data_ptr() == moved[1].untyped_storage().data_ptr()
+    assert coalesced(moved[2:]) == 2
+    assert [m.tolist() for m in moved] == [t.tolist() for t in batch]
+
+
+def test_to_device_rejects_an_unknown_coalesce_value() -> None:
+    with pytest.raises(
+        devicekit.MoveError, match=r"coalesce='yes'\): expected 'auto', True or False"
+    ):
+        devicekit.to_device({"x": torch.ones(2)}, "meta", coalesce="yes")  # type: ignore[arg-type]
 
 
 class FakeEvent:
