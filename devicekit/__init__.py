@@ -35,6 +35,7 @@ from devicekit._errors import (
 from devicekit._guard import GuardPolicy, device_guard
 from devicekit._move import devices_of, find_device, register_mover, to_device
 from devicekit._simulate import simulated_devices
+from devicekit._transfer_guard import TransferPolicy, transfer_guard
 from devicekit._types import DeviceLike, SupportsTo
 
 try:
@@ -60,6 +61,7 @@ __all__ = [
     "SimulationError",
     "SupportsTo",
     "TransferGuardError",
+    "TransferPolicy",
     "UnmovableError",
     "__version__",
     "accelerator_type",
@@ -77,4 +79,5 @@ __all__ = [
     "register_mover",
     "simulated_devices",
     "to_device",
+    "transfer_guard",
 ]

@@ -9,13 +9,11 @@ CPU), formats the report, and applies the policy.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -31,7 +29,7 @@ from devicekit._describe import (
 )
 from devicekit._discovery import _as_device
 from devicekit._errors import CrossDeviceError, DeviceMismatchWarning, DeviceMoveWarning
-from devicekit._modes import acquire_mode, release_mode
+from devicekit._modes import ScopedGuard
 from devicekit._types import DeviceLike
 
 __all__ = ["GuardPolicy", "device_guard"]
@@ -321,7 +319,7 @@ def _replace(values: Any, moved: dict[int, torch.Tensor]) -> Any:
     return tuple(swap(value) for value in values)
 
 
-class device_guard:
+class device_guard(ScopedGuard[_GuardState]):
     """Check every torch op run inside the block for tensors on different devices.
 
     torch's own check misses many ops: `cpu @ meta`, `F.linear`, `embedding`, `index_select`,
@@ -366,6 +364,9 @@ class device_guard:
         ...
     """  # noqa: E501
 
+    variable = _ACTIVE_GUARD
+    mode = _DeviceGuardMode
+
     def __init__(self, policy: GuardPolicy = "error", *, target: DeviceLike = None) -> None:
         if policy not in get_args(GuardPolicy):
             raise ValueError(
@@ -376,50 +377,11 @@ class device_guard:
             None if target is None else _as_device(target, check=True, operation="device_guard")
         )
         self._reported: set[tuple[str, int]] = set()
-        self._tokens: list[Token[_GuardState | None]] = []
+        super().__init__()
 
     def __repr__(self) -> str:
         target = "" if self.target is None else f", target={str(self.target)!r}"
         return f"device_guard({self.policy!r}{target})"
 
-    def _enter(self) -> Token[_GuardState | None]:
-        token = _ACTIVE_GUARD.set(_GuardState(self.policy, self.target, self._reported))
-        acquire_mode(_DeviceGuardMode)
-        return token
-
-    def _exit(self, token: Token[_GuardState | None]) -> None:
-        try:
-            release_mode(_DeviceGuardMode)
-        finally:
-            _ACTIVE_GUARD.reset(token)
-
-    def __enter__(self) -> device_guard:
-        self._tokens.append(self._enter())
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._exit(self._tokens.pop())
-
-    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
-        """Run every call of `function` (or coroutine function) inside this guard."""
-        if inspect.iscoroutinefunction(function):
-
-            @functools.wraps(function)
-            async def guarded_coroutine(*args: P.args, **kwargs: P.kwargs) -> Any:
-                token = self._enter()
-                try:
-                    return await function(*args, **kwargs)
-                finally:
-                    self._exit(token)
-
-            return cast(Callable[P, R], guarded_coroutine)
-
-        @functools.wraps(function)
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-            token = self._enter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self._exit(token)
-
-        return guarded
+    def _state(self) -> _GuardState:
+        return _GuardState(self.policy, self.target, self._reported)

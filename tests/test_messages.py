@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from devicekit import CrossDeviceError, DeviceMismatchWarning, DeviceMoveWarning, device_guard
+from devicekit import (
+    CrossDeviceError,
+    DeviceMismatchWarning,
+    DeviceMoveWarning,
+    TransferGuardError,
+    device_guard,
+    transfer_guard,
+)
 
 x = torch.ones(32, 64)
 weight = torch.ones(16, 64, device="meta")
@@ -138,4 +145,49 @@ def test_device_guard_unknown_policy() -> None:
         device_guard("strict")  # type: ignore[arg-type]
     assert str(info.value) == (
         "device_guard: unknown policy 'strict'; expected 'error', 'warn' or 'move'."
+    )
+
+
+loss = torch.ones((), device="meta")
+
+
+def read_loss() -> object:
+    return loss.item()
+
+
+def build_on_meta() -> object:
+    return torch.tensor([1.0, 2.0], device="meta")
+
+
+def test_transfer_guard_to_the_host() -> None:
+    with transfer_guard(), pytest.raises(TransferGuardError) as info:
+        read_loss()
+    assert str(info.value) == (
+        "transfer_guard: Tensor.item copies f32[] @ meta to the host, "
+        "an implicit transfer that waits for the device.\n"
+        f"called at {site(read_loss, 'return loss.item()')}\n"
+        'Fix: copy it explicitly where you mean to, with `devicekit.to_device(tensor, "cpu")` '
+        'or `.cpu()`, or allow it in this block with `devicekit.transfer_guard("log")`.'
+    )
+
+
+def test_transfer_guard_to_the_device() -> None:
+    with transfer_guard(), pytest.raises(TransferGuardError) as info:
+        build_on_meta()
+    source = 'return torch.tensor([1.0, 2.0], device="meta")'
+    assert str(info.value) == (
+        "transfer_guard: torch.tensor builds a tensor on meta from list data, "
+        "an implicit host-to-device copy.\n"
+        f"called at {site(build_on_meta, source)}\n"
+        "Fix: build it on the CPU and move it explicitly, e.g. "
+        '`devicekit.to_device(torch.tensor(data), "meta")`, or allow it in this block with '
+        '`devicekit.transfer_guard("log")`.'
+    )
+
+
+def test_transfer_guard_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="unknown policy") as info:
+        transfer_guard("allow")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "transfer_guard: unknown policy 'allow'; expected 'disallow' or 'log'."
     )

@@ -33,3 +33,15 @@ policy: devicekit.GuardPolicy = "error"
 devicekit.device_guard(policy)
 step("not a tensor")  # type: ignore[arg-type]
 step(torch.ones(2), scale="x")  # type: ignore[arg-type]
+
+
+@devicekit.transfer_guard("log")
+def read(x: torch.Tensor) -> float:
+    return x.item()
+
+
+assert_type(read(torch.ones(())), float)
+transfer_policy: devicekit.TransferPolicy = "disallow"
+with devicekit.transfer_guard(transfer_policy) as transfers:
+    assert_type(transfers, devicekit.transfer_guard)
+devicekit.transfer_guard("error")  # type: ignore[arg-type]
