@@ -377,6 +377,24 @@ def test_to_device_keeps_views_of_one_storage_and_coalesces_the_others() -> None
     assert [m.tolist() for m in moved] == [t.tolist() for t in batch]
 
 
+@pytest.mark.parametrize("non_blocking", ["auto", True, False])
+def test_to_device_coalesces_to_and_from_simulated_cuda(non_blocking: bool | str) -> None:
+    """The real accelerator path (pinned staging, events) on CPU-backed simulated devices."""
+    with devicekit.simulated_devices("cuda", 2):
+        cuda = torch.device("cuda:1")
+        batch = [torch.full((4,), float(i)) for i in range(5)] + [torch.tensor(True)]
+        there = devicekit.to_device(batch, cuda, non_blocking=non_blocking)  # type: ignore[arg-type]
+        assert [t.device for t in there] == [cuda] * 6
+        assert coalesced(there) == 6
+        on_device = [torch.full((3, 2), float(i), device=cuda) for i in range(4)]
+        back = devicekit.to_device(on_device, "cpu", non_blocking=non_blocking)  # type: ignore[arg-type]
+        assert [t.device for t in back] == [CPU] * 4
+        assert coalesced(back) == 4
+        round_trip = devicekit.to_device(there, "cpu")  # views of one buffer: one span copy
+    assert all(torch.equal(a, b) for a, b in zip(batch, round_trip, strict=True))
+    assert all(torch.equal(t, torch.full((3, 2), float(i))) for i, t in enumerate(back))
+
+
 def test_to_device_rejects_an_unknown_coalesce_value() -> None:
     with pytest.raises(
         devicekit.MoveError, match=r"coalesce='yes'\): expected 'auto', True or False"
