@@ -20,6 +20,26 @@ def median_us(function: Callable[[], object], *, repeat: int = 15, min_time: flo
     return statistics.median(samples) / number * 1e6
 
 
+def interleaved_median_us(
+    functions: dict[str, Callable[[], object]], *, repeat: int = 15, min_time: float = 0.02
+) -> dict[str, float]:
+    """Median microseconds per call of each function, timed in turns.
+
+    Each round times every function once, so a burst of load from other processes hits all of
+    them alike and the ratios between them stay meaningful on a shared, noisy machine.
+    """
+    numbers = {}
+    for name, function in functions.items():
+        number, _ = timeit.Timer(function).autorange()
+        numbers[name] = max(1, int(number * min_time / 0.2))
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeat):
+        for name, function in functions.items():
+            seconds = timeit.Timer(function).timeit(numbers[name])
+            samples[name].append(seconds / numbers[name] * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table (readable as plain text too) with floats to two decimals."""
 

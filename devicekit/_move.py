@@ -18,11 +18,15 @@ from devicekit._discovery import _as_device
 from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
 from devicekit._transfer import Coalesce, transfer_tensors
 from devicekit._tree import (
+    _KIND,
     ATOM,
+    DICT,
     LEAF_TYPES,
+    LIST,
     MODULE,
     OPAQUE,
     TENSOR,
+    TUPLE,
     Collected,
     classify,
     collect,
@@ -31,6 +35,7 @@ from devicekit._tree import (
     register_mover,
     render,
     walk,
+    with_values,
 )
 
 __all__ = ["devices_of", "find_device", "register_mover", "to_device"]
@@ -42,6 +47,19 @@ NonBlocking = bool | Literal["auto"]
 #: Device specs whose meaning never changes (they resolve to `cpu` or `meta`), resolved once.
 _TARGETS: dict[Any, torch.device] = {}
 _PLAIN_TENSOR_TYPES = frozenset({torch.Tensor})
+_FLAT_ROOT = frozenset({DICT, LIST, TUPLE})
+
+
+#: `device.type` by device: reading `torch.device.type` costs about a microsecond each time.
+_TYPES: dict[torch.device, str] = {}
+
+
+def _type(device: torch.device) -> str:
+    try:
+        return _TYPES[device]
+    except KeyError:
+        kind = _TYPES[device] = device.type
+        return kind
 
 
 def _target(device: Any) -> torch.device:
@@ -50,7 +68,7 @@ def _target(device: Any) -> torch.device:
     except (KeyError, TypeError):
         pass
     target = _as_device(device, check=True, operation="to_device")
-    if device is not None and target.type in ("cpu", "meta"):
+    if device is not None and _type(target) in ("cpu", "meta"):
         with contextlib.suppress(TypeError):
             _TARGETS[device] = target
     return target
@@ -122,13 +140,14 @@ def _plan(
     under the caller. Host-to-accelerator copies are asynchronous from pinned memory only (under
     `"auto"`), and accelerator-to-accelerator copies are asynchronous (stream-ordered).
     """
-    if target.type == "meta" or source.type == "meta" or source == target:
+    to, source_type = _type(target), _type(source)
+    if to == "meta" or source_type == "meta" or source == target:
         return False, None
     asynchronous = non_blocking is not False
-    if target.type == "cpu" or source.type == "mps" or target.type == "mps":
-        accelerator = target if source.type == "cpu" else source
+    if to == "cpu" or source_type == "mps" or to == "mps":
+        accelerator = target if source_type == "cpu" else source
         return asynchronous, (accelerator if asynchronous else None)
-    if source.type == "cpu":
+    if source_type == "cpu":
         return (pinned if non_blocking == "auto" else asynchronous), None
     return asynchronous, None
 
@@ -165,16 +184,22 @@ def _copy_each(
     out: list[torch.Tensor] = []
     append = out.append
     try:
-        if device.type == "meta" and dtype is None:
-            for tensor in tensors:
-                append(tensor.to(device))
+        to = _type(device)
+        if to == "meta" and dtype is None:
+            try:
+                out = [tensor.to(device) for tensor in tensors]
+            except Exception:  # find which one failed
+                out = []
+                append = out.append
+                for tensor in tensors:
+                    append(tensor.to(device))
         else:
             for tensor in tensors:
                 source = tensor.device
                 pinned = (
                     non_blocking == "auto"
-                    and source.type == "cpu"
-                    and device.type not in ("cpu", "meta")
+                    and to not in ("cpu", "meta")
+                    and _type(source) == "cpu"
                     and tensor.is_pinned()
                 )
                 asynchronous, wait_for = _plan(source, device, pinned, non_blocking)
@@ -347,6 +372,8 @@ def _skip_arguments(
 class _Mover:
     """One `to_device` call: the arguments, and how to report an error with a path."""
 
+    __slots__ = ("dtype", "non_blocking", "root", "target")
+
     def __init__(
         self,
         root: Any,
@@ -384,7 +411,10 @@ class _Mover:
         """Move a module (in place, `Module.to`) or an object with its own `.to()`."""
         try:
             if kind == MODULE:
-                asynchronous = self.non_blocking is True and self.target.type not in ("cpu", "mps")
+                asynchronous = self.non_blocking is True and _type(self.target) not in (
+                    "cpu",
+                    "mps",
+                )
                 return obj.to(device=self.target, dtype=self.dtype, non_blocking=asynchronous)
             moved = obj.to(self.target)
         except Exception as error:
@@ -439,9 +469,10 @@ def _pending(
 ) -> list[torch.Tensor]:
     """The leaves that need a copy or a cast."""
     if dtype is None:
-        if target.type == "cpu":
+        to = _type(target)
+        if to == "cpu":
             return [t for t in leaves if not t.is_cpu]
-        if target.type == "meta":
+        if to == "meta":
             return [t for t in leaves if not t.is_meta]
         return [t for t in leaves if t.device != target]
     return [t for t in leaves if t.device != target or _cast(t, dtype) not in (None, t.dtype)]
@@ -537,11 +568,20 @@ def to_device(
             "yourself, e.g. batch['ids'].to(torch.int32).",
             target,
         )
-    predicate, keys = _skip_arguments(skip)
-    if predicate is not None and predicate(obj):
-        return obj
-    tp = type(obj)
-    kind = classify(tp)
+    if skip is None and not strict:
+        kind = _KIND.get(type(obj))
+        if kind in _FLAT_ROOT:  # the common batch: a dict, list or tuple of tensors, at once
+            batch: Any = obj
+            values = batch.values() if kind == DICT else batch
+            if set(map(type, values)) <= LEAF_TYPES:
+                return _move_flat(obj, kind, list(values), target, non_blocking, dtype)
+        predicate, keys = None, None
+    else:
+        predicate, keys = _skip_arguments(skip)
+        if predicate is not None and predicate(obj):
+            return obj
+    kind = classify(type(obj))
+    mover = None
     if kind == TENSOR:
         if not _pending([obj], target, dtype):  # type: ignore[list-item]
             return obj
@@ -572,9 +612,31 @@ def to_device(
         )
     except _TransferFailed as failure:
         raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
-    if found is None:
+    if found is None or mover is None:
         return moved_pending[0]  # type: ignore[return-value]
     return _finish(found, leaves, pending, moved_pending, mover)  # type: ignore[no-any-return]
+
+
+def _move_flat(
+    obj: T,
+    kind: int,
+    leaves: list[torch.Tensor],
+    target: torch.device,
+    non_blocking: NonBlocking,
+    dtype: torch.dtype | None,
+) -> T:
+    """`to_device` for a dict, list or tuple of nothing but tensors, without a walk."""
+    pending = _pending(leaves, target, dtype)
+    if not pending:
+        return obj
+    try:
+        moved = _transfer_leaves(pending, target, non_blocking=non_blocking, dtype=dtype)
+    except _TransferFailed as failure:
+        raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
+    if len(moved) != len(leaves):
+        by_id = dict(zip(map(id, pending), moved, strict=True))
+        moved = [by_id.get(id(t), t) for t in leaves]
+    return with_values(obj, kind, moved)  # type: ignore[no-any-return]
 
 
 def _finish(

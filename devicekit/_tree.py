@@ -24,7 +24,7 @@ import dataclasses
 import enum
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from operator import is_not
+from operator import attrgetter, is_not
 from typing import Any
 
 import torch
@@ -70,6 +70,8 @@ REGISTERED = 18
 
 _FIRST_CONTAINER = DICT
 _KEYED = frozenset({DICT, DICT_SUBCLASS, MAPPING, DATACLASS})
+#: Kinds whose values are checked all at once (when there are enough), and rebuilt from a slice.
+_FLAT = (DICT, LIST, TUPLE)
 _FIRST_UNSHELLABLE = TUPLE
 
 _PLAIN_ATOM_TYPES = (
@@ -101,8 +103,11 @@ SIMPLE_TYPES: set[type] = set()  # tensors, atoms and opaque objects: nothing to
 STRICT_SIMPLE_TYPES: set[type] = set()  # tensors and atoms only (opaque objects need a check)
 #: Registered movers, by the type they were registered for (subclasses use their base's mover).
 _MOVERS: dict[type, Mover] = {}
-#: Dataclass field names, by exact type.
+#: Dataclass field names, by exact type, and a getter of all their values at once.
 _FIELDS: dict[type, tuple[str, ...]] = {}
+_GETTERS: dict[type, Callable[[Any], Any]] = {}
+#: Dataclasses whose state is their plain `__dict__` (copied without `copy.copy`), by type.
+_PLAIN_STATE: dict[type, bool] = {}
 
 
 def _reset_caches() -> None:
@@ -220,8 +225,37 @@ def classify(tp: type) -> int:
             if kind != OPAQUE:
                 STRICT_SIMPLE_TYPES.add(tp)
         if kind == DATACLASS:
-            _FIELDS[tp] = tuple(field.name for field in dataclasses.fields(tp))
+            names = _FIELDS[tp] = tuple(field.name for field in dataclasses.fields(tp))
+            getter = attrgetter(*names) if names else (lambda obj: ())
+            _GETTERS[tp] = getter if len(names) != 1 else (lambda obj: (getter(obj),))
+            _PLAIN_STATE[tp] = _has_plain_state(tp)
     return kind
+
+
+def _has_plain_state(tp: type) -> bool:
+    """Whether `copy.copy` of an instance amounts to copying its `__dict__`."""
+    return (
+        all("__slots__" not in vars(cls) for cls in tp.__mro__[:-1])
+        and "__copy__" not in dir(tp)
+        and "__setstate__" not in dir(tp)
+        and getattr(tp, "__reduce_ex__", None) is object.__reduce_ex__
+        and getattr(tp, "__reduce__", None) is object.__reduce__
+        and getattr(tp, "__getstate__", None) is getattr(object, "__getstate__", None)
+    )
+
+
+def keys_of(obj: Any, kind: int) -> Any:
+    """The keys `rebuild` patches for the values of a `_FLAT` container, in the same order."""
+    return obj.keys() if kind == DICT else range(len(obj))
+
+
+def with_values(obj: Any, kind: int, values: list[Any]) -> Any:
+    """A `_FLAT` container like `obj` holding `values` instead (all of them, in order)."""
+    if kind == DICT:
+        return dict(zip(obj, values, strict=True))
+    if kind == LIST:
+        return values
+    return tuple(values)
 
 
 _reset_caches()
@@ -232,7 +266,7 @@ def children(obj: Any, kind: int) -> Iterator[tuple[Any, Any]]:
     if kind in (DICT, DICT_SUBCLASS):
         return iter(obj.items())
     if kind == DATACLASS:
-        return ((name, getattr(obj, name)) for name in _FIELDS[type(obj)])
+        return zip(_FIELDS[type(obj)], _GETTERS[type(obj)](obj), strict=True)
     if kind in (SET, FROZENSET):
         return ((value, value) for value in obj)
     if kind == MAPPING:
@@ -244,8 +278,9 @@ class Collected:
     """What `collect` found: the containers in post-order and the tensors in walk order.
 
     Each container has a kind and slots. Slots are either `(start, stop)` into `leaves` when
-    the container holds nothing but tensors (in order), or a list of `(key, child, leaf)`
-    where `leaf` is the child's index in `leaves`, or -1 for a container child.
+    the container holds nothing but tensors (in order), or a list of `(key, child, where)`
+    where `where` is the child's index in `leaves`, or `~number` (negative) for a container
+    child, `number` being its index in `objs`.
     """
 
     __slots__ = ("calls", "index", "kinds", "leaves", "objs", "order", "parts", "slots")
@@ -270,7 +305,11 @@ def collect(
     skip_keys: frozenset[Hashable] | None,
     on_opaque: Callable[[Any], None] | None,
 ) -> Collected:
-    """Walk `root` (a container, module or `.to()` object) depth-first, without recursion."""
+    """Walk `root` (a container, module or `.to()` object) depth-first, without recursion.
+
+    This is the hot loop of `to_device`: everything is inlined, and a container holding only
+    tensors and atoms is handled without looking at its values one by one in Python.
+    """
     found = Collected()
     leaves, objs, kinds, slots_of, index = (
         found.leaves,
@@ -279,76 +318,103 @@ def collect(
         found.slots,
         found.index,
     )
+    leaves_append, leaves_extend = leaves.append, leaves.extend
+    order_append = found.order.append
     fast = skip is None and skip_keys is None
     simple = SIMPLE_TYPES if on_opaque is None else STRICT_SIMPLE_TYPES
-    order_append = found.order.append
-
-    def enter(obj: Any, kind: int) -> tuple[int, Iterator[tuple[Any, Any]] | None, Any]:
-        """Register a container; return its frame, or a finished frame when it is flat."""
+    leaf_types = LEAF_TYPES
+    known = _KIND
+    stack: list[tuple[int, Iterator[tuple[Any, Any]], list[Any]]] = []
+    obj: Any = root
+    while True:
+        # Register `obj`, a container (or module or .to() object) met for the first time.
         number = len(objs)
         index[id(obj)] = number
         objs.append(obj)
         kinds.append(kind)
-        if kind < _FIRST_CONTAINER:  # module or .to() object: called in phase 3
-            found.calls += 1
-            slots_of.append(None)
-            return number, None, None
-        if kind == REGISTERED:
-            parts = found.parts[number] = _mover_for(type(obj))(obj)  # type: ignore[misc]
-            slots: list[Any] = []
-            slots_of.append(slots)
-            return number, iter(list(parts[0].items())), slots
-        if fast and (kind in (LIST, TUPLE, DICT)):
+        items: Iterator[tuple[Any, Any]] | None = None
+        slots: list[Any] = []
+        if fast and kind in _FLAT and len(obj) > 3:
+            # Decide for all values at once when they are all tensors or atoms.
             values = obj.values() if kind == DICT else obj
             types = set(map(type, values))
             if not types <= simple:
                 for tp in types:
-                    classify(tp)
-            if types <= LEAF_TYPES:  # nothing but tensors: one slice of `leaves`
+                    if tp not in known:
+                        classify(tp)
+            if types <= leaf_types:  # nothing but tensors: one slice of `leaves`
                 start = len(leaves)
-                leaves.extend(values)
+                leaves_extend(values)
                 slots_of.append((start, len(leaves)))
-                return number, None, None
-        slots = []
-        slots_of.append(slots)
-        return number, children(obj, kind), slots
-
-    top = enter(root, kind)
-    stack = [top]
-    while stack:
-        number, items, slots = stack[-1]
-        if items is None:
-            stack.pop()
-            order_append(number)
-            continue
-        descend = None
-        for key, child in items:
-            tp = type(child)
-            child_kind = _KIND.get(tp)
-            if child_kind is None:
-                child_kind = classify(tp)
-            if not fast and (
-                (skip_keys is not None and kinds[number] in _KEYED and key in skip_keys)
-                or (skip is not None and skip(child))
-            ):
-                continue
-            if child_kind == TENSOR:
-                slots.append((key, child, len(leaves)))
-                leaves.append(child)
-            elif child_kind <= OPAQUE:
-                if child_kind == OPAQUE and on_opaque is not None:
-                    on_opaque(child)
+            elif types <= simple:  # tensors and atoms: only the tensors get a slot
+                start = len(leaves)
+                pairs = obj.items() if kind == DICT else enumerate(obj)
+                slots = [(key, value) for key, value in pairs if type(value) in leaf_types]
+                leaves_extend([value for _, value in slots])
+                slots = [(key, value, start + i) for i, (key, value) in enumerate(slots)]
+                slots_of.append(slots)
             else:
-                slots.append((key, child, -1))
-                if id(child) not in index:
-                    descend = enter(child, child_kind)
-                    break
-        if descend is None:
-            stack.pop()
+                slots_of.append(slots)
+                items = iter(obj.items()) if kind == DICT else enumerate(obj)
+        elif kind == DICT:
+            slots_of.append(slots)
+            items = iter(obj.items())
+        elif kind < _FIRST_CONTAINER:  # module or .to() object: called in phase 3
+            found.calls += 1
+            slots_of.append(None)
+        elif kind == REGISTERED:
+            parts = found.parts[number] = _mover_for(type(obj))(obj)  # type: ignore[misc]
+            slots_of.append(slots)
+            items = iter(list(parts[0].items()))
+        else:
+            slots_of.append(slots)
+            items = children(obj, kind)
+        if items is None:
             order_append(number)
         else:
-            stack.append(descend)
-    return found
+            stack.append((number, items, slots))
+        # Go on with the innermost unfinished container until a new container turns up.
+        obj = None
+        while stack:
+            number, items, slots = stack[-1]
+            for key, child in items:
+                tp = type(child)
+                if tp in leaf_types:
+                    if fast or not (
+                        (skip is not None and skip(child))
+                        or (skip_keys is not None and kinds[number] in _KEYED and key in skip_keys)
+                    ):
+                        slots.append((key, child, len(leaves)))
+                        leaves_append(child)
+                    continue
+                child_kind = known.get(tp)
+                if child_kind is None:
+                    child_kind = classify(tp)
+                if not fast and (
+                    (skip is not None and skip(child))
+                    or (skip_keys is not None and kinds[number] in _KEYED and key in skip_keys)
+                ):
+                    continue
+                if child_kind <= OPAQUE:
+                    if child_kind == OPAQUE and on_opaque is not None:
+                        on_opaque(child)
+                elif child_kind == TENSOR:  # a tensor type classified just now
+                    slots.append((key, child, len(leaves)))
+                    leaves_append(child)
+                else:
+                    seen = index.get(id(child))
+                    if seen is None:  # registered next, as number len(objs)
+                        slots.append((key, child, ~len(objs)))
+                        obj, kind = child, child_kind
+                        break
+                    slots.append((key, child, ~seen))
+            else:
+                stack.pop()
+                order_append(number)
+                continue
+            break
+        if obj is None:
+            return found
 
 
 _UNSET: Any = object()
@@ -361,13 +427,20 @@ def _copy_of(obj: Any, kind: int) -> Any:
         return list(obj)
     if kind == SET and type(obj) is set:
         return set(obj)
+    if kind == DATACLASS and _PLAIN_STATE[type(obj)]:
+        new = object.__new__(type(obj))
+        new.__dict__.update(obj.__dict__)
+        return new
     return copy.copy(obj)
 
 
 def _patch(target: Any, kind: int, changes: list[tuple[Any, Any]]) -> None:
     if kind == DATACLASS:
-        for name, value in changes:
-            object.__setattr__(target, name, value)
+        if _PLAIN_STATE[type(target)]:
+            target.__dict__.update(changes)
+        else:
+            for name, value in changes:
+                object.__setattr__(target, name, value)
     elif kind == SET:
         for old, value in changes:
             target.discard(old)
@@ -415,11 +488,8 @@ class _Rebuild:
         self.shells: set[int] = set()  # shells made early for a cycle, to be filled
         self.forcing: set[int] = set()
 
-    def child(self, child: Any) -> Any:
-        number = self.found.index[id(child)]
-        result = self.results[number]
-        if result is not _UNSET:
-            return result
+    def child(self, child: Any, number: int) -> Any:
+        """The result of an unfinished container child."""
         # Not built yet: `child` is an ancestor (a cycle) or was met earlier through another path.
         kind = self.found.kinds[number]
         if _FIRST_CONTAINER <= kind < _FIRST_UNSHELLABLE:
@@ -448,16 +518,22 @@ class _Rebuild:
             start, stop = slots
             if moved is leaves or not any(map(is_not, moved[start:stop], leaves[start:stop])):
                 self.results[number] = obj
-            elif kind == DICT:
-                self.results[number] = dict(zip(obj, moved[start:stop], strict=True))
-            elif kind == LIST:
-                self.results[number] = moved[start:stop]
+            elif number in self.shells:  # a mutable container in a cycle: fill its shell
+                shell = self.results[number]
+                _patch(shell, kind, list(zip(keys_of(obj, kind), moved[start:stop], strict=True)))
+                self.shells.discard(number)
             else:
-                self.results[number] = tuple(moved[start:stop])
+                self.results[number] = with_values(obj, kind, moved[start:stop])
             return
         changes = []
-        for key, child, leaf in slots:
-            new = moved[leaf] if leaf >= 0 else self.child(child)
+        results = self.results
+        for key, child, where in slots:
+            if where >= 0:
+                new = moved[where]
+            else:
+                new = results[~where]
+                if new is _UNSET:
+                    new = self.child(child, ~where)
             if new is not child:
                 changes.append((key, new))
         shelled = number in self.shells
