@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from devicekit._colocate import colocate, colocated
 from devicekit._context import carry_default_device, current_device, default_device
 from devicekit._discovery import (
     DeviceInfo,
@@ -68,6 +69,8 @@ __all__ = [
     "as_device",
     "best_device",
     "carry_default_device",
+    "colocate",
+    "colocated",
     "current_device",
     "default_device",
     "device_guard",

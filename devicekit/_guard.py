@@ -32,7 +32,7 @@ from devicekit._errors import CrossDeviceError, DeviceMismatchWarning, DeviceMov
 from devicekit._modes import ScopedGuard
 from devicekit._types import DeviceLike
 
-__all__ = ["GuardPolicy", "device_guard"]
+__all__ = ["GuardPolicy", "choose_device", "device_guard"]
 
 #: What `device_guard` does with an op that mixes devices.
 GuardPolicy = Literal["error", "warn", "move"]
@@ -229,13 +229,32 @@ def _target(call: _Call, state: _GuardState) -> torch.device | None:
     """Where the op should run: `None` where that is ambiguous."""
     if call.home is not None:
         return call.home  # indexing, in-place and `out=` ops run where their destination lives
-    if state.target is not None:
-        return state.target
+    return choose_device(call.devices, state.target)
+
+
+def choose_device(
+    devices: Iterable[torch.device], explicit: torch.device | None
+) -> torch.device | None:
+    """Where mixed operands go: `explicit`, else the innermost `default_device`, else the one
+    non-CPU device among `devices`, else the CPU if that is all there is; `None` if ambiguous.
+
+    Example:
+        >>> import torch
+        >>> choose_device([torch.device("cpu"), torch.device("meta")], None)
+        device(type='meta')
+    """
+    if explicit is not None:
+        return explicit
     default = _context._ACTIVE.get()
     if default is not None:
         return default
-    accelerators = [device for device in call.devices if device.type != "cpu"]
-    return accelerators[0] if len(accelerators) == 1 else None
+    found = list(dict.fromkeys(devices))
+    accelerators = [device for device in found if device.type != "cpu"]
+    if len(accelerators) == 1:
+        return accelerators[0]
+    if not accelerators:
+        return found[0] if found else None
+    return None
 
 
 def _strays(call: _Call, target: torch.device) -> list[tuple[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import devicekit
 from devicekit import (
     CrossDeviceError,
     DeviceMismatchWarning,
@@ -190,4 +191,26 @@ def test_transfer_guard_unknown_policy() -> None:
         transfer_guard("allow")  # type: ignore[arg-type]
     assert str(info.value) == (
         "transfer_guard: unknown policy 'allow'; expected 'disallow' or 'log'."
+    )
+
+
+COLOCATE_SOURCE = 'return devicekit.colocate(a, {"b": b})'
+
+
+def test_colocate_on_two_accelerators() -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        a, b = torch.ones(2, device="cuda:0"), torch.ones(2, device="cuda:1")
+
+        def call() -> object:
+            return devicekit.colocate(a, {"b": b})
+
+        with pytest.raises(CrossDeviceError) as info:
+            call()
+    assert str(info.value) == (
+        "colocate: the arguments are on several accelerators (cuda:0, cuda:1), so there is no "
+        "one device to move them to:\n"
+        "  objs[0]: cuda:0\n"
+        "  objs[1]['b']: cuda:1\n"
+        f"called at {site(call, COLOCATE_SOURCE)}\n"
+        'Fix: name the device, e.g. `colocate(..., device="cuda:0")`.'
     )

@@ -45,3 +45,23 @@ transfer_policy: devicekit.TransferPolicy = "disallow"
 with devicekit.transfer_guard(transfer_policy) as transfers:
     assert_type(transfers, devicekit.transfer_guard)
 devicekit.transfer_guard("error")  # type: ignore[arg-type]
+
+x_, w_, n_ = devicekit.colocate(torch.ones(2), {"w": torch.ones(2)}, 3, device="meta")
+assert_type(x_, torch.Tensor)
+assert_type(w_, dict[str, torch.Tensor])
+assert_type(n_, int)
+
+
+@devicekit.colocated
+def affine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w
+
+
+@devicekit.colocated(device="meta")
+def scaled(x: torch.Tensor, *, by: float) -> torch.Tensor:
+    return x * by
+
+
+assert_type(affine(torch.ones(2), torch.ones(2)), torch.Tensor)
+assert_type(scaled(torch.ones(2), by=2.0), torch.Tensor)
+scaled(torch.ones(2), by="x")  # type: ignore[arg-type]

@@ -1,0 +1,192 @@
+"""`colocate()` and `@colocated`: put everything a computation needs on one device.
+
+The device is chosen as `device_guard("move")` chooses it: the explicit `device`, else the
+innermost `default_device`, else the one non-CPU device the tensors are on; with tensors on two
+accelerators and no device given there is no right answer, and `CrossDeviceError` says so. The
+moving itself is `devicekit.to_device`'s, so every structure it accepts works here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+import torch
+from typing_extensions import ParamSpec, TypeVarTuple, Unpack
+
+from devicekit._describe import user_call_site
+from devicekit._discovery import _as_device
+from devicekit._errors import CrossDeviceError
+from devicekit._guard import choose_device
+from devicekit._move import to_device
+from devicekit._tree import render, walk
+from devicekit._types import DeviceLike
+
+__all__ = ["colocate", "colocated"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
+
+
+def _where(labelled: Iterable[tuple[str, object]]) -> dict[torch.device, list[str]]:
+    """Each device met in the labelled objects, with the paths of the tensors on it."""
+    found: dict[torch.device, list[str]] = {}
+    for label, obj in labelled:
+        for value, where in walk(obj):
+            if isinstance(value, torch.Tensor):
+                found.setdefault(value.device, []).append(render(label, where))
+    return found
+
+
+def _target(
+    operation: str, labelled: list[tuple[str, object]], device: DeviceLike
+) -> torch.device | None:
+    explicit = None if device is None else _as_device(device, check=True, operation=operation)
+    if explicit is not None:
+        return explicit
+    found = _where(labelled)
+    target = choose_device(found, None)
+    if target is None and found:
+        raise _ambiguous(operation, found)
+    return target
+
+
+def _ambiguous(operation: str, found: dict[torch.device, list[str]]) -> CrossDeviceError:
+    site = user_call_site()
+    devices = ", ".join(str(device) for device in found)
+    lines = [
+        f"{operation}: the arguments are on several accelerators ({devices}), so there is no one "
+        "device to move them to:"
+    ]
+    operands = tuple((path, str(device)) for device, paths in found.items() for path in paths)
+    lines += [f"  {path}: {device}" for path, device in operands]
+    lines.append(f"called at {site}" if site is not None else "called at an unknown line")
+    first = next(iter(found))
+    lines.append(f'Fix: name the device, e.g. `{operation}(..., device="{first}")`.')
+    return CrossDeviceError(
+        "\n".join(lines),
+        op=operation,
+        operands=operands,
+        devices=tuple(found),
+        location=str(site) if site is not None else None,
+    )
+
+
+def colocate(*objs: Unpack[Ts], device: DeviceLike = None) -> tuple[Unpack[Ts]]:
+    """Return `objs` moved to one device, as a tuple in the same order.
+
+    Each object may be anything `devicekit.to_device` moves: tensors, modules, nested batches.
+    The device is `device` if given, else the innermost `default_device`, else the one non-CPU
+    device the tensors are on (objects already there come back unchanged, as the same objects);
+    with no tensors at all, the objects come back as they are.
+
+    Args:
+        *objs: The objects to co-locate.
+        device: Where to put them; `None` to choose by the rule above.
+
+    Returns:
+        The moved objects, always as a tuple (`x, = colocate(x)` for one).
+
+    Raises:
+        CrossDeviceError: No `device` was given and the tensors are on two accelerators or more.
+
+    Example:
+        >>> import torch, devicekit
+        >>> x, w = devicekit.colocate(torch.ones(2), torch.ones(2, device="meta"))
+        >>> x.device, w.device
+        (device(type='meta'), device(type='meta'))
+    """
+    values: tuple[object, ...] = objs
+    labelled = [(f"objs[{index}]", obj) for index, obj in enumerate(values)]
+    target = _target("colocate", labelled, device)
+    if target is None:
+        return objs
+    return tuple(to_device(obj, target) for obj in values)  # type: ignore[return-value]
+
+
+@overload
+def colocated(function: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def colocated(*, device: DeviceLike = None) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def colocated(
+    function: Callable[P, R] | None = None, /, *, device: DeviceLike = None
+) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function so that every call first moves all its arguments to one device.
+
+    The device is chosen per call as `colocate` chooses it, over all arguments together; works
+    with and without parentheses, and on coroutine functions.
+
+    Args:
+        function: The function, when used as `@colocated` without parentheses.
+        device: Where to put the arguments; `None` to choose per call.
+
+    Example:
+        >>> import torch, devicekit
+        >>> @devicekit.colocated
+        ... def affine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ...     return x @ w
+        >>> affine(torch.ones(2, 3), torch.ones(3, 4, device="meta")).device
+        device(type='meta')
+    """
+    if function is None:
+        return functools.partial(_colocated, device=device)
+    return _colocated(function, device=device)
+
+
+def _colocated(function: Callable[P, R], *, device: DeviceLike) -> Callable[P, R]:
+    signature = _signature(function)
+    operation = getattr(function, "__qualname__", "colocated")
+
+    def moved(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        labelled = _labels(signature, args, kwargs)
+        target = _target(f"@colocated {operation}", labelled, device)
+        if target is None:
+            return args, kwargs
+        return to_device(args, target), to_device(kwargs, target)
+
+    if inspect.iscoroutinefunction(function):
+
+        @functools.wraps(function)
+        async def colocated_coroutine(*args: P.args, **kwargs: P.kwargs) -> Any:
+            new_args, new_kwargs = moved(args, kwargs)
+            return await function(*new_args, **new_kwargs)
+
+        return colocated_coroutine  # type: ignore[return-value]
+
+    @functools.wraps(function)
+    def colocated_function(*args: P.args, **kwargs: P.kwargs) -> R:
+        new_args, new_kwargs = moved(args, kwargs)
+        return function(*new_args, **new_kwargs)
+
+    return colocated_function
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+
+
+def _labels(
+    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, object]]:
+    """Each argument with its parameter name where the signature tells it."""
+    names: list[str] = []
+    if signature is not None:
+        for param in signature.parameters.values():
+            if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                names.append(param.name)
+    labelled: list[tuple[str, object]] = [
+        (names[index] if index < len(names) else f"args[{index}]", value)
+        for index, value in enumerate(args)
+    ]
+    labelled += list(kwargs.items())
+    return labelled
