@@ -1,4 +1,4 @@
-"""`python -m devicekit`: the device report, and the `bench` subcommand."""
+"""`python -m devicekit`: the device report, and the `demo` and `bench` subcommands."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from devicekit._discovery import (
 )
 from devicekit._errors import DevicekitError
 
-__all__ = ["main"]
+__all__ = ["main", "print_report"]
 
 
 def _gib(size: int | None) -> str:
@@ -94,11 +94,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devicekit",
         description="Report the devices torch can use on this machine (the default), "
-        "or time CPU against accelerators (bench).",
+        "train a small model end to end (demo), or time CPU against accelerators (bench).",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--device", help="also resolve this device spec (e.g. 'cuda:1', 'auto')")
-    commands = parser.add_subparsers(dest="command", metavar="{bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,bench}")
+    demo = commands.add_parser(
+        "demo",
+        help="train a small classifier on generated spirals with devicekit",
+        description="Train a small classifier on generated interleaved spirals the way a "
+        "devicekit user would: the model built under default_device, batches moved with "
+        "to_device, every step checked by device_guard('error').",
+    )
+    demo.add_argument(
+        "--device", dest="demo_device", default="auto", help="where to train (default: auto)"
+    )
+    demo.add_argument(
+        "--epochs", type=_positive, default=10, help="passes over the data (default: 10)"
+    )
+    demo.add_argument(
+        "--batch-size", type=_positive, default=64, help="points per batch (default: 64)"
+    )
     bench = commands.add_parser(
         "bench",
         help="time element-wise ops and matmuls of growing size on each device",
@@ -129,6 +145,11 @@ def _positive(text: str) -> int:
     return value
 
 
+def print_report(device_spec: str | None = None) -> None:
+    """Print the device report (and what `device_spec` resolves to) as a table."""
+    _print_table(_report(device_spec))
+
+
 def _run_report(args: argparse.Namespace) -> int:
     try:
         report = _report(args.device)
@@ -139,6 +160,17 @@ def _run_report(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_table(report)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from devicekit import _demo
+
+    try:
+        _demo.main(device=args.demo_device, epochs=args.epochs, batch_size=args.batch_size)
+    except DevicekitError as error:
+        print(f"devicekit demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -198,6 +230,8 @@ def _print_bench_setting(threads: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        return _run_demo(args)
     if args.command == "bench":
         return _run_bench(args)
     return _run_report(args)
