@@ -574,7 +574,7 @@ def to_device(
             batch: Any = obj
             values = batch.values() if kind == DICT else batch
             if set(map(type, values)) <= LEAF_TYPES:
-                return _move_flat(obj, kind, list(values), target, non_blocking, dtype)
+                return _move_flat(obj, kind, list(values), target, non_blocking, dtype, coalesce)
         predicate, keys = None, None
     else:
         predicate, keys = _skip_arguments(skip)
@@ -624,13 +624,16 @@ def _move_flat(
     target: torch.device,
     non_blocking: NonBlocking,
     dtype: torch.dtype | None,
+    coalesce: Coalesce,
 ) -> T:
     """`to_device` for a dict, list or tuple of nothing but tensors, without a walk."""
     pending = _pending(leaves, target, dtype)
     if not pending:
         return obj
     try:
-        moved = _transfer_leaves(pending, target, non_blocking=non_blocking, dtype=dtype)
+        moved = _transfer_leaves(
+            pending, target, non_blocking=non_blocking, dtype=dtype, coalesce=coalesce
+        )
     except _TransferFailed as failure:
         raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
     if len(moved) != len(leaves):

@@ -117,8 +117,8 @@ def _reset_caches() -> None:
     STRICT_SIMPLE_TYPES.clear()
     for tp in (torch.Tensor, torch.nn.Parameter):
         classify(tp)
-    for atom in (str, int, float, bool, type(None), bytes):
-        classify(atom)
+    for common in (str, int, float, bool, type(None), bytes, dict, list, tuple):
+        classify(common)
 
 
 def register_mover(cls: type[Any], fn: Mover) -> None:

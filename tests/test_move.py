@@ -593,3 +593,17 @@ def test_namedtuple_factory_types() -> None:
     assert type(moved) is Pair
     assert moved.a.is_meta
     assert moved.b == 2
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [{"a": torch.ones(2), "b": torch.ones(3)}, {"a": torch.ones(2), "n": [torch.ones(3), "x"]}],
+    ids=["flat", "nested"],
+)
+def test_coalesce_reaches_the_transfer(batch: dict[str, Any]) -> None:
+    packed = devicekit.to_device(batch, "meta", coalesce=True)
+    alone = devicekit.to_device(batch, "meta", coalesce=False)
+    tensors = [packed["a"], packed["b"] if "b" in packed else packed["n"][0]]
+    assert tensors[0].untyped_storage() is tensors[1].untyped_storage()
+    separate = [alone["a"], alone["b"] if "b" in alone else alone["n"][0]]
+    assert separate[0].untyped_storage() is not separate[1].untyped_storage()
