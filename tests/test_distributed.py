@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def launch(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def launch(tmp_path: Path, script: Path = SCRIPT, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("DEVICEKIT_DEVICE", None)
@@ -36,9 +36,8 @@ def launch(tmp_path: Path) -> subprocess.CompletedProcess[str]:
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(SCRIPT),
-        str(tmp_path),
-        str(STEPS),
+        str(script),
+        *args,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
@@ -46,7 +45,7 @@ def launch(tmp_path: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
     out = tmp_path_factory.mktemp("ddp")
-    done = launch(out)
+    done = launch(out, SCRIPT, str(out), str(STEPS))
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout}\n{done.stderr}"
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
@@ -72,3 +71,13 @@ def test_parameters_agree_after_training(ranks: list[dict[str, object]]) -> None
         assert r["parameters_agree"] is True
         assert r["parameters_changed"] is True
     assert ranks[0]["loss"] != ranks[1]["loss"], "each rank should see its own data"
+
+
+def test_the_documented_recipe_runs_under_torchrun(tmp_path: Path) -> None:
+    from tests.test_docs import DOCS, extract_blocks
+
+    (recipe,) = [b for b in extract_blocks(DOCS / "distributed.md") if "# train.py" in b.code]
+    script = tmp_path / "train.py"
+    script.write_text(recipe.code, encoding="utf-8")
+    done = launch(tmp_path, script)
+    assert done.returncode == 0, f"{recipe.where} failed under torchrun:\n{done.stderr}"
