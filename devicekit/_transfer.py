@@ -60,6 +60,8 @@ _NATIVE = frozenset(
         torch.complex128,
     }
 )
+#: The smallest staging buffer, in bytes.
+_MIN_STAGING = 64 * 1024
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _HOST = torch.device("cpu")
 
@@ -229,8 +231,8 @@ def _record_event(device: torch.device) -> torch.Event | None:
 class _Staging:
     """The one host buffer that small tensors are packed into on their way to an accelerator.
 
-    It grows to the largest batch coalesced so far and is reused, but only once the copy out of
-    it has finished: each copy records an event, and the next user waits for it. The lock makes
+    It grows (in powers of two) to the largest batch coalesced so far and is reused, but only
+    once the copy out of it has finished: each copy records an event, and the next user waits for it. The lock makes
     concurrent callers take turns.
     """
 
@@ -246,7 +248,9 @@ class _Staging:
         buffer = self._buffer
         if buffer is None or buffer.numel() < nbytes or self._pinned is not pin:
             self._buffer = None  # free the old buffer before allocating its successor
-            buffer = self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            # Powers of two, as torch's pinned-memory cache rounds them: growing takes few steps.
+            size = 1 << max(nbytes - 1, _MIN_STAGING - 1).bit_length()
+            buffer = self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             self._pinned = pin
         return buffer
 

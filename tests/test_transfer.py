@@ -420,8 +420,8 @@ def test_staging_waits_for_the_copy_in_flight_before_reuse() -> None:
         again = staging.take(64, pin=False)
         assert log == ["synchronize"]
         assert again.data_ptr() == first.data_ptr()  # reused, not reallocated
-        bigger = staging.take(256, pin=False)
-        assert bigger.numel() == 256  # grown: still one buffer
+        bigger = staging.take(100_000, pin=False)
+        assert bigger.numel() == 2**17  # grown to a power of two: still one buffer
     staging.in_flight(FakeEvent(log))  # type: ignore[arg-type]
     staging.clear()
     assert log == ["synchronize", "synchronize"]
@@ -432,9 +432,12 @@ def test_the_staging_buffer_is_shared_and_sized_to_the_largest_batch() -> None:
     emulated("to_accelerator", [torch.ones(100) for _ in range(4)], CPU)
     buffer = _transfer._STAGING._buffer
     assert buffer is not None
-    assert buffer.numel() == 4 * 400
+    assert buffer.numel() == _transfer._MIN_STAGING
     emulated("to_accelerator", [torch.ones(10) for _ in range(4)], CPU)
     assert _transfer._STAGING._buffer is buffer
+    emulated("to_accelerator", [torch.ones(100_000) for _ in range(4)], CPU, coalesce=True)
+    assert _transfer._STAGING._buffer is not None
+    assert _transfer._STAGING._buffer.numel() == 2**21  # 1.6 MB, rounded up to a power of two
 
 
 def test_back_to_back_calls_from_threads_never_mix_batches() -> None:
