@@ -37,7 +37,8 @@ CPU_SHAPES: dict[str, Callable[[], list[torch.Tensor]]] = {
     "(b) 256 x 16 KiB": lambda: [torch.randn(4 * KIB) for _ in range(256)],
     "1,000 x 16 KiB": lambda: [torch.randn(4 * KIB) for _ in range(1000)],
     "512 in 8 shapes": lambda: [torch.randn(8, 4 + i % 8) for i in range(512)],
-    "200 distinct shapes": lambda: [torch.randn(i + 1) for i in range(200)],
+    "200 distinct 1-D shapes": lambda: [torch.randn(i + 1) for i in range(200)],
+    "200 distinct 2-D shapes": lambda: [torch.randn(2, i + 1) for i in range(200)],
 }
 
 

@@ -188,7 +188,11 @@ def _pack(plan: _Plan, tensors: Sequence[torch.Tensor], buffer: torch.Tensor) ->
         if group.shape is not None:
             torch.stack(members, out=out.view(len(members), *group.shape))
         else:
-            torch.cat([tensor.reshape(-1) for tensor in members], out=out)
+            flat = [
+                tensor if len(shape) == 1 else tensor.reshape(-1)
+                for tensor, shape in zip(members, group.shapes, strict=True)
+            ]
+            torch.cat(flat, out=out)
 
 
 def _unpack(
@@ -208,7 +212,7 @@ def _unpack(
         else:
             parts = torch.split(data, group.numels)
             for i, part, shape in zip(group.indices, parts, group.shapes, strict=True):
-                results[i] = part.view(shape)
+                results[i] = part if len(shape) == 1 else part.view(shape)
 
 
 def _pinnable(device: torch.device) -> bool:
@@ -232,8 +236,8 @@ class _Staging:
     """The one host buffer that small tensors are packed into on their way to an accelerator.
 
     It grows (in powers of two) to the largest batch coalesced so far and is reused, but only
-    once the copy out of it has finished: each copy records an event, and the next user waits for it. The lock makes
-    concurrent callers take turns.
+    once the copy out of it has finished: each copy records an event, and the next user waits
+    for it. The lock makes concurrent callers take turns.
     """
 
     def __init__(self) -> None:
