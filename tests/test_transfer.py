@@ -395,6 +395,15 @@ def test_to_device_coalesces_to_and_from_simulated_cuda(non_blocking: bool | str
     assert all(torch.equal(t, torch.full((3, 2), float(i))) for i, t in enumerate(back))
 
 
+def test_coalescing_is_no_cross_device_op_for_the_guards() -> None:
+    with devicekit.simulated_devices("cuda", 1), devicekit.device_guard():
+        with devicekit.transfer_guard():
+            there = devicekit.to_device([torch.ones(2), torch.zeros(3)], "cuda:0")
+            back = devicekit.to_device([torch.ones(2, device="cuda:0") for _ in range(3)], "cpu")
+        assert coalesced(there) == 2
+        assert coalesced(back) == 3
+
+
 def test_to_device_rejects_an_unknown_coalesce_value() -> None:
     with pytest.raises(
         devicekit.MoveError, match=r"coalesce='yes'\): expected 'auto', True or False"
