@@ -3,8 +3,9 @@
 Run: `python -m benchmarks.bench_default_device [--rounds N]`
 
 Every op is timed bare, inside `with torch.device("cpu")` and inside
-`with devicekit.default_device("cpu")`, the three interleaved round after round so that machine
-noise hits them alike; a figure is the median over rounds of each round's median. Overhead is
+`with devicekit.default_device("cpu")`, the three interleaved sample after sample (each sample a
+batch of about 20 ms of calls) so that bursts of load from other jobs hit them alike; a figure
+is the median over `--rounds` samples. Overhead is
 the time minus the bare time, and the ratio is devicekit's overhead over torch's (at most 0.5 is
 the target for non-factory ops; factory calls should not cost more than under torch).
 """
@@ -12,13 +13,16 @@ the target for non-factory ops; factory calls should not cost more than under to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import timeit
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
 import devicekit
-from benchmarks._timing import format_table, median_us
+from benchmarks._timing import format_table
 
 
 def _ops() -> dict[str, Callable[[], object]]:
@@ -36,27 +40,29 @@ def _ops() -> dict[str, Callable[[], object]]:
     }
 
 
-def _time(op: Callable[[], object], setting: str) -> float:
-    if setting == "torch":
-        with torch.device("cpu"):
-            return median_us(op, repeat=5)
-    if setting == "devicekit":
-        with devicekit.default_device("cpu"):
-            return median_us(op, repeat=5)
-    return median_us(op, repeat=5)
+def _settings() -> dict[str, Callable[[], AbstractContextManager[object]]]:
+    return {
+        "bare": contextlib.nullcontext,
+        "torch": lambda: torch.device("cpu"),
+        "devicekit": lambda: devicekit.default_device("cpu"),
+    }
 
 
 def measure(rounds: int) -> list[tuple[str, float, float, float, float]]:
     """Rows of (op, bare us, torch overhead us, devicekit overhead us, ratio)."""
     rows = []
     for name, op in _ops().items():
-        times: dict[str, list[float]] = {"bare": [], "torch": [], "devicekit": []}
+        # One batch size per op, from the bare op, so that every sample times the same work.
+        number = max(1, int(timeit.Timer(op).autorange()[0] / 10))
+        samples: dict[str, list[float]] = {setting: [] for setting in _settings()}
         for _ in range(rounds):
-            for setting, samples in times.items():
-                samples.append(_time(op, setting))
-        bare = statistics.median(times["bare"])
-        torch_added = statistics.median(times["torch"]) - bare
-        devicekit_added = statistics.median(times["devicekit"]) - bare
+            # Interleaved sample by sample: a burst of load from other jobs hits all three.
+            for setting, enter in _settings().items():
+                with enter():
+                    samples[setting].append(timeit.timeit(op, number=number) / number * 1e6)
+        bare = statistics.median(samples["bare"])
+        torch_added = statistics.median(samples["torch"]) - bare
+        devicekit_added = statistics.median(samples["devicekit"]) - bare
         ratio = devicekit_added / torch_added if torch_added > 0 else float("nan")
         rows.append((name, bare, torch_added, devicekit_added, ratio))
     return rows
@@ -64,8 +70,11 @@ def measure(rounds: int) -> list[tuple[str, float, float, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=41)
     arguments = parser.parse_args()
+    # One intra-op thread: on a shared 2-core machine torch's two threads wait for each other,
+    # and a Linear forward jumped from 20 us to 20 ms in runs with the default thread count.
+    torch.set_num_threads(1)
     headers = ["op", "bare us", "torch.device overhead us", "devicekit overhead us", "ratio"]
     print(format_table(headers, measure(arguments.rounds)))
 

@@ -268,6 +268,12 @@ def _active_device() -> torch.device | None:
     return device
 
 
+# TorchDynamo cannot trace a context variable: it calls this function while compiling and
+# writes the device it returns into the graph (what `torch.compiler.assume_constant_result`
+# does, without importing the compiler).
+_active_device._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 # --- the factory wrappers -----------------------------------------------------------------------
 
 # Functions that allocate a new tensor from scratch and take `device=`: the ones torch's own
@@ -351,9 +357,6 @@ def _get_default_device(original: Callable[[], torch.device]) -> Callable[[], to
 
 def _dressed(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
     functools.update_wrapper(wrapper, original)
-    # TorchDynamo resolves and traces the original torch function through this attribute, so
-    # torch.compile keeps treating the wrapped name as the torch built-in it knows.
-    wrapper._torchdynamo_inline = original  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -423,4 +426,20 @@ def _uninstall() -> None:
         # Leave the name alone if someone else replaced our wrapper in the meantime.
         if getattr(module, name, None) is wrapper:
             setattr(module, name, original)
+    _forget_wrappers_in_dynamo()
     _installed.clear()
+
+
+def _forget_wrappers_in_dynamo() -> None:
+    """Drop TorchDynamo's table of torch functions if it was built while wrappers were in place.
+
+    The table is built on first use by looking the functions up by name; built inside a block,
+    it would hold the wrappers instead of torch's built-ins, and `torch.compile` would no longer
+    recognise `torch.zeros` once the block is over. Dropped, it is rebuilt on next use.
+    """
+    trace_rules = sys.modules.get("torch._dynamo.trace_rules")
+    table = getattr(trace_rules, "get_torch_obj_rule_map", None)
+    if table is None or not table.cache_info().currsize:
+        return
+    if any(wrapper in table() for _, wrapper in _installed.values()):
+        table.cache_clear()

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import devicekit
 import devicekit._context as context
@@ -23,9 +30,10 @@ def innermost_state() -> tuple[torch.device, torch.device, torch.device]:
     return devicekit.current_device(), torch.get_default_device(), torch.empty(1).device
 
 
-def assert_untouched() -> None:
+def assert_untouched(*, collect: bool = True) -> None:
     """No block anywhere: torch runs exactly as without devicekit."""
-    gc.collect()
+    if collect:  # frames kept by finished asyncio tasks in reference cycles
+        gc.collect()
     assert context._holders == 0
     assert context._installed == {}
     assert context._ACTIVE.get() is None
@@ -305,3 +313,177 @@ def test_covers_every_factory_torch_covers() -> None:
     assert set(torch.utils._device._device_constructors()) <= wrapped
     # torch's own tables must still hold the built-ins, not devicekit's wrappers.
     assert torch.zeros in torch.utils._device._device_constructors()
+
+
+# --- random programs over threads and tasks ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Enter:
+    device: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+@dataclass(frozen=True)
+class Check:
+    pass
+
+
+@dataclass(frozen=True)
+class Yield:
+    pass
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start an asyncio task running `program`; it starts inside the blocks active here."""
+
+    program: tuple[object, ...]
+
+
+simple_steps = st.one_of(
+    st.sampled_from(["cpu", "meta"]).map(Enter),
+    st.just(Exit()),
+    st.just(Check()),
+    st.just(Yield()),
+)
+programs = st.recursive(
+    st.lists(simple_steps, max_size=8).map(tuple),
+    lambda children: st.lists(st.one_of(simple_steps, children.map(Spawn)), max_size=8).map(tuple),
+    max_leaves=20,
+)
+
+
+async def run_program(program: tuple[object, ...], expected: list[torch.device]) -> None:
+    """Run the steps in this task, checking after each that the innermost block is in force.
+
+    `expected` starts as the devices of the blocks this task was created inside, after the
+    device in force outside any block.
+    """
+    blocks: list[default_device] = []
+    children: list[asyncio.Task[None]] = []
+    for step in program:
+        if isinstance(step, Enter):
+            block = default_device(step.device)
+            block.__enter__()
+            blocks.append(block)
+            expected.append(block.device)
+        elif isinstance(step, Exit) and blocks:
+            blocks.pop().__exit__(None, None, None)
+            expected.pop()
+        elif isinstance(step, Yield):
+            await asyncio.sleep(0)
+        elif isinstance(step, Spawn):
+            children.append(asyncio.create_task(run_program(step.program, list(expected))))
+        assert_in_force(expected)
+    while blocks:
+        blocks.pop().__exit__(None, None, None)
+        expected.pop()
+    assert_in_force(expected)
+    await asyncio.gather(*children)
+
+
+def assert_in_force(expected: list[torch.device]) -> None:
+    if len(expected) == 1:  # no block: devicekit's own default, and torch's
+        assert innermost_state() == (expected[0], CPU, CPU)
+    else:
+        assert innermost_state() == (expected[-1],) * 3
+
+
+@settings(max_examples=40)
+@given(st.lists(programs, min_size=1, max_size=3), st.lists(programs, max_size=3))
+def test_random_programs_see_their_own_innermost_block(
+    threads: list[tuple[object, ...]], main_tasks: list[tuple[object, ...]]
+) -> None:
+    outside = devicekit.current_device()
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(threads) + 1)
+
+    def in_thread(program: tuple[object, ...]) -> None:
+        try:
+            start.wait()
+            asyncio.run(run_program(program, [outside]))
+        except BaseException as error:  # handed to the main thread
+            failures.append(error)
+
+    async def main() -> None:
+        await asyncio.gather(*(run_program(p, [outside]) for p in main_tasks))
+
+    workers = [threading.Thread(target=in_thread, args=(p,)) for p in threads]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    asyncio.run(main())
+    for worker in workers:
+        worker.join()
+    if failures:
+        raise failures[0]
+    assert_untouched()
+
+
+torch_steps = st.recursive(
+    st.just(()),
+    lambda inner: st.lists(
+        st.tuples(st.sampled_from(["devicekit", "torch"]), st.sampled_from(["cpu", "meta"]), inner),
+        max_size=3,
+    ).map(tuple),
+    max_leaves=12,
+)
+
+
+def run_nested(tree: tuple[tuple[str, str, object], ...], expected: torch.device) -> None:
+    assert innermost_state()[1:] == (expected, expected)
+    for kind, spec, inner in tree:
+        block = default_device(spec) if kind == "devicekit" else torch.device(spec)
+        with block:
+            run_nested(inner, torch.device(spec))  # type: ignore[arg-type]
+        assert innermost_state()[1:] == (expected, expected)
+
+
+@settings(max_examples=50)
+@given(torch_steps)
+def test_devicekit_and_torch_blocks_mix_and_the_innermost_wins(
+    tree: tuple[tuple[str, str, object], ...],
+) -> None:
+    run_nested(tree, CPU)
+    assert_untouched(collect=False)
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+
+def test_torch_compile_works_inside_and_after_blocks() -> None:
+    # In a fresh interpreter, so that TorchDynamo is first imported inside a block: torch's
+    # lazily built tables of its own functions must still hold the built-ins afterwards.
+    code = """
+        import json, torch, devicekit
+
+        def make(x):
+            return x + torch.arange(4), torch.zeros(2)
+
+        with devicekit.default_device("meta"):
+            import torch._dynamo
+            compiled = torch.compile(make, backend="eager", fullgraph=True)
+            inside = [str(t.device) for t in compiled(torch.ones(4))]
+        after = [str(t.device) for t in compiled(torch.ones(4))]
+        torch._dynamo.reset()
+        fresh = torch.compile(make, backend="eager", fullgraph=True)
+        print(json.dumps({
+            "inside": inside,
+            "after": after,
+            "fresh": [str(t.device) for t in fresh(torch.ones(4))],
+        }))
+    """
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
+    )
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result == {
+        "inside": ["meta", "meta"],
+        "after": ["cpu", "cpu"],
+        "fresh": ["cpu", "cpu"],
+    }
