@@ -296,8 +296,10 @@ def _mixed(
 ) -> Any:
     with torch._C.DisableTorchFunction():  # keep this bookkeeping out of the user's own modes
         call = _examine(func, args, kwargs)
-        if not _is_violation(call):
-            return func(*args, **kwargs)
+        violation = _is_violation(call)
+    if not violation:  # run it outside: the modes below this one (simulation, the user's) see it
+        return func(*args, **kwargs)
+    with torch._C.DisableTorchFunction():
         target = _target(call, state)
         if state.policy != "move" or target is None:
             message = f"{call.describe()}\n{_fix(call, target)}"

@@ -10,11 +10,8 @@ values are exactly those of the same code on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import itertools
-import linecache
-import os
-import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -22,25 +19,23 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch.overrides import TorchFunctionMode, resolve_name
+from torch.overrides import TorchFunctionMode
 
 from devicekit import _context, _discovery
+from devicekit._describe import labelled_tensors, op_name_at, user_call_site
 from devicekit._errors import CrossDeviceError, SimulationError
 
 __all__ = ["simulated_devices"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The attribute that tags a CPU tensor with its simulated device: `(session id, device)`.
+#: The attribute that tags a CPU tensor with its simulated device.
 _TAG = "_devicekit_simulated_device"
 _SUPPORTED_TYPES = ("cuda", "xpu", "mps")
 _MAX_COUNT = 16
 _CPU = torch.device("cpu")
-_session_ids = itertools.count(1)
 _lock = threading.Lock()
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_DEVICEKIT_DIR = os.path.dirname(__file__)
 
 _SHORT_DTYPES = {
     torch.float32: "f32",
@@ -72,7 +67,6 @@ _QUERIES = frozenset(
 class _Session:
     """One active simulation: which devices exist and which one is current."""
 
-    ident: int
     type: str
     count: int
     current: int = 0
@@ -107,19 +101,26 @@ _active: _Session | None = None
 
 
 def _simulated(tensor: torch.Tensor) -> torch.device | None:
-    """The simulated device of `tensor`, or `None` for an ordinary tensor."""
-    tag = tensor.__dict__.get(_TAG)
-    if tag is None or _active is None or tag[0] != _active.ident:
+    """The simulated device of `tensor`, or `None` for an ordinary tensor.
+
+    A tag counts while a simulation of its device is active: a tensor made on `cuda:1` in one
+    block (a module-scoped pytest fixture, say) is on `cuda:1` again in the next block that
+    simulates `cuda:1`, and an ordinary CPU tensor in between.
+    """
+    device: torch.device | None = tensor.__dict__.get(_TAG)
+    session = _active
+    if device is None or session is None:
         return None
-    device: torch.device = tag[1]
+    if device.type != session.type or (device.index or 0) >= session.count:
+        return None
     return device
 
 
 def _set_tag(tensor: torch.Tensor, device: torch.device | None) -> None:
-    if device is None or _active is None:
+    if device is None:
         tensor.__dict__.pop(_TAG, None)
     else:
-        tensor.__dict__[_TAG] = (_active.ident, device)
+        tensor.__dict__[_TAG] = device
 
 
 def _device_of(tensor: torch.Tensor) -> torch.device:
@@ -158,21 +159,22 @@ def _counts(tensor: torch.Tensor) -> bool:
     return _simulated(tensor) is not None or tensor.dim() > 0 or tensor.device.type != "cpu"
 
 
-def _user_frame() -> str | None:
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        inside = filename.startswith((_TORCH_DIR, _DEVICEKIT_DIR, "<"))
-        if not inside:
-            line = linecache.getline(filename, frame.f_lineno).strip()
-            where = f"{filename}:{frame.f_lineno}"
-            return f"{where}: {line}" if line else where
-        frame = frame.f_back
-    return None
-
-
-def _cross_device_error(op: str, operands: list[tuple[str, torch.Tensor]]) -> CrossDeviceError:
-    session = _active
+def _cross_device_error(
+    func: Callable[..., Any] | str,
+    operands: list[tuple[str, torch.Tensor]],
+    call: tuple[Sequence[Any], dict[str, Any]] | None = None,
+) -> CrossDeviceError:
+    """The error for `func` meeting `operands` on different devices, labelled as torch names
+    the arguments (`self`, `other`, `weight`) where the call's arguments are known."""
+    site = user_call_site()
+    op = op_name_at(func, site.line if site is not None else "") if callable(func) else str(func)
+    if call is not None and callable(func):
+        args, kwargs = call
+        mine = [label for label, _ in _operands(args, kwargs)]
+        theirs = [label for label, _ in labelled_tensors(func, tuple(args), kwargs)]
+        if len(mine) == len(theirs):
+            rename = dict(zip(mine, theirs, strict=True))
+            operands = [(rename.get(label, label), tensor) for label, tensor in operands]
     devices: list[torch.device] = []
     for _, tensor in operands:
         device = _device_of(tensor)
@@ -181,15 +183,15 @@ def _cross_device_error(op: str, operands: list[tuple[str, torch.Tensor]]) -> Cr
     listed = " and ".join(str(device) for device in devices)
     lines = [f"{op}: expected all tensors on one device, but found {listed}."]
     lines.extend(f"  {label}: {_compact(tensor)}" for label, tensor in operands)
-    where = _user_frame()
-    if where is not None:
-        lines.append(f"  called from {where}")
+    if site is not None:
+        lines.append(f"  called from {site}")
     target = next((d for d in devices if d.type != "cpu"), devices[0])
     lines.append(
         f"Fix: create or move every operand onto {target} first, e.g. "
         f"devicekit.to_device(x, {str(target)!r}), or torch.arange(n, device=x.device) for "
         "tensors made inside forward(); 0-dim CPU tensors may mix with any device."
     )
+    session = _active
     if session is not None:
         lines.append(
             f"(Devices {session.type}:0 to {session.type}:{session.count - 1} are simulated "
@@ -200,17 +202,21 @@ def _cross_device_error(op: str, operands: list[tuple[str, torch.Tensor]]) -> Cr
         op=op,
         operands=tuple((label, _compact(tensor)) for label, tensor in operands),
         devices=tuple(devices),
-        location=where,
+        location=None if site is None else str(site),
     )
 
 
 def _check(
-    op: str, operands: list[tuple[str, torch.Tensor]], exempt: Callable[[str], bool]
+    func: Callable[..., Any],
+    operands: list[tuple[str, torch.Tensor]],
+    exempt: Callable[[str], bool],
+    call: tuple[Sequence[Any], dict[str, Any]] | None = None,
 ) -> torch.device | None:
     """The one simulated device among `operands`, raising if they are on different devices.
 
     Operands `exempt` names may be CPU tensors (indices); the rest must share one device.
     """
+    __tracebackhide__ = True
     counted = [
         (label, tensor)
         for label, tensor in operands
@@ -218,7 +224,7 @@ def _check(
     ]
     devices = {_device_of(tensor) for _, tensor in counted}
     if len(devices) > 1:
-        raise _cross_device_error(op, counted)
+        raise _cross_device_error(func, counted, call)
     simulated = [_simulated(tensor) for _, tensor in counted]
     return simulated[0] if simulated else None
 
@@ -252,6 +258,7 @@ class _SimulationMode(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        __tracebackhide__ = True  # pytest shows the user's line, not devicekit's internals
         kwargs = kwargs or {}
         if kwargs.get("pin_memory"):  # nothing to pin on a CPU build; the copy is the same
             kwargs = {**kwargs, "pin_memory": False}
@@ -275,13 +282,14 @@ class _SimulationMode(TorchFunctionMode):
         if not operands:
             return func(*args, **kwargs)
         exempt = _exemption(name) if method else _never
-        device = _check(resolve_name(func) or name, operands, exempt)
+        device = _check(func, operands, exempt, (args, kwargs))
         result = func(*args, **kwargs)
         if device is None:
             return result
         return _tag_results(result, device, {id(tensor) for _, tensor in operands})
 
     def _attribute(self, func: Any, args: Sequence[Any]) -> Any:
+        __tracebackhide__ = True
         name: str = func.__self__.__name__
         tensor = args[0]
         simulated = _simulated(tensor)
@@ -399,7 +407,7 @@ class _SimulationMode(TorchFunctionMode):
         self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
     ) -> Any:
         """`torch._foreach_*`: operands at the same list position must share a device."""
-        op = resolve_name(func) or func.__name__
+        __tracebackhide__ = True
         lists = [value for value in args if isinstance(value, (list, tuple))]
         lists = [value for value in lists if value and isinstance(value[0], torch.Tensor)]
         loose = [
@@ -416,7 +424,7 @@ class _SimulationMode(TorchFunctionMode):
                 for number, value in enumerate(lists)
                 if isinstance(value[position], torch.Tensor)
             ]
-            devices.append(_check(op, operands + loose, _never))
+            devices.append(_check(func, operands + loose, _never))
         result = func(*args, **kwargs)
         if isinstance(result, (list, tuple)):
             inputs = {id(tensor) for value in lists for tensor in value}
@@ -554,6 +562,8 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         ("default_stream", lambda device=None: _FakeStream(device)),
         ("Stream", _FakeStream),
         ("Event", _FakeEvent),
+        ("stream", lambda stream: stream if stream is not None else contextlib.nullcontext()),
+        ("set_stream", lambda stream: None),
         ("get_device_name", device_name),
         ("_exchange_device", exchange),
         ("_maybe_exchange_device", exchange),
@@ -590,6 +600,20 @@ def _really_has(device_type: str) -> bool:
     return bool(callable(is_available) and is_available())
 
 
+def _real_count(device_type: str) -> int:
+    """How many `device_type` devices the machine really has (the simulated ones not counted)."""
+    session = _active
+    if session is not None and session.type == device_type:
+        return 0
+    if not _really_has(device_type):
+        return 0
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is not None and accelerator.type == device_type:
+        return int(torch.accelerator.device_count())
+    count = getattr(getattr(torch, device_type, None), "device_count", None)
+    return int(count()) if callable(count) else 1
+
+
 class simulated_devices:
     """Pretend this CPU-only machine has `count` accelerators of `type`, for tests.
 
@@ -606,7 +630,8 @@ class simulated_devices:
     Usable as a context manager or a decorator. The torch function mode is active in the
     thread that entered the block only; the patched `torch.cuda` functions are process-wide.
     Everything is restored on exit, exceptions included. Tensors made inside the block are
-    ordinary CPU tensors after it.
+    ordinary CPU tensors after it (and report their simulated device again in a later block
+    that simulates it).
 
     Args:
         type: The device type to simulate: `"cuda"` (the default), `"xpu"` or `"mps"`.
@@ -618,11 +643,14 @@ class simulated_devices:
             index beyond `count` raises it too.
 
     Example:
+        Simulating two XPUs (this example also runs on CUDA machines, where simulating
+        `"cuda"`, the default, is refused):
+
         >>> import torch, devicekit
-        >>> with devicekit.simulated_devices("cuda", 2):
-        ...     x = torch.ones(2, device="cuda:1")
-        ...     print(x.device, x.is_cuda, torch.cuda.device_count(), (x * 2).tolist())
-        cuda:1 True 2 [2.0, 2.0]
+        >>> with devicekit.simulated_devices("xpu", 2):
+        ...     x = torch.ones(2, device="xpu:1")
+        ...     print(x.device, x.is_xpu, torch.xpu.device_count(), (x * 2).tolist())
+        xpu:1 True 2 [2.0, 2.0]
     """
 
     def __init__(self, type: str = "cuda", count: int = 2) -> None:
@@ -657,7 +685,11 @@ class simulated_devices:
                     f"not simulate them. Run on the real devices instead "
                     f"(devicekit.devices() lists them)."
                 )
-            session = _Session(next(_session_ids), self.type, self.count)
+            # torch imports dynamo lazily (the first optimizer does); importing it inside the
+            # block would capture the patched `torch.cuda` and `torch.Event` for good.
+            import torch._dynamo  # noqa: F401
+
+            session = _Session(self.type, self.count)
             try:
                 for (owner, name), value in _patches(session).items():
                     session.saved.append((owner, name, owner.__dict__.get(name, _MISSING)))

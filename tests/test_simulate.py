@@ -95,8 +95,11 @@ def test_tensors_are_ordinary_after_the_block() -> None:
     assert inside.device == torch.device("cpu")
     assert not inside.is_cuda
     assert inside.tolist() == [1.0, 1.0]
-    with simulated_devices("cuda", 2):  # a stale tag from an old block means nothing
+    with simulated_devices("cuda", 2):  # a later block simulating cuda:1 sees it there again
+        assert inside.device == CUDA1
+    with simulated_devices("cuda", 1):  # one that does not, sees an ordinary CPU tensor
         assert inside.device == torch.device("cpu")
+        assert (inside + torch.ones(2)).tolist() == [2.0, 2.0]
 
 
 # --- cross-device checks -----------------------------------------------------------------------
@@ -152,14 +155,14 @@ def test_cross_device_message(sim: object) -> None:
         torch.add(a, b)
     error = caught.value
     assert error.op == "torch.add"
-    assert error.operands == (("args[0]", "f32[2,3] @ cuda:0"), ("args[1]", "f32[3] @ cpu"))
+    assert error.operands == (("input", "f32[2,3] @ cuda:0"), ("other", "f32[3] @ cpu"))
     assert error.devices == (CUDA0, torch.device("cpu"))
     assert error.location is not None
     assert error.location.endswith("torch.add(a, b)")
     lines = str(error).splitlines()
     assert lines[0] == "torch.add: expected all tensors on one device, but found cuda:0 and cpu."
-    assert lines[1] == "  args[0]: f32[2,3] @ cuda:0"
-    assert lines[2] == "  args[1]: f32[3] @ cpu"
+    assert lines[1] == "  input: f32[2,3] @ cuda:0"
+    assert lines[2] == "  other: f32[3] @ cpu"
     assert lines[3].startswith("  called from ")
     assert lines[3].endswith("test_simulate.py:" + lines[3].split(":")[-2] + ": torch.add(a, b)")
     assert lines[4] == (
@@ -388,6 +391,30 @@ def test_torch_cuda_answers_inside_and_is_restored() -> None:
     assert not torch.cuda.is_available()
     assert torch.accelerator.current_accelerator(check_available=True) is None
     assert {name: getattr(torch.cuda, name) for name in saved} == saved
+
+
+def test_streams_and_events_are_trivially_synchronous(sim: object) -> None:
+    stream = torch.cuda.Stream()
+    event = torch.cuda.Event()
+    event.record(stream)
+    event.synchronize()
+    assert event.query()
+    with torch.cuda.stream(stream):
+        assert (torch.ones(2, device="cuda:1") * 2).tolist() == [2.0, 2.0]
+    assert torch.cuda.current_stream().device == CUDA0
+    assert torch.accelerator.current_stream("cuda:1").device == CUDA1
+    generic = torch.Event(device="cuda:1")
+    generic.record(torch.accelerator.current_stream("cuda:1"))
+    generic.synchronize()
+    assert type(torch.Event(device="cpu")) is not type(generic)
+
+
+def test_default_device_allocates_on_simulated_devices(sim: object) -> None:
+    with devicekit.default_device("cuda:1"):
+        assert torch.zeros(2).device == CUDA1
+        assert torch.nn.Linear(2, 2).weight.device == CUDA1
+        assert devicekit.current_device() == CUDA1
+    assert torch.zeros(2).device == torch.device("cpu")
 
 
 def test_everything_is_restored_after_an_exception() -> None:
