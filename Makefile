@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # torch is pinned for development and CI (a CPU wheel is available locally);
-# the library itself only asks for a range (see pyproject.toml).
+# the library itself only asks for a range (see pyproject.toml). `run` adds numpy only because
+# `import torch` warns "Failed to initialize NumPy" without it.
 TORCH  ?= torch==2.13.0
 export NO_MKDOCS_2_WARNING := 1
 
@@ -16,7 +17,7 @@ $(BIN)/python:
 
 $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e .
+	$(BIN)/python -m pip install --quiet "$(TORCH)" numpy -e .
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
