@@ -241,9 +241,12 @@ def carry_default_device(function: Callable[P, R]) -> Callable[P, R]:
 # --- torch's own default device -----------------------------------------------------------------
 
 
+_torch_function_stack_size = torch._C._len_torch_function_stack
+
+
 def _torch_device_mode() -> object | None:
     """torch's innermost default-device mode on this thread's function-mode stack, if any."""
-    size = torch._C._len_torch_function_stack()
+    size = _torch_function_stack_size()
     if not size:
         return None
     module = sys.modules.get("torch.utils._device")
@@ -263,7 +266,9 @@ def _active_device() -> torch.device | None:
     if device is None:
         return None
     frame = _FRAME.get()
-    if frame is not None and frame.torch_mode is not _torch_device_mode():
+    if frame is None or (frame.torch_mode is None and not _torch_function_stack_size()):
+        return device  # the common case, decided without looking at torch's mode stack
+    if frame.torch_mode is not _torch_device_mode():
         return None  # torch's default was changed inside the block: the newer setting wins
     return device
 

@@ -185,6 +185,8 @@ def test_refuses_generator_functions() -> None:
 
 
 def test_other_threads_never_see_the_block() -> None:
+    # torch's fault (pytorch#115917): a thread silently gets `cpu` after set_default_device in
+    # another. devicekit's contract says so up front, and carry_default_device crosses over.
     seen: list[tuple[torch.device, torch.device, torch.device]] = []
     with default_device("meta"):
         worker = threading.Thread(target=lambda: seen.append(innermost_state()))
@@ -206,6 +208,8 @@ def test_carry_default_device_takes_the_block_into_a_pool() -> None:
 
 
 def test_interleaved_tasks_never_see_each_others_device() -> None:
+    # torch's fault: its mode stack is per thread, so `with torch.device(...)` in one task is
+    # seen by every other task that runs while the first is suspended inside its block.
     async def worker(spec: str, seen: list[torch.device]) -> None:
         with default_device(spec):
             for _ in range(3):
@@ -298,6 +302,8 @@ def test_user_function_modes_keep_working() -> None:
 
 
 def test_nothing_is_installed_outside_blocks() -> None:
+    # torch's fault (pytorch#92701): its default device slows every torch call down, because a
+    # function mode sits on the stack. devicekit never pushes one, inside a block or outside.
     with default_device("meta"):
         assert context._holders == 1
         assert torch.zeros is not torch._C._VariableFunctions.zeros
@@ -345,8 +351,10 @@ class Spawn:
     program: tuple[object, ...]
 
 
+# `meta` is the second device on a CPU-only machine; with CUDA, the first GPU joins in.
+DEVICES = ["cpu", "meta", *(["cuda:0"] if torch.cuda.is_available() else [])]
 simple_steps = st.one_of(
-    st.sampled_from(["cpu", "meta"]).map(Enter),
+    st.sampled_from(DEVICES).map(Enter),
     st.just(Exit()),
     st.just(Check()),
     st.just(Yield()),
@@ -428,7 +436,7 @@ def test_random_programs_see_their_own_innermost_block(
 torch_steps = st.recursive(
     st.just(()),
     lambda inner: st.lists(
-        st.tuples(st.sampled_from(["devicekit", "torch"]), st.sampled_from(["cpu", "meta"]), inner),
+        st.tuples(st.sampled_from(["devicekit", "torch"]), st.sampled_from(DEVICES), inner),
         max_size=3,
     ).map(tuple),
     max_leaves=12,
@@ -487,3 +495,24 @@ def test_torch_compile_works_inside_and_after_blocks() -> None:
         "after": ["cpu", "cpu"],
         "fresh": ["cpu", "cpu"],
     }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates CUDA on a machine without it")
+def test_simulated_cuda_devices_follow_the_block() -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        with default_device("cuda:1"):
+            cuda1 = torch.device("cuda", 1)
+            assert innermost_state() == (cuda1, cuda1, cuda1)
+            assert torch.nn.Linear(2, 2).weight.device == cuda1
+        with default_device("cuda"):
+            assert torch.ones(1).device == torch.device("cuda", 0)
+    with pytest.raises(DeviceUnavailableError):
+        default_device("cuda:1")
+
+
+def test_asyncio_to_thread_carries_the_block() -> None:
+    async def main() -> tuple[torch.device, torch.device, torch.device]:
+        with default_device("meta"):
+            return await asyncio.to_thread(innermost_state)
+
+    assert asyncio.run(main()) == (META, META, META)
