@@ -366,6 +366,10 @@ def collect(
             parts = found.parts[number] = _mover_for(type(obj))(obj)  # type: ignore[misc]
             slots_of.append(slots)
             items = iter(list(parts[0].items()))
+        elif kind == DATACLASS:
+            slots_of.append(slots)
+            tp = type(obj)
+            items = zip(_FIELDS[tp], _GETTERS[tp](obj), strict=True)
         else:
             slots_of.append(slots)
             items = children(obj, kind)
@@ -539,6 +543,24 @@ class _Rebuild:
         shelled = number in self.shells
         if not changes and not shelled:
             self.results[number] = obj
+        elif shelled:
+            _patch(self.results[number], kind, changes)
+            self.shells.discard(number)
+        elif kind == DICT:
+            new = dict(obj)
+            new.update(changes)
+            self.results[number] = new
+        elif kind == DATACLASS and _PLAIN_STATE[type(obj)]:
+            new = object.__new__(type(obj))
+            state = new.__dict__
+            state.update(obj.__dict__)
+            state.update(changes)
+            self.results[number] = new
+        elif kind in (TUPLE, NAMEDTUPLE):
+            items = list(obj)
+            for key, value in changes:
+                items[key] = value
+            self.results[number] = tuple(items) if kind == TUPLE else type(obj)._make(items)
         elif kind < _FIRST_UNSHELLABLE:
             target = self.results[number] if shelled else _copy_of(obj, kind)
             _patch(target, kind, changes)
