@@ -111,10 +111,6 @@ def test_cli_defaults_are_the_demo_defaults() -> None:
 
 
 def test_demo_on_a_simulated_gpu_matches_the_cpu() -> None:
-    # Import dynamo before simulating: the optimizer's first construction imports it lazily, and
-    # that import fails while simulated_devices has replaced torch.Event (reported to its owner).
-    import torch._dynamo
-
     cpu = train("cpu", epochs=1, batch_size=600, log=lambda line: None)
     with devicekit.simulated_devices("cuda", 2):
         gpu = train("cuda:1", epochs=1, batch_size=600, log=lambda line: None)
