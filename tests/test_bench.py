@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import devicekit
 from devicekit import _bench
 from devicekit._bench import Measurement, crossovers, format_report, measure, overtakes_from
 from devicekit._cli import main
@@ -194,3 +196,27 @@ def test_cli_bench_rejects_bad_repeat(capsys: pytest.CaptureFixture[str]) -> Non
         main(["bench", "--repeat", "0"])
     assert exit_info.value.code == 2
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_cli_bench_with_a_simulated_gpu(
+    tiny_sizes: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    if devicekit.accelerator_type() is not None:
+        pytest.skip("simulation is for machines without an accelerator")
+    path = tmp_path / "curves.png"
+    with devicekit.simulated_devices("cuda", 1):
+        assert main(["bench", "--repeat", "2", "--plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no accelerator" not in out
+    assert "  size  cpu" not in out  # every table has the accelerator's columns
+    assert out.count("cuda:0 + transfer") == 2
+    for op in ("elementwise", "matmul"):
+        assert re.search(
+            rf"^cuda:0 overtakes cpu for {op}: (from size [\d,]+|never, at the sizes measured) "
+            r"\(compute only\), (from size [\d,]+|never, at the sizes measured) counting "
+            r"transfers\.$",
+            out,
+            re.M,
+        )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
