@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+import devicekit
 from benchmarks._timing import format_table, median_us
 from devicekit import _nvml, _transfer
-from devicekit._transfer import transfer_tensors
 
 CPU = torch.device("cpu")
 KIB = 1024
@@ -115,44 +115,30 @@ def _send_to_device() -> Callable[..., object] | None:
     return send_to_device  # type: ignore[no-any-return]
 
 
-def _h2d_rows(
-    name: str, tensors: list[torch.Tensor], cuda: torch.device, repeat: int
-) -> list[object]:
+def _h2d_times(tensors: list[torch.Tensor], cuda: torch.device, repeat: int) -> dict[str, float]:
+    """Microseconds to move `tensors` to `cuda` and synchronise, for each way of doing it."""
     sync = torch.cuda.synchronize
-    nbytes = sum(t.nbytes for t in tensors)
-    flat = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-
-    def devicekit() -> None:
-        transfer_tensors(tensors, cuda, non_blocking=True)
-        sync()
-
-    def per_tensor() -> None:
-        [t.to(cuda, non_blocking=True) for t in tensors]
-        sync()
-
-    def memcpy() -> None:
-        flat.to(cuda, non_blocking=True)
-        sync()
-
-    times = {"devicekit": median_us(devicekit, repeat=repeat)}
-    times["per-tensor"] = median_us(per_tensor, repeat=repeat)
+    flat = torch.empty(sum(t.nbytes for t in tensors), dtype=torch.uint8).pin_memory()
+    ways: dict[str, Callable[[], object]] = {
+        "devicekit": lambda: (devicekit.to_device(tensors, cuda), sync()),
+        "devicekit alone": lambda: (devicekit.to_device(tensors, cuda, coalesce=False), sync()),
+        "per-tensor": lambda: ([t.to(cuda, non_blocking=True) for t in tensors], sync()),
+        "memcpy": lambda: (flat.to(cuda, non_blocking=True), sync()),
+    }
     send = _send_to_device()
     if send is not None:
-        times["accelerate"] = median_us(
-            lambda: (send(tensors, cuda, non_blocking=True), sync()), repeat=repeat
-        )
-    times["memcpy"] = median_us(memcpy, repeat=repeat)
-    return _row(name, nbytes, times)
+        ways["accelerate"] = lambda: (send(tensors, cuda, non_blocking=True), sync())
+    return {name: median_us(way, repeat=repeat) for name, way in ways.items()}
 
 
-def _d2h_rows(name: str, sizes: Sequence[int], cuda: torch.device, repeat: int) -> list[object]:
+def _d2h_times(sizes: Sequence[int], cuda: torch.device, repeat: int) -> dict[str, float]:
+    """Microseconds to bring tensors of `sizes` from `cuda` to the host, for each way."""
     tensors = [torch.randn(size // 4, device=cuda) for size in sizes]
-    nbytes = sum(t.nbytes for t in tensors)
-    flat = torch.empty(nbytes, dtype=torch.uint8, device=cuda)
-    pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    flat = torch.empty(sum(t.nbytes for t in tensors), dtype=torch.uint8, device=cuda)
+    pinned = torch.empty(flat.numel(), dtype=torch.uint8).pin_memory()
     stream = torch.cuda.current_stream(cuda)
 
-    def per_tensor() -> None:  # one event sync at the end, as `to_device` does
+    def per_tensor() -> None:  # one synchronisation at the end, as `to_device` does
         [t.to(CPU, non_blocking=True) for t in tensors]
         stream.synchronize()
 
@@ -160,13 +146,28 @@ def _d2h_rows(name: str, sizes: Sequence[int], cuda: torch.device, repeat: int) 
         pinned.copy_(flat, non_blocking=True)
         stream.synchronize()
 
-    times = {"devicekit": median_us(lambda: transfer_tensors(tensors, CPU), repeat=repeat)}
-    times["per-tensor"] = median_us(per_tensor, repeat=repeat)
+    ways: dict[str, Callable[[], object]] = {
+        "devicekit": lambda: devicekit.to_device(tensors, CPU),
+        "devicekit alone": lambda: devicekit.to_device(tensors, CPU, coalesce=False),
+        "per-tensor": per_tensor,
+        "memcpy": memcpy,
+    }
     send = _send_to_device()
     if send is not None:
-        times["accelerate"] = median_us(lambda: send(tensors, CPU), repeat=repeat)
-    times["memcpy"] = median_us(memcpy, repeat=repeat)
-    return _row(name, nbytes, times)
+        ways["accelerate"] = lambda: send(tensors, CPU)
+    return {name: median_us(way, repeat=repeat) for name, way in ways.items()}
+
+
+_GPU_HEADERS = [
+    "shape",
+    "devicekit us",
+    "devicekit GB/s",
+    "alone / devicekit",
+    "per-tensor / devicekit",
+    "accelerate / devicekit",
+    "memcpy / devicekit",
+    "memcpy GB/s",
+]
 
 
 def _row(name: str, nbytes: int, times: dict[str, float]) -> list[object]:
@@ -175,22 +176,12 @@ def _row(name: str, nbytes: int, times: dict[str, float]) -> list[object]:
         name,
         ours,
         nbytes / ours / 1e3,
+        times["devicekit alone"] / ours,
         times["per-tensor"] / ours,
         times["accelerate"] / ours if "accelerate" in times else "-",
         times["memcpy"] / ours,
         nbytes / times["memcpy"] / 1e3,
     ]
-
-
-_GPU_HEADERS = [
-    "shape",
-    "devicekit us",
-    "devicekit GB/s",
-    "per-tensor / devicekit",
-    "accelerate / devicekit",
-    "memcpy / devicekit",
-    "memcpy GB/s",
-]
 
 
 def _crossover(cuda: torch.device, repeat: int) -> str:
@@ -202,7 +193,7 @@ def _crossover(cuda: torch.device, repeat: int) -> str:
         for coalesce in (True, False):
 
             def move(tensors: list[torch.Tensor] = tensors, coalesce: bool = coalesce) -> None:
-                transfer_tensors(tensors, cuda, non_blocking=True, coalesce=coalesce)
+                devicekit.to_device(tensors, cuda, coalesce=coalesce)
                 torch.cuda.synchronize()
 
             times.append(median_us(move, repeat=repeat))
@@ -221,14 +212,13 @@ def _plot(cuda: torch.device, path: Path, repeat: int) -> None:
     import matplotlib.pyplot as plt
 
     total = 16 * MIB
-    curves: dict[str, list[float]] = {"devicekit": [], "per-tensor .to()": [], "memcpy": []}
+    labels = {"devicekit": "devicekit", "per-tensor": "per-tensor .to()", "memcpy": "one memcpy"}
+    curves: dict[str, list[float]] = {label: [] for label in labels.values()}
     for count in PLOT_COUNTS:
         tensors = _host_tensors([total // count] * count, pinned=False)
-        row = _h2d_rows("", tensors, cuda, repeat)
-        ours = float(row[2])  # type: ignore[arg-type]
-        curves["devicekit"].append(ours)
-        curves["per-tensor .to()"].append(ours / float(row[3]))  # type: ignore[arg-type]
-        curves["memcpy"].append(float(row[6]))  # type: ignore[arg-type]
+        times = _h2d_times(tensors, cuda, repeat)
+        for name, label in labels.items():
+            curves[label].append(total / times[name] / 1e3)
     figure, axes = plt.subplots(figsize=(7, 4))
     for label, values in curves.items():
         axes.plot(PLOT_COUNTS, values, marker="o", label=label)
@@ -258,12 +248,15 @@ def gpu_section(repeat: int = 7, plot: Path | None = None) -> str:
     parts = [header]
     for pinned in (True, False):
         rows = [
-            _h2d_rows(name, _host_tensors(sizes, pinned), cuda, repeat)
+            _row(name, sum(sizes), _h2d_times(_host_tensors(sizes, pinned), cuda, repeat))
             for name, sizes in GPU_SHAPES.items()
         ]
         kind = "pinned" if pinned else "pageable"
         parts.append(f"host -> device, {kind} sources:\n\n" + format_table(_GPU_HEADERS, rows))
-    rows = [_d2h_rows(name, sizes, cuda, repeat) for name, sizes in D2H_SHAPES.items()]
+    rows = [
+        _row(name, sum(sizes), _d2h_times(sizes, cuda, repeat))
+        for name, sizes in D2H_SHAPES.items()
+    ]
     parts.append("device -> host:\n\n" + format_table(_GPU_HEADERS, rows))
     parts.append(_crossover(cuda, repeat))
     if plot is not None:

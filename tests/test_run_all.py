@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -31,6 +34,18 @@ def test_the_plot_is_shown_only_when_drawn() -> None:
     assert "![" not in run_all.section("bench_transfer", "t", when="now")
     shown = run_all.section("bench_transfer", "t", when="now", plot=run_all.PLOT)
     assert "](transfer-throughput.png)" in shown
+
+
+def test_a_benchmark_runs_with_its_own_arguments_and_its_output_is_captured(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = types.ModuleType("benchmarks.bench_fake")
+    module.main = lambda: print("table", sys.argv[1:])  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_fake", module)
+    argv = list(sys.argv)
+    assert run_all.run_module("bench_fake", ["--plot", "x.png"]) == "table ['--plot', 'x.png']\n"
+    assert sys.argv == argv
+    assert capsys.readouterr().out == ""
 
 
 def test_a_missing_benchmark_is_skipped() -> None:
