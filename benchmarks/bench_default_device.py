@@ -68,6 +68,38 @@ def measure(rounds: int) -> list[tuple[str, float, float, float, float]]:
     return rows
 
 
+def measure_blocks(rounds: int) -> list[tuple[str, float, float, float]]:
+    """Rows of (what, torch us, devicekit us, ratio) for entering and leaving a block."""
+
+    def torch_block() -> None:
+        with torch.device("cpu"):
+            pass
+
+    block = devicekit.default_device("cpu")
+
+    def devicekit_block() -> None:
+        with block:
+            pass
+
+    rows = []
+    outers: list[tuple[str, AbstractContextManager[object]]] = [
+        ("outermost block", contextlib.nullcontext()),
+        ("nested block", block),
+    ]
+    for what, outer in outers:
+        times: dict[str, list[float]] = {"torch": [], "devicekit": []}
+        with outer:
+            for _ in range(rounds):
+                for setting, enter_and_leave in (
+                    ("torch", torch_block),
+                    ("devicekit", devicekit_block),
+                ):
+                    times[setting].append(timeit.timeit(enter_and_leave, number=200) / 200 * 1e6)
+        torch_us, devicekit_us = (statistics.median(times[k]) for k in ("torch", "devicekit"))
+        rows.append((f"enter and leave, {what}", torch_us, devicekit_us, devicekit_us / torch_us))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=41)
@@ -77,6 +109,9 @@ def main() -> None:
     torch.set_num_threads(1)
     headers = ["op", "bare us", "torch.device overhead us", "devicekit overhead us", "ratio"]
     print(format_table(headers, measure(arguments.rounds)))
+    print()
+    headers = ["block", "torch.device us", "devicekit us", "ratio"]
+    print(format_table(headers, measure_blocks(arguments.rounds)))
 
 
 if __name__ == "__main__":

@@ -367,8 +367,8 @@ def _dressed(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Calla
 
 _lock = threading.RLock()
 _holders = 0
-#: (module, name) -> (original, wrapper) while installed.
-_installed: dict[tuple[object, str], tuple[object, object]] = {}
+#: The swaps made, while installed.
+_installed: list[_Swap] = []
 #: Wrappers already built, by the id of the function they wrap (kept alive by `_wrapped`).
 _wrappers: dict[int, Callable[..., Any]] = {}
 _wrapped: list[object] = []
@@ -404,33 +404,77 @@ def _prime_torch_caches() -> None:
     _primed = True
 
 
-def _targets() -> list[tuple[object, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
-    targets: list[tuple[object, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = []
+_Make = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+@functools.lru_cache(maxsize=1)
+def _targets() -> tuple[tuple[dict[str, Any], str, _Make], ...]:
+    """(module namespace, name, wrapper factory) of every function to replace."""
+    targets: list[tuple[dict[str, Any], str, _Make]] = []
     for module_name, names in _FACTORIES.items():
-        module = importlib.import_module(module_name)
-        targets += [(module, name, _factory) for name in names if hasattr(module, name)]
-    targets.append((torch, "normal", _normal))
-    targets.append((torch, "get_default_device", _get_default_device))
-    return targets
+        namespace = vars(importlib.import_module(module_name))
+        targets += [(namespace, name, _factory) for name in names if name in namespace]
+    targets.append((vars(torch), "normal", _normal))
+    targets.append((vars(torch), "get_default_device", _get_default_device))
+    return tuple(targets)
 
 
-def _install() -> None:
-    _prime_torch_caches()
-    for module, name, make in _targets():
-        original = getattr(module, name)
+class _Swap:
+    """The replacements for one module: wrappers in, originals back, each in one dict update."""
+
+    __slots__ = ("namespace", "originals", "wrappers")
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self.originals: dict[str, Any] = {}
+        self.wrappers: dict[str, Any] = {}
+
+    def holds(self, functions: dict[str, Any]) -> bool:
+        """Whether the module holds exactly these functions under these names."""
+        # Functions compare by identity; map and list comparison keep the loop in C.
+        return list(map(self.namespace.get, functions)) == list(functions.values())
+
+    def restore(self) -> None:
+        if self.holds(self.wrappers):
+            self.namespace.update(self.originals)
+            return
+        for name, wrapper in self.wrappers.items():
+            # Leave the name alone if someone else replaced our wrapper in the meantime.
+            if self.namespace.get(name) is wrapper:
+                self.namespace[name] = self.originals[name]
+
+
+_swaps: list[_Swap] = []
+
+
+def _plan() -> list[_Swap]:
+    """The swaps for the functions the modules hold now, reusing wrappers already made."""
+    if _swaps and all([swap.holds(swap.originals) for swap in _swaps]):
+        return _swaps
+    swaps: dict[int, _Swap] = {}
+    for namespace, name, make in _targets():
+        swap = swaps.setdefault(id(namespace), _Swap(namespace))
+        original = namespace[name]
         wrapper = _wrappers.get(id(original))
         if wrapper is None:
             wrapper = _wrappers[id(original)] = make(original)
             _wrapped.append(original)
-        _installed[(module, name)] = (original, wrapper)
-        setattr(module, name, wrapper)
+        swap.originals[name] = original
+        swap.wrappers[name] = wrapper
+    _swaps[:] = swaps.values()
+    return _swaps
+
+
+def _install() -> None:
+    _prime_torch_caches()
+    for swap in _plan():
+        swap.namespace.update(swap.wrappers)
+        _installed.append(swap)
 
 
 def _uninstall() -> None:
-    for (module, name), (original, wrapper) in _installed.items():
-        # Leave the name alone if someone else replaced our wrapper in the meantime.
-        if getattr(module, name, None) is wrapper:
-            setattr(module, name, original)
+    for swap in _installed:
+        swap.restore()
     _forget_wrappers_in_dynamo()
     _installed.clear()
 
@@ -446,5 +490,5 @@ def _forget_wrappers_in_dynamo() -> None:
     table = getattr(trace_rules, "get_torch_obj_rule_map", None)
     if table is None or not table.cache_info().currsize:
         return
-    if any(wrapper in table() for _, wrapper in _installed.values()):
+    if any(wrapper in table() for swap in _installed for wrapper in swap.wrappers.values()):
         table.cache_clear()

@@ -35,7 +35,7 @@ def assert_untouched(*, collect: bool = True) -> None:
     if collect:  # frames kept by finished asyncio tasks in reference cycles
         gc.collect()
     assert context._holders == 0
-    assert context._installed == {}
+    assert context._installed == []
     assert context._ACTIVE.get() is None
     assert torch.zeros is torch._C._VariableFunctions.zeros
     assert torch.get_default_device() == CPU
@@ -315,7 +315,7 @@ def test_covers_every_factory_torch_covers() -> None:
     import torch.utils._device
 
     with default_device("meta"):
-        wrapped = {original for original, _ in context._installed.values()}
+        wrapped = {f for swap in context._installed for f in swap.originals.values()}
     assert set(torch.utils._device._device_constructors()) <= wrapped
     # torch's own tables must still hold the built-ins, not devicekit's wrappers.
     assert torch.zeros in torch.utils._device._device_constructors()
