@@ -369,8 +369,10 @@ _lock = threading.RLock()
 _holders = 0
 #: The swaps made, while installed.
 _installed: list[_Swap] = []
-#: Wrappers already built, by the id of the function they wrap (kept alive by `_wrapped`).
+#: Wrappers already built, by the id of the function they wrap (kept alive by `_wrapped`),
+#: and the other way round.
 _wrappers: dict[int, Callable[..., Any]] = {}
+_unwrapped: dict[int, Callable[..., Any]] = {}
 _wrapped: list[object] = []
 _primed = False
 
@@ -455,9 +457,13 @@ def _plan() -> list[_Swap]:
     for namespace, name, make in _targets():
         swap = swaps.setdefault(id(namespace), _Swap(namespace))
         original = namespace[name]
+        # A wrapper of ours left behind (someone's patch saved it and put it back after the
+        # last block): wrap what it wraps, so that the end of the next block cleans it up.
+        original = _unwrapped.get(id(original), original)
         wrapper = _wrappers.get(id(original))
         if wrapper is None:
             wrapper = _wrappers[id(original)] = make(original)
+            _unwrapped[id(wrapper)] = original
             _wrapped.append(original)
         swap.originals[name] = original
         swap.wrappers[name] = wrapper

@@ -516,3 +516,17 @@ def test_asyncio_to_thread_carries_the_block() -> None:
             return await asyncio.to_thread(innermost_state)
 
     assert asyncio.run(main()) == (META, META, META)
+
+
+def test_leaves_other_patches_of_factories_alone() -> None:
+    def fake_zeros(*size: int, **kwargs: object) -> torch.Tensor:
+        return torch.ones(*size, **kwargs)  # type: ignore[arg-type]
+
+    with default_device("meta"):
+        saved = torch.zeros
+        torch.zeros = fake_zeros  # a user's patch made inside the block...
+    assert torch.zeros is fake_zeros  # ...survives the end of the block
+    torch.zeros = saved  # and, undone, puts devicekit's wrapper back after the last block
+    with default_device("meta"):
+        assert torch.zeros(1).device == META
+    assert torch.zeros is torch._C._VariableFunctions.zeros  # cleaned up by the next block
