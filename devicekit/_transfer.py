@@ -91,6 +91,7 @@ class _Plan:
     nbytes: int
 
 
+@functools.lru_cache(maxsize=4096)  # batches repeat their shapes from step to step
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     strides = []
     step = 1
