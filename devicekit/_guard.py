@@ -93,6 +93,18 @@ _INDEXING: frozenset[object] = frozenset(
 _INDEX_LABELS = ("key", "indices")
 
 
+# What each argument type is to the fast path, cached per type: one dictionary lookup answers
+# for tensors, `nn.Parameter`s (slower to `isinstance` than plain tensors) and everything else.
+_TENSOR, _OTHER = "tensor", "other"
+_KINDS: dict[type, str] = {torch.Tensor: _TENSOR}
+
+
+def _kind(kind: type) -> str:
+    found = _TENSOR if issubclass(kind, torch.Tensor) else _OTHER
+    _KINDS[kind] = found
+    return found
+
+
 class _DeviceGuardMode(TorchFunctionMode):
     """Checks the devices of every op's tensor arguments while a `device_guard` is active."""
 
@@ -112,7 +124,8 @@ class _DeviceGuardMode(TorchFunctionMode):
         # tensor's device is only read once a second tensor turns up, since most ops take one.
         first = device = None
         for arg in args:
-            if isinstance(arg, _Tensor):
+            kind = type(arg)
+            if kind is _Tensor or (_KINDS.get(kind) or _kind(kind)) is _TENSOR:
                 if first is None:
                     first = arg
                     continue
@@ -120,7 +133,7 @@ class _DeviceGuardMode(TorchFunctionMode):
                     device = first.device
                 if arg.device != device:
                     return _mixed(state, func, args, kwargs)
-            elif isinstance(arg, _SEQUENCES):
+            elif kind is list or kind is tuple:
                 for item in arg:
                     if isinstance(item, _Tensor):
                         if first is None:
