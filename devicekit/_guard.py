@@ -162,10 +162,12 @@ def _is_cpu_scalar(tensor: torch.Tensor) -> bool:
 
 
 def _is_in_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    if isinstance(kwargs.get("out"), torch.Tensor):
+        return True
     name = getattr(func, "__name__", "")
     if name.startswith("__"):
         return name.startswith("__i") or name == "__setitem__"
-    return name.endswith("_") or "out" in kwargs
+    return name.endswith("_")
 
 
 @dataclass
@@ -286,9 +288,10 @@ def _fix(call: _Call, target: torch.device | None) -> str:
             "or move the operands to one device with `devicekit.to_device` first."
         )
     labels = [label for label, _ in _strays(call, target)]
+    example = "tensor" if labels[0].startswith("argument ") else labels[0]
     return (
         f"Fix: move {', '.join(labels)} to {target} first, e.g. "
-        f'`devicekit.to_device({labels[0]}, "{target}")`, '
+        f'`devicekit.to_device({example}, "{target}")`, '
         'or let `devicekit.device_guard("move")` move operands for you.'
     )
 

@@ -231,6 +231,11 @@ class TestMove:
             assert torch.add(cpu(2), cpu(2), out=out) is out
         assert destination.device.type == "meta"
 
+    def test_out_none_is_not_a_destination(self) -> None:
+        with warnings.catch_warnings(), device_guard("move"):
+            warnings.simplefilter("ignore", DeviceMoveWarning)
+            assert torch.add(cpu(2), meta(2), out=None).device.type == "meta"
+
     def test_indices_follow_the_indexed_tensor(self) -> None:
         with (
             pytest.warns(DeviceMoveWarning, match=r"moved key to cpu"),
