@@ -27,7 +27,7 @@ __all__ = ["COALESCE_MAX_BYTES", "Coalesce", "transfer_tensors"]
 
 #: How `to_device` groups small tensors: `"auto"` between host and accelerator, `True` for every
 #: packable tensor whatever its size (also to `meta`), `False` never.
-Coalesce: TypeAlias = "bool | Literal['auto']"
+Coalesce: TypeAlias = bool | Literal["auto"]
 
 #: Tensors up to this many bytes are coalesced under `coalesce="auto"`. Packing costs one host
 #: memcpy per byte; going alone costs a fixed launch of a few microseconds. With a host memcpy of
