@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -29,8 +30,11 @@ import devicekit
 
 __all__ = [
     "DTYPES",
+    "Carrier",
+    "Items",
     "Pair",
     "Record",
+    "Row",
     "Snapshot",
     "available_devices",
     "device_specs",
@@ -68,6 +72,30 @@ class Snapshot:
 
 # torch warns (once per process) that complex32 support is experimental.
 _EXPERIMENTAL = frozenset({torch.complex32})
+
+
+class Items(list):  # type: ignore[type-arg]
+    """A list subclass that `nested_batches` puts tensors in."""
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A tuple subclass (not a namedtuple) that `nested_batches` puts tensors in."""
+
+
+class Carrier:
+    """An object with its own `.to(device)`, as `BatchEncoding` or `TensorDict` have.
+
+    `.to()` returns a new `Carrier` holding `payload` moved with `devicekit.to_device`.
+    """
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+    def to(self, *args: Any, **kwargs: Any) -> Carrier:
+        return Carrier(devicekit.to_device(self.payload, *args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"Carrier({self.payload!r})"
 
 
 @functools.cache
@@ -302,8 +330,12 @@ def _other_leaves() -> st.SearchStrategy[object]:
 
 _CONTAINERS = (
     "list",
+    "list_subclass",
     "tuple",
+    "tuple_subclass",
     "dict",
+    "mappingproxy",
+    "carrier",
     "ordereddict",
     "defaultdict",
     "deque",
@@ -316,11 +348,22 @@ _CONTAINERS = (
 )
 
 
+_ACYCLIC_CONTAINERS = tuple(kind for kind in _CONTAINERS if kind != "carrier")
+
+
 def _build(kind: str, items: list[object], keys: list[str]) -> object:
     if kind == "list":
         return list(items)
+    if kind == "list_subclass":
+        return Items(items)
     if kind == "tuple":
         return tuple(items)
+    if kind == "tuple_subclass":
+        return Row(items)
+    if kind == "mappingproxy":
+        return types.MappingProxyType(dict(zip(keys, items, strict=False)))
+    if kind == "carrier":
+        return Carrier(list(items))
     if kind == "dict":
         return dict(zip(keys, items, strict=False))
     if kind == "ordereddict":
@@ -382,7 +425,8 @@ def _nested(
     def node(depth: int) -> object:
         if depth >= max_depth or draw(st.integers(0, 3)) == 0:
             return leaf()
-        kind = draw(st.sampled_from(_CONTAINERS))
+        # A `.to()` object moves its own contents: a cycle through one would never end.
+        kind = draw(st.sampled_from(_ACYCLIC_CONTAINERS if cycles else _CONTAINERS))
         count = draw(st.integers(0, 3))
         items = [node(depth + 1) for _ in range(count)]
         keys = [f"k{i}" for i in range(count)]
@@ -411,17 +455,20 @@ def nested_batches(
 ) -> st.SearchStrategy[object]:
     """Nested batches in every container `to_device` rebuilds, with shared and cyclic parts.
 
-    Containers: `list`, `tuple`, `dict`, `OrderedDict`, `defaultdict` (factory `list`),
-    `deque` (with `maxlen`), `set`, `frozenset`, a namedtuple (`Pair`), a torch return type
-    (`torch.return_types.max`), a dataclass (`Record`) and a frozen dataclass with an
-    `init=False` field (`Snapshot`). Leaves mix tensors with `None`, numbers and strings.
+    Containers: `list` and a list subclass (`Items`), `tuple` and a tuple subclass (`Row`),
+    `dict`, `OrderedDict`, `defaultdict` (factory `list`), a read-only mapping
+    (`types.MappingProxyType`), `deque` (with `maxlen`), `set`, `frozenset`, a namedtuple
+    (`Pair`), a torch return type (`torch.return_types.max`), a dataclass (`Record`), a frozen
+    dataclass with an `init=False` field (`Snapshot`), and an object with its own `.to()`
+    (`Carrier`). Leaves mix tensors with `None`, numbers and strings.
 
     Args:
         leaves: The leaf strategy; default `tensors()` mixed with plain Python values.
         max_depth: The deepest nesting drawn.
         aliasing: Let one tensor appear several times, and views of one storage appear
             side by side.
-        cycles: Close one cycle: a list or dict that contains itself or the root.
+        cycles: Close one cycle: a list or dict that contains itself or the root (and draw no
+            `Carrier`, whose `.to()` could not end on a cycle).
 
     Example:
         >>> from hypothesis import find

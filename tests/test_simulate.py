@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import devicekit
 from devicekit import CrossDeviceError, SimulationError, simulated_devices
 from devicekit._simulate import _TAG
+from devicekit.testing import nested_batches, tensors
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
@@ -508,3 +509,34 @@ def test_find_device_reports_mixed_simulated_devices(sim: object) -> None:
 
 def test_to_device_without_a_device_uses_the_simulated_accelerator(sim: object) -> None:
     assert devicekit.to_device(torch.ones(1)).device == CUDA0
+
+
+@settings(max_examples=25)
+@given(batch=nested_batches(cycles=True))
+def test_any_batch_moves_onto_a_simulated_device_and_back(batch: object) -> None:
+    with simulated_devices("cuda", 2):
+        before = devicekit.devices_of(batch)
+        moved = devicekit.to_device(batch, "cuda:1")
+        after = devicekit.devices_of(moved)
+        assert set(after) <= {CUDA1}
+        # (paths into sets name iteration positions, which differ between two sets)
+        assert sum(map(len, after.values())) == sum(map(len, before.values()))
+        back = devicekit.devices_of(devicekit.to_device(moved, "cpu"))
+        assert set(back) <= {torch.device("cpu")}
+
+
+@settings(max_examples=40)
+@given(tensor=tensors(), data=st.data())
+def test_every_tensor_keeps_its_values_and_reports_its_device(
+    tensor: torch.Tensor, data: st.DataObject
+) -> None:
+    where = data.draw(st.sampled_from([CUDA0, CUDA1]))
+    with simulated_devices("cuda", 2):
+        moved = tensor.to(where)
+        assert (moved.device, moved.dtype, moved.shape) == (where, tensor.dtype, tensor.shape)
+        assert moved.stride() == tensor.contiguous().stride() or not tensor.is_contiguous()
+        back = moved.cpu()
+    assert back.device == torch.device("cpu")
+    if tensor.numel() > 0:  # compare bit by bit: works for every dtype
+        as_bytes = back.reshape(-1).contiguous().view(torch.uint8)
+        assert torch.equal(as_bytes, tensor.reshape(-1).contiguous().view(torch.uint8))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -12,8 +13,11 @@ import devicekit
 from devicekit import testing
 from devicekit.testing import (
     DTYPES,
+    Carrier,
+    Items,
     Pair,
     Record,
+    Row,
     Snapshot,
     available_devices,
     device_specs,
@@ -123,10 +127,12 @@ def _walk(obj: object, seen: set[int] | None = None) -> list[object]:
         return []
     seen.add(id(obj))
     found = [obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, (dict, types.MappingProxyType)):
         children: list[object] = list(obj.values())
     elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
         children = list(obj)
+    elif isinstance(obj, Carrier):
+        children = [obj.payload]
     elif dataclasses.is_dataclass(obj):
         children = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
     else:
@@ -164,6 +170,10 @@ def _has_cycle(obj: object, stack: tuple[int, ...] = ()) -> bool:
         torch.return_types.max,
         Record,
         Snapshot,
+        Items,
+        Row,
+        types.MappingProxyType,
+        Carrier,
     ],
     ids=lambda kind: kind.__name__,
 )
@@ -194,10 +204,12 @@ def _walk_all(obj: object) -> list[object]:
         found.append(item)
         if id(item) in path:
             continue
-        if isinstance(item, dict):
+        if isinstance(item, (dict, types.MappingProxyType)):
             children: list[object] = list(item.values())
         elif isinstance(item, (list, tuple, set, frozenset, collections.deque)):
             children = list(item)
+        elif isinstance(item, Carrier):
+            children = [item.payload]
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
             children = [getattr(item, f.name) for f in dataclasses.fields(item)]
         else:
@@ -248,8 +260,10 @@ def test_cycles_only_when_asked() -> None:
 @given(nested_batches(max_depth=2, leaves=st.just(0)))
 def test_depth_is_bounded(batch: object) -> None:
     def depth(obj: object) -> int:
-        if isinstance(obj, dict):
+        if isinstance(obj, (dict, types.MappingProxyType)):
             return 1 + max((depth(v) for v in obj.values()), default=0)
+        if isinstance(obj, Carrier):  # the carrier and its list are one level
+            return depth(obj.payload)
         if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
             return 1 + max((depth(v) for v in obj), default=0)
         if dataclasses.is_dataclass(obj):
