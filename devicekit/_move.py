@@ -300,7 +300,12 @@ def _transfer_leaves(
     def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:
         return _copy_each(rest, device, non_blocking, dtype, sync)
 
+    # Coalescing only pays between host and accelerator: skip its planning for `meta` targets.
+    direct = coalesce is False or (coalesce is not True and _type(device) == "meta")
+
     def transfer(distinct: list[torch.Tensor]) -> list[torch.Tensor]:
+        if direct:
+            return alone(distinct)
         return transfer_tensors(
             distinct, device, dtype=dtype, non_blocking=non_blocking, coalesce=coalesce, alone=alone
         )

@@ -580,11 +580,57 @@ class _Rebuild:
             ) from error
 
     def run(self) -> Any:
-        results, shells = self.results, self.shells
-        for number in self.found.order:
-            if results[number] is _UNSET or number in shells:
+        """Rebuild every container in post-order; the common cases are inlined here."""
+        found, results, shells, moved = self.found, self.results, self.shells, self.moved
+        objs, kinds, slots_of = found.objs, found.kinds, found.slots
+        plain_state = _PLAIN_STATE
+        for number in found.order:
+            if results[number] is not _UNSET and number not in shells:
+                continue
+            slots = slots_of[number]
+            if type(slots) is not list or shells:  # tuple slots, calls, cycles
                 self.build(number)
-        return results[self.found.order[-1]]
+                continue
+            obj = objs[number]
+            changes = []
+            for key, child, where in slots:
+                if where >= 0:
+                    new = moved[where]
+                else:
+                    new = results[~where]
+                    if new is _UNSET:
+                        new = self.child(child, ~where)
+                if new is not child:
+                    changes.append((key, new))
+            kind = kinds[number]
+            if shells and number in shells:  # it turned out to be in a cycle: fill its shell
+                _patch(results[number], kind, changes)
+                shells.discard(number)
+                continue
+            if not changes:
+                results[number] = obj
+                continue
+            if kind == DICT:
+                rebuilt = dict(obj)
+                rebuilt.update(changes)
+                results[number] = rebuilt
+            elif kind == DATACLASS and plain_state[type(obj)]:
+                rebuilt = object.__new__(type(obj))
+                state = rebuilt.__dict__
+                state.update(obj.__dict__)
+                state.update(changes)
+                results[number] = rebuilt
+            elif kind in (NAMEDTUPLE, TUPLE, LIST):
+                items = list(obj)
+                for key, value in changes:
+                    items[key] = value
+                if kind == NAMEDTUPLE:
+                    results[number] = type(obj)._make(items)
+                else:
+                    results[number] = items if kind == LIST else tuple(items)
+            else:
+                self.build(number)
+        return results[found.order[-1]]
 
 
 def rebuild(
