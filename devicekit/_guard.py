@@ -310,25 +310,24 @@ def _report(call: _Call, state: _GuardState, category: type[Warning], message: s
 def _mixed(
     state: _GuardState, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    with torch._C.DisableTorchFunction():  # keep this bookkeeping out of the user's own modes
-        call = _examine(func, args, kwargs)
-        violation = _is_violation(call)
-    if not violation:  # run it outside: the modes below this one (simulation, the user's) see it
+    # `.device` is read through the torch function modes below this one, so that a mode that
+    # reports devices of its own (`devicekit.simulated_devices`) is believed.
+    call = _examine(func, args, kwargs)
+    if not _is_violation(call):
         return func(*args, **kwargs)
-    with torch._C.DisableTorchFunction():
-        target = _target(call, state)
-        if state.policy != "move" or target is None:
-            message = f"{call.describe()}\n{_fix(call, target)}"
-        else:
-            strays = _strays(call, target)
-            labels = ", ".join(label for label, _ in strays)
-            message = (
-                f'device_guard("move") moved {labels} to {target} to run {call.op}, '
-                f"{_called_at(call.site)}.\n"
-                "Each call copies them again: move them once with `devicekit.to_device`, or "
-                "silence this with "
-                '`warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.'
-            )
+    target = _target(call, state)
+    strays = [] if target is None else _strays(call, target)
+    if state.policy != "move" or target is None:
+        message = f"{call.describe()}\n{_fix(call, target)}"
+    else:
+        labels = ", ".join(label for label, _ in strays)
+        message = (
+            f'device_guard("move") moved {labels} to {target} to run {call.op}, '
+            f"{_called_at(call.site)}.\n"
+            "Each call copies them again: move them once with `devicekit.to_device`, or "
+            "silence this with "
+            '`warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.'
+        )
     if state.policy == "warn":
         _report(call, state, DeviceMismatchWarning, message)
         return func(*args, **kwargs)

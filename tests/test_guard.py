@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
@@ -391,9 +391,10 @@ class TestScoping:
         torch.mm(x, x.T)  # seen by both user modes
         inner.__exit__(None, None, None)
         recorder.__exit__(None, None, None)
-        # The guard stopped the mixed call before it reached the outer mode. Its fast path reads
-        # `.device`, which modes below it see as `__get__`.
-        assert [name for name in calls if name != "__get__"] == ["mm", "mm", "mm"]
+        # The guard stopped the mixed call before it reached the outer mode. Modes below the
+        # guard see it read `.device` (`__get__`) and `.dim()`, so that modes reporting devices
+        # of their own, such as `simulated_devices`, are believed.
+        assert [name for name in calls if name not in ("__get__", "dim")] == ["mm", "mm", "mm"]
 
     def test_torch_default_device_coexists(self) -> None:
         on_cpu = cpu(2)
@@ -495,3 +496,66 @@ def test_move_matches_running_on_the_target(
         assert moved == outcome(function, on_target)
     else:
         assert moved == outcome(function, operands)
+
+
+# With simulated accelerators, tensors on "cuda:0" and "cuda:1" hold real values computed on the
+# CPU, so "move" can be compared value for value with running everything on the target.
+SIMULATED = ["cpu", "cuda:0", "cuda:1"]
+
+
+@st.composite
+def simulated_calls(
+    draw: st.DrawFn,
+) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor], list[str]]:
+    function, shapes = OPS[draw(st.sampled_from(sorted(OPS)))]
+    operands = [
+        torch.tensor(
+            draw(
+                st.lists(
+                    st.integers(-4, 4).map(float),
+                    min_size=int(torch.Size(shape).numel()),
+                    max_size=int(torch.Size(shape).numel()),
+                )
+            )
+        ).reshape(shape)
+        for shape in shapes
+    ]
+    devices = [draw(st.sampled_from(SIMULATED)) for _ in shapes]
+    return function, operands, devices
+
+
+@pytest.mark.skipif(CUDA, reason="simulated CUDA devices need a machine without CUDA")
+@settings(max_examples=40)
+@given(simulated_calls(), st.sampled_from(SIMULATED))
+def test_move_gives_the_values_of_running_on_the_target(
+    call: tuple[Callable[..., torch.Tensor], list[torch.Tensor], list[str]], target: str
+) -> None:
+    function, values, devices = call
+    with devicekit.simulated_devices("cuda", 2):
+        operands = [t.to(d) for t, d in zip(values, devices, strict=True)]
+        with warnings.catch_warnings(), device_guard("move", target=target):
+            warnings.simplefilter("ignore", DeviceMoveWarning)
+            moved = function(*operands)
+        on_target = function(*[t.to(target) for t in values])
+        mixed = mixes_devices(operands)
+        assert moved.device == (on_target.device if mixed else operands[0].device)
+        assert moved.tolist() == on_target.tolist()
+
+
+@pytest.mark.skipif(CUDA, reason="simulated CUDA devices need a machine without CUDA")
+@settings(max_examples=40)
+@given(simulated_calls())
+def test_error_raises_exactly_when_simulated_devices_mix(
+    call: tuple[Callable[..., torch.Tensor], list[torch.Tensor], list[str]],
+) -> None:
+    function, values, devices = call
+    with devicekit.simulated_devices("cuda", 2):
+        operands = [t.to(d) for t, d in zip(values, devices, strict=True)]
+        try:
+            with device_guard():
+                function(*operands)
+        except CrossDeviceError as error:
+            assert mixes_devices(operands)
+            assert "got tensors on different devices" in str(error)  # the guard's, not torch's
+        else:
+            assert not mixes_devices(operands)
