@@ -77,20 +77,21 @@ def current_device() -> torch.device:
 class _Frame:
     """One entered block, as seen by the context it was entered in (and the tasks it spawns).
 
-    `torch_mode` is torch's own default-device mode (`with torch.device(...)` or
-    `torch.set_default_device`) that was in force when the block was entered: if the user
-    changes torch's default inside the block, torch's newer setting wins until it is undone.
-    While a frame is alive (referenced by any context), the factory wrappers stay installed.
+    `torch_modes` are torch's own default-device modes (`with torch.device(...)`,
+    `torch.set_default_device`) in force or displaced when the block was entered: older than
+    the block, they never override it. Any other one is newer: the user changed torch's default
+    inside the block, and torch's setting wins until it is undone. While a frame is alive
+    (referenced by any context), the factory wrappers stay installed.
     """
 
-    __slots__ = ("device", "held", "owner", "parent", "previous", "torch_mode")
+    __slots__ = ("device", "held", "owner", "parent", "previous", "torch_modes")
 
     def __init__(self, device: torch.device | None, owner: object, parent: _Frame | None) -> None:
         self.device = device
         self.owner = owner
         self.parent = parent
         self.previous = _ACTIVE.get()
-        self.torch_mode = _torch_device_mode()
+        self.torch_modes = _torch_device_modes()
         self.held = device is not None
         if self.held:
             _hold()
@@ -260,17 +261,35 @@ def _torch_device_mode() -> object | None:
     return None
 
 
+def _torch_device_modes() -> tuple[object, ...]:
+    """Every torch default-device mode on this thread's stack, and those they displaced."""
+    size = _torch_function_stack_size()
+    module = sys.modules.get("torch.utils._device")
+    if not size or module is None:
+        return ()
+    device_context: type = module.DeviceContext
+    modes: list[object] = []
+    for index in range(size):
+        mode: object = torch._C._get_function_stack_at(index)
+        # `torch.set_default_device` takes the previous one off the stack and keeps it here.
+        while isinstance(mode, device_context):
+            modes.append(mode)
+            mode = getattr(mode, "prev_mode", None)
+    return tuple(modes)
+
+
 def _active_device() -> torch.device | None:
     """The device a factory call here should default to, or `None` to leave it to torch."""
     device = _ACTIVE.get()
     if device is None:
         return None
     frame = _FRAME.get()
-    if frame is None or (frame.torch_mode is None and not _torch_function_stack_size()):
+    if frame is None or not _torch_function_stack_size():
         return device  # the common case, decided without looking at torch's mode stack
-    if frame.torch_mode is not _torch_device_mode():
-        return None  # torch's default was changed inside the block: the newer setting wins
-    return device
+    mode = _torch_device_mode()
+    if mode is None or any(mode is older for older in frame.torch_modes):
+        return device
+    return None  # torch's default was changed inside the block: the newer setting wins
 
 
 # TorchDynamo cannot trace a context variable: it calls this function while compiling and

@@ -78,6 +78,13 @@ def test_factories_and_modules_allocate_on_the_device() -> None:
     assert innermost_state() == (CPU, CPU, CPU)
 
 
+def test_as_device_and_to_device_use_the_block() -> None:
+    with default_device("meta"):
+        assert devicekit.as_device(None) == META
+        assert devicekit.to_device(torch.ones(2, device="cpu")).device == META
+    assert devicekit.as_device(None) == devicekit.current_device()
+
+
 def test_explicit_device_wins_and_like_functions_follow_their_input() -> None:
     cpu_tensor = torch.ones(2)
     with default_device("meta"):
@@ -256,6 +263,20 @@ def test_block_inside_torch_context_wins_until_it_ends() -> None:
             assert innermost_state() == (CPU, CPU, CPU)
         assert torch.get_default_device() == META
         assert torch.empty(1).device == META
+
+
+def test_torch_settings_older_than_the_block_never_override_it() -> None:
+    # Not nested, as when asyncio tasks interleave: torch's setting ends inside the block.
+    torch.set_default_device("cpu")
+    inner_torch = torch.device("cpu")
+    inner_torch.__enter__()
+    with default_device("meta"):
+        assert innermost_state() == (META, META, META)
+        inner_torch.__exit__(None, None, None)  # back to the set_default_device mode: older
+        assert innermost_state() == (META, META, META)
+        torch.set_default_device(None)  # no torch setting at all
+        assert innermost_state() == (META, META, META)
+    assert innermost_state()[1:] == (CPU, CPU)
 
 
 def test_set_default_device_inside_the_block_outlives_it() -> None:
