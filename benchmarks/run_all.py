@@ -32,7 +32,13 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGE = DOCS / "benchmarks.md"
 PLOT = DOCS / "transfer-throughput.png"
 #: The benchmark modules, in the order their sections appear.
-MODULES = ("bench_to_device", "bench_default_device", "bench_guard", "bench_transfer")
+MODULES = (
+    "bench_to_device",
+    "bench_default_device",
+    "bench_guard",
+    "bench_transfer",
+    "bench_simulate",
+)
 
 
 def machine() -> str:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils._device import DeviceContext, _device_constructors
 
 from devicekit import _context, _discovery
 from devicekit._describe import labelled_tensors, op_name_at, user_call_site
@@ -56,6 +57,10 @@ _SHORT_DTYPES = {
 _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_"})
 # Ops that copy from their source operand to wherever `self` is: never a violation.
 _TRANSFERS = frozenset({"copy_", "new_tensor", "set_"})
+# Tensor methods the simulation answers itself (plus the one named after the simulated type).
+_SPECIAL_METHODS = frozenset(
+    {"to", "cpu", "get_device", "numpy", "pin_memory", "record_stream", "__repr__", "type"}
+)
 # Questions about tensors, not computations: torch answers them across devices too.
 # (`_parse_to` only reads `Module.to`'s arguments: its `device=` is no allocation.)
 _QUERIES = frozenset(
@@ -207,7 +212,7 @@ def _cross_device_error(
 
 
 def _check(
-    func: Callable[..., Any],
+    func: Callable[..., Any] | str,
     operands: list[tuple[str, torch.Tensor]],
     exempt: Callable[[str], bool],
     call: tuple[Sequence[Any], dict[str, Any]] | None = None,
@@ -217,16 +222,26 @@ def _check(
     Operands `exempt` names may be CPU tensors (indices); the rest must share one device.
     """
     __tracebackhide__ = True
-    counted = [
-        (label, tensor)
-        for label, tensor in operands
-        if _simulated(tensor) is not None or (_counts(tensor) and not exempt(label))
-    ]
-    devices = {_device_of(tensor) for _, tensor in counted}
-    if len(devices) > 1:
-        raise _cross_device_error(func, counted, call)
-    simulated = [_simulated(tensor) for _, tensor in counted]
-    return simulated[0] if simulated else None
+    found: torch.device | None = None
+    simulated = False
+    for label, tensor in operands:
+        device = _simulated(tensor)
+        if device is None:
+            if not _counts(tensor) or exempt(label):
+                continue
+            device = tensor.device
+        elif found is None:
+            simulated = True
+        if found is None:
+            found = device
+        elif device != found:
+            counted = [
+                (label, tensor)
+                for label, tensor in operands
+                if _simulated(tensor) is not None or (_counts(tensor) and not exempt(label))
+            ]
+            raise _cross_device_error(func, counted, call)
+    return found if simulated else None
 
 
 def _tag_results(result: object, device: torch.device | None, keep: set[int]) -> object:
@@ -268,10 +283,14 @@ class _SimulationMode(TorchFunctionMode):
         if name in _QUERIES:
             return func(*args, **kwargs)
         method = bool(args) and isinstance(args[0], torch.Tensor)
-        if method:
+        if method and (name in _SPECIAL_METHODS or name == self.session.type):
             special = self._method(func, name, args, kwargs)
             if special is not NotImplemented:
                 return special
+        if kwargs.get("device") is None and func in _device_constructors():
+            default = _torch_default_device()
+            if default is not None and self.session.resolve(default) is not None:
+                kwargs = {**kwargs, "device": default}
         if "device" in kwargs:
             return self._factory(func, args, kwargs)
         if name.startswith("_foreach_"):
@@ -341,6 +360,9 @@ class _SimulationMode(TorchFunctionMode):
         if name == "pin_memory" and _simulated(tensor) is None:
             # The CPU build cannot pin memory; the copy keeps what callers rely on.
             return torch.Tensor.clone(tensor)
+        if name == "type" and len(args) == 1 and not kwargs and _simulated(tensor) is not None:
+            spelled = str(func(*args))  # "torch.FloatTensor" names "torch.cuda.FloatTensor" there
+            return spelled.replace("torch.", f"torch.{self.session.type}.", 1)
         if name == "record_stream" and _simulated(tensor) is not None:
             return None
         if name == "__repr__" and _simulated(tensor) is not None:
@@ -432,6 +454,18 @@ class _SimulationMode(TorchFunctionMode):
                 if isinstance(item, torch.Tensor) and id(item) not in inputs:
                     _set_tag(item, device)
         return result
+
+
+def _torch_default_device() -> object:
+    """The device of `torch.set_default_device`/`with torch.device(...)`, if one is active.
+
+    torch keeps that mode below devicekit's on the stack, so factory calls reach the simulation
+    without a `device=`; the simulation applies the default itself.
+    """
+    for mode in reversed(_get_current_function_mode_stack()):  # type: ignore[no-untyped-call]
+        if isinstance(mode, DeviceContext):
+            return mode.device
+    return None
 
 
 def _never(label: str) -> bool:

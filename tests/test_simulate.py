@@ -410,6 +410,25 @@ def test_streams_and_events_are_trivially_synchronous(sim: object) -> None:
     assert type(torch.Event(device="cpu")) is not type(generic)
 
 
+def test_torch_default_device_allocates_on_simulated_devices(sim: object) -> None:
+    torch.set_default_device("cuda:1")
+    try:
+        assert torch.zeros(2).device == CUDA1
+        assert torch.nn.Linear(2, 2).weight.device == CUDA1
+        assert torch.get_default_device() == CUDA1
+    finally:
+        torch.set_default_device(None)
+    with torch.device("cuda:0"):
+        assert torch.ones(2).device == CUDA0
+    assert torch.ones(2).device == torch.device("cpu")
+
+
+def test_type_names_the_simulated_backend(sim: object) -> None:
+    assert torch.ones(1, device="cuda:0").type() == "torch.cuda.FloatTensor"
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    assert torch.ones(1, device="cuda:0").type(torch.float64).device == CUDA0
+
+
 def test_default_device_allocates_on_simulated_devices(sim: object) -> None:
     with devicekit.default_device("cuda:1"):
         assert torch.zeros(2).device == CUDA1

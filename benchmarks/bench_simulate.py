@@ -1,0 +1,79 @@
+"""What running under `simulated_devices` costs: the same code on `cpu` and on simulated `cuda:0`.
+
+Run: `python -m benchmarks.bench_simulate`.
+
+Each case is timed on plain CPU tensors with no simulation, and on the same tensors moved to a
+simulated `cuda:0` inside `simulated_devices("cuda", 1)`, interleaved round after round. Like the
+guard benchmark it times the CPU time of this process (`time.process_time`, torch on one thread),
+which busy neighbours on the shared 2-core machines do not inflate; figures are medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import timeit
+from collections.abc import Callable
+
+import torch
+
+import devicekit
+from benchmarks._timing import format_table
+
+
+def median_cpu_us(function: Callable[[], object], *, repeat: int = 5) -> float:
+    """Median CPU microseconds per call of `function` over `repeat` batches."""
+    timer = timeit.Timer(function, timer=time.process_time)
+    number, _ = timer.autorange()
+    number = max(1, number // 10)
+    return statistics.median(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+
+
+def cases(device: str) -> dict[str, Callable[[], object]]:
+    """The timed calls, with every tensor and module on `device`."""
+    a, b = torch.ones(4, device=device), torch.ones(4, device=device)
+    linear, x = torch.nn.Linear(64, 32).to(device), torch.ones(8, 64, device=device)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+    ).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs, targets = torch.randn(16, 32, device=device), torch.randn(16, 1, device=device)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+    return {
+        "torch.add(a, b), 4 elements": lambda: torch.add(a, b),
+        "a + b, 4 elements": lambda: a + b,
+        "nn.Linear(64, 32) forward, batch 8": lambda: linear(x),
+        "SGD training step, 2-layer MLP": step,
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    plain = cases("cpu")
+    simulation = devicekit.simulated_devices("cuda", 1)
+    with simulation:
+        simulated = cases("cuda:0")
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in plain}
+    for _ in range(5):
+        for name in plain:
+            samples[name][0].append(median_cpu_us(plain[name], repeat=3))
+            with simulation:
+                samples[name][1].append(median_cpu_us(simulated[name], repeat=3))
+    rows = []
+    for name, (cpu, sim) in samples.items():
+        cpu_us, sim_us = statistics.median(cpu), statistics.median(sim)
+        rows.append([name, cpu_us, sim_us, sim_us - cpu_us, f"{sim_us / cpu_us:.2f}x"])
+    print(
+        f"torch {torch.__version__}, 1 CPU thread, medians of process CPU time in us\n"
+        + format_table(["op", "cpu", "simulated cuda:0", "added", "ratio"], rows)
+    )
+
+
+if __name__ == "__main__":
+    main()
