@@ -6,7 +6,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import devicekit
@@ -545,11 +545,13 @@ def test_any_batch_moves_onto_a_simulated_device_and_back(batch: object) -> None
 
 
 @settings(max_examples=40)
-@given(tensor=tensors(), data=st.data())
+@given(tensor=tensors(), where=st.sampled_from([CUDA0, CUDA1]))
+@example(tensor=torch.ones(2, dtype=torch.bfloat16)[::2], where=CUDA0)  # one element, stride 2
+@example(tensor=torch.tensor(1.5, dtype=torch.bfloat16), where=CUDA1)  # 0-dim
+@example(tensor=torch.ones(0, 3, dtype=torch.bfloat16).mT, where=CUDA1)  # empty, transposed
 def test_every_tensor_keeps_its_values_and_reports_its_device(
-    tensor: torch.Tensor, data: st.DataObject
+    tensor: torch.Tensor, where: torch.device
 ) -> None:
-    where = data.draw(st.sampled_from([CUDA0, CUDA1]))
     with simulated_devices("cuda", 2):
         moved = tensor.to(where)
         assert (moved.device, moved.dtype, moved.shape) == (where, tensor.dtype, tensor.shape)
@@ -557,5 +559,8 @@ def test_every_tensor_keeps_its_values_and_reports_its_device(
         back = moved.cpu()
     assert back.device == torch.device("cpu")
     if tensor.numel() > 0:  # compare bit by bit: works for every dtype
-        as_bytes = back.reshape(-1).contiguous().view(torch.uint8)
-        assert torch.equal(as_bytes, tensor.reshape(-1).contiguous().view(torch.uint8))
+        dense = torch.contiguous_format
+        as_bytes = back.reshape(-1).clone(memory_format=dense).view(torch.uint8)
+        assert torch.equal(
+            as_bytes, tensor.reshape(-1).clone(memory_format=dense).view(torch.uint8)
+        )
