@@ -334,7 +334,10 @@ def collect(
         kinds.append(kind)
         items: Iterator[tuple[Any, Any]] | None = None
         slots: list[Any] = []
-        if fast and kind in _FLAT and len(obj) > 3:
+        if kind == DICT and len(obj) < 4:  # the most common small container
+            slots_of.append(slots)
+            items = iter(obj.items())
+        elif fast and kind in _FLAT and len(obj) > 3:
             # Decide for all values at once when they are all tensors or atoms.
             values = obj.values() if kind == DICT else obj
             types = set(map(type, values))
@@ -375,12 +378,14 @@ def collect(
             items = children(obj, kind)
         if items is None:
             order_append(number)
+            if not stack:
+                return found
+            number, items, slots = stack[-1]
         else:
             stack.append((number, items, slots))
         # Go on with the innermost unfinished container until a new container turns up.
         obj = None
-        while stack:
-            number, items, slots = stack[-1]
+        while True:
             for key, child in items:
                 tp = type(child)
                 if tp in leaf_types:
@@ -415,10 +420,11 @@ def collect(
             else:
                 stack.pop()
                 order_append(number)
-                continue
+                if stack:
+                    number, items, slots = stack[-1]
+                    continue
+                return found
             break
-        if obj is None:
-            return found
 
 
 _UNSET: Any = object()
