@@ -26,6 +26,7 @@ import torch
 from typing_extensions import ParamSpec
 
 from devicekit._discovery import ENV_DEVICE, _as_device, accelerator_type, best_device
+from devicekit._errors import InvalidArgumentError, ScopeError
 from devicekit._types import DeviceLike
 
 __all__ = ["carry_default_device", "current_device", "default_device"]
@@ -116,7 +117,7 @@ def _exit(owner: object) -> None:
     while frame is not None and frame.owner is not owner:
         frame = frame.parent
     if frame is None:
-        raise RuntimeError(
+        raise ScopeError(
             "default_device(): this block is not active in the current thread or asyncio task, "
             "so it cannot be exited here. Enter and exit a block in the same thread and task "
             "(a `with` statement always does)."
@@ -186,7 +187,7 @@ class default_device:
     def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
         """Run every call of `function` (plain or `async`) inside this block."""
         if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
-            raise TypeError(
+            raise InvalidArgumentError(
                 f"default_device({str(self.device)!r}) cannot decorate the generator function "
                 f"{function.__qualname__}: its body runs between the caller's own steps, so the "
                 "block would leak into the caller. Use `with devicekit.default_device(...):` "

@@ -18,9 +18,11 @@ __all__ = [
     "DeviceUnavailableError",
     "DevicekitError",
     "DevicekitWarning",
+    "InvalidArgumentError",
     "InvalidDeviceSpecError",
     "MixedDevicesError",
     "MoveError",
+    "ScopeError",
     "SimulationError",
     "TransferGuardError",
     "UnmovableError",
@@ -64,6 +66,18 @@ class DeviceUnavailableError(DevicekitError, RuntimeError):
         super().__init__(message)
         self.device = device
         self.available = available
+
+
+class InvalidArgumentError(DevicekitError, ValueError):
+    """An argument other than a device spec has a value devicekit does not accept.
+
+    For example an unknown guard policy, or a generator function given to a decorator that
+    cannot scope it.
+    """
+
+
+class ScopeError(DevicekitError, RuntimeError):
+    """A devicekit block was left from a thread or asyncio task in which it is not active."""
 
 
 class MixedDevicesError(DevicekitError, RuntimeError):

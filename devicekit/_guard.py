@@ -28,7 +28,12 @@ from devicekit._describe import (
     user_call_site,
 )
 from devicekit._discovery import _as_device
-from devicekit._errors import CrossDeviceError, DeviceMismatchWarning, DeviceMoveWarning
+from devicekit._errors import (
+    CrossDeviceError,
+    DeviceMismatchWarning,
+    DeviceMoveWarning,
+    InvalidArgumentError,
+)
 from devicekit._modes import ScopedGuard
 from devicekit._types import DeviceLike
 
@@ -405,7 +410,7 @@ class device_guard(ScopedGuard[_GuardState]):
 
     def __init__(self, policy: GuardPolicy = "error", *, target: DeviceLike = None) -> None:
         if policy not in get_args(GuardPolicy):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"device_guard: unknown policy {policy!r}; expected 'error', 'warn' or 'move'."
             )
         self.policy: GuardPolicy = policy

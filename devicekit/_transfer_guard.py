@@ -19,7 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from devicekit._describe import CallSite, describe_tensor, op_name, user_call_site
-from devicekit._errors import TransferGuardError
+from devicekit._errors import InvalidArgumentError, TransferGuardError
 from devicekit._modes import ScopedGuard
 
 __all__ = ["TransferPolicy", "transfer_guard"]
@@ -199,7 +199,7 @@ class transfer_guard(ScopedGuard[TransferPolicy]):
 
     def __init__(self, policy: TransferPolicy = "disallow") -> None:
         if policy not in get_args(TransferPolicy):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"transfer_guard: unknown policy {policy!r}; expected 'disallow' or 'log'."
             )
         self.policy: TransferPolicy = policy

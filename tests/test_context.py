@@ -141,7 +141,7 @@ def test_exiting_an_outer_block_ends_the_ones_left_open_inside_it() -> None:
 
 def test_exiting_a_block_that_is_not_active_names_the_fix() -> None:
     block = default_device("meta")
-    with pytest.raises(RuntimeError, match=r"default_device\(\): this block is not active"):
+    with pytest.raises(devicekit.ScopeError, match=r"default_device\(\): this block is not active"):
         block.__exit__(None, None, None)
 
 
@@ -184,7 +184,9 @@ def test_refuses_generator_functions() -> None:
     def numbers() -> Iterator[int]:
         yield 1
 
-    with pytest.raises(TypeError, match="cannot decorate the generator function"):
+    with pytest.raises(
+        devicekit.InvalidArgumentError, match="cannot decorate the generator function"
+    ):
         default_device("meta")(numbers)
 
 

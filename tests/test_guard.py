@@ -404,7 +404,7 @@ class TestScoping:
                 torch.ones(2) + on_cpu
 
     def test_rejects_unknown_policies(self) -> None:
-        with pytest.raises(ValueError, match="unknown policy 'raise'"):
+        with pytest.raises(devicekit.InvalidArgumentError, match="unknown policy 'raise'"):
             device_guard("raise")  # type: ignore[arg-type]
 
     def test_repr(self) -> None:

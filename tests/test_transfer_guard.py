@@ -171,7 +171,7 @@ class TestScoping:
         assert torch.tensor([1.0], device="meta").device.type == "meta"
 
     def test_rejects_unknown_policies(self) -> None:
-        with pytest.raises(ValueError, match="unknown policy 'allow'"):
+        with pytest.raises(devicekit.InvalidArgumentError, match="unknown policy 'allow'"):
             transfer_guard("allow")  # type: ignore[arg-type]
 
     def test_repr(self) -> None:
