@@ -28,7 +28,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.dev-installed
 
 run: $(VENV)/.run-installed
-	$(BIN)/python -m devicekit && $(BIN)/python -m devicekit demo
+	$(BIN)/python -m devicekit demo  # prints the device report, then trains
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi

@@ -1,4 +1,4 @@
-"""Every ```python block of the docs guides runs, on CPU, as a reader would run it.
+"""Every ```python block of the README and the docs guides runs, on CPU, as a reader would run it.
 
 The blocks of one page run in order in one shared namespace (a page may build on its earlier
 blocks), from a temporary working directory. A block whose first line is a `>>>` prompt runs as
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 SKIP_MARKER = "<!-- docs-test: skip -->"
 _OPENING = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\n]*)$")
 _RUNNABLE = {"python", "py"}
@@ -39,7 +40,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"docs/{self.page.name}, the python block at line {self.line}"
+        shown = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page.name
+        return f"{shown}, the python block at line {self.line}"
 
 
 def extract_blocks(page: Path) -> list[Block]:
@@ -91,7 +93,7 @@ def run_block(block: Block, namespace: dict[str, object]) -> None:
 
 
 def pages() -> list[Path]:
-    return sorted(DOCS.glob("*.md"))
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", [p for p in pages() if extract_blocks(p)], ids=lambda p: p.name)
@@ -146,7 +148,7 @@ def test_extract_blocks_finds_code_line_numbers_and_skips(tmp_path: Path) -> Non
         (12, "torch.cuda.init()", True),
         (17, "if x:\n    y = 2", False),
     ]
-    assert blocks[0].where == "docs/page.md, the python block at line 4"
+    assert blocks[0].where == "page.md, the python block at line 4"
 
 
 def test_failing_block_reports_the_markdown_line(tmp_path: Path) -> None:
