@@ -1,8 +1,10 @@
 """devicekit's pytest plugin: simulated devices, device guards and device fixtures for tests.
 
-Registered through the `pytest11` entry point, so installing devicekit is enough. It costs
-nothing until used: this module imports only pytest and the standard library, and torch is
-imported for a test only when an option, a marker or a fixture of the plugin asks for it.
+Registered through the `pytest11` entry point, so installing devicekit is enough. It does no
+work until used: its hooks return at once unless an option, a marker or a fixture of the plugin
+is in play, and devicekit's modules are imported inside the hooks that need them. (Importing
+this module imports the `devicekit` package, and with it torch, which a PyTorch test suite
+imports anyway.)
 
 Options (and their ini equivalents):
 
