@@ -102,8 +102,9 @@ def _describe(tensor: torch.Tensor) -> str:
 
 
 def _cause(error: BaseException) -> str:
-    """`OutOfMemoryError: CUDA out of memory`, without a trailing full stop."""
-    text = str(error).strip().rstrip(".!")
+    """`OutOfMemoryError: CUDA out of memory`: the first line, without a trailing full stop."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].rstrip(".!") if lines else ""  # torch's dispatcher lists go on for pages
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -295,6 +296,17 @@ def _transfer_leaves(
     except Exception:  # sparse, nested or wrapper-subclass tensors have no storage to share
         storages = [_storage_or_self(t) for t in tensors]
     keys = list(map(id, storages))  # `storages` keeps every storage alive: ids stay unique
+    if (
+        dtype is None
+        and coalesce is not True
+        and _type(device) == "meta"
+        and len(set(keys)) == len(keys)
+        and set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES
+    ):  # the most common dispatch-only case, without the general machinery below
+        try:
+            return [tensor.to(device) for tensor in tensors]
+        except Exception:  # the general path below names the failing tensor
+            pass
     sync: set[torch.device] = set()
 
     def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ every error; the invariants are hypothesis properties in `test_move_properties.p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import OrderedDict, UserDict, defaultdict, deque, namedtuple
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
@@ -475,6 +476,18 @@ def test_failing_tensor_move_names_path_bytes_and_target() -> None:
     )
     assert (error.path, error.nbytes, error.device) == ("batch['inputs'][1]", 24, CPU)
     assert isinstance(error.__cause__, NotImplementedError)
+
+
+def test_failing_dispatch_names_the_tensor_in_a_flat_batch() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated
+        quantized = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+    with pytest.raises(devicekit.MoveError) as caught:
+        devicekit.to_device({"a": torch.ones(1), "q": quantized}, "meta")
+    message = str(caught.value)
+    assert message.startswith("to_device(meta): moving batch['q'] (quint8[2]@cpu, 2 bytes) to meta")
+    assert "\n" not in message
+    assert isinstance(caught.value.__cause__, NotImplementedError)
 
 
 def test_failing_to_call_is_a_move_error() -> None:
