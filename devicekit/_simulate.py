@@ -606,9 +606,17 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
             patches[(module, name)] = value
     if kind == "cuda":
         patches[(torch.backends.cudnn, "is_acceptable")] = lambda tensor: False
+    # DataLoader(pin_memory=True) pins in its own thread, where the mode is not active: the
+    # CPU build cannot pin, and a plain copy is what the simulated device needs.
+    patches[(torch.Tensor, "pin_memory")] = _pinned_copy
     for cls in (torch.nn.Parameter, torch.nn.Buffer):
         patches[(cls, "__new__")] = staticmethod(_keeping_tag(cls.__dict__["__new__"]))
     return patches
+
+
+def _pinned_copy(tensor: torch.Tensor, device: object = None) -> torch.Tensor:
+    """`Tensor.pin_memory` while simulating: a copy, since a CPU build has no pinned memory."""
+    return torch.Tensor.clone(tensor)
 
 
 def _keeping_tag(new: Any) -> Callable[..., Any]:

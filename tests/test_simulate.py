@@ -429,6 +429,15 @@ def test_type_names_the_simulated_backend(sim: object) -> None:
     assert torch.ones(1, device="cuda:0").type(torch.float64).device == CUDA0
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_loader_with_pinned_memory(sim: object, workers: int) -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(8.0).reshape(4, 2))
+    loader = torch.utils.data.DataLoader(data, batch_size=2, pin_memory=True, num_workers=workers)
+    batches = [batch.to("cuda:1", non_blocking=True) for (batch,) in loader]
+    assert [batch.device for batch in batches] == [CUDA1, CUDA1]
+    assert torch.equal(torch.cat([batch.cpu() for batch in batches]), data.tensors[0])
+
+
 def test_default_device_allocates_on_simulated_devices(sim: object) -> None:
     with devicekit.default_device("cuda:1"):
         assert torch.zeros(2).device == CUDA1
@@ -443,6 +452,7 @@ def test_everything_is_restored_after_an_exception() -> None:
         _ = 1 / 0
     after = (torch.nn.Parameter.__dict__["__new__"], torch.accelerator.device_count)
     assert after == before
+    assert "pin_memory" not in torch.Tensor.__dict__  # torch's own, from TensorBase, again
     assert not torch.cuda.is_available()
     assert devicekit.devices()[-1].simulated is False
     with simulated_devices("cuda", 1):  # and a new block can start
