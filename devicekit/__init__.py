@@ -2,44 +2,125 @@
 
 Find the devices, pick one, put models and nested batches on it, and catch cross-device mistakes
 in tests.
+
+The public names are imported on first use (PEP 562), so that `import devicekit` (and with it
+the pytest plugin, which every test run in an environment with devicekit loads) costs nothing
+until devicekit is actually used: torch is imported then, not before.
 """
 
 from __future__ import annotations
 
+import importlib as _importlib
+import typing as _typing
 from importlib import metadata as _metadata
 
-from devicekit._colocate import colocate, colocated
-from devicekit._context import carry_default_device, current_device, default_device
-from devicekit._discovery import (
-    DeviceInfo,
-    accelerator_type,
-    as_device,
-    best_device,
-    devices,
-    explain_best_device,
-    local_device,
-)
-from devicekit._errors import (
-    CrossDeviceError,
-    DevicekitError,
-    DevicekitWarning,
-    DeviceMismatchWarning,
-    DeviceMoveWarning,
-    DeviceUnavailableError,
-    InvalidArgumentError,
-    InvalidDeviceSpecError,
-    MixedDevicesError,
-    MoveError,
-    ScopeError,
-    SimulationError,
-    TransferGuardError,
-    UnmovableError,
-)
-from devicekit._guard import GuardPolicy, device_guard
-from devicekit._move import devices_of, find_device, register_mover, to_device
-from devicekit._simulate import simulated_devices
-from devicekit._transfer_guard import TransferPolicy, transfer_guard
-from devicekit._types import DeviceLike, SupportsTo
+if _typing.TYPE_CHECKING:
+    from devicekit._colocate import (
+        colocate,
+        colocated,
+    )
+    from devicekit._context import (
+        carry_default_device,
+        current_device,
+        default_device,
+    )
+    from devicekit._discovery import (
+        DeviceInfo,
+        accelerator_type,
+        as_device,
+        best_device,
+        devices,
+        explain_best_device,
+        local_device,
+    )
+    from devicekit._errors import (
+        CrossDeviceError,
+        DevicekitError,
+        DevicekitWarning,
+        DeviceMismatchWarning,
+        DeviceMoveWarning,
+        DeviceUnavailableError,
+        InvalidArgumentError,
+        InvalidDeviceSpecError,
+        MixedDevicesError,
+        MoveError,
+        ScopeError,
+        SimulationError,
+        TransferGuardError,
+        UnmovableError,
+    )
+    from devicekit._guard import (
+        GuardPolicy,
+        device_guard,
+    )
+    from devicekit._move import (
+        devices_of,
+        find_device,
+        register_mover,
+        to_device,
+    )
+    from devicekit._simulate import (
+        simulated_devices,
+    )
+    from devicekit._transfer_guard import (
+        TransferPolicy,
+        transfer_guard,
+    )
+    from devicekit._types import (
+        DeviceLike,
+        SupportsTo,
+    )
+
+# Where each public name lives; `__getattr__` imports it from there on first access.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "devicekit._colocate": ("colocate", "colocated"),
+    "devicekit._context": ("carry_default_device", "current_device", "default_device"),
+    "devicekit._discovery": (
+        "DeviceInfo",
+        "accelerator_type",
+        "as_device",
+        "best_device",
+        "devices",
+        "explain_best_device",
+        "local_device",
+    ),
+    "devicekit._errors": (
+        "CrossDeviceError",
+        "DevicekitError",
+        "DevicekitWarning",
+        "DeviceMismatchWarning",
+        "DeviceMoveWarning",
+        "DeviceUnavailableError",
+        "InvalidArgumentError",
+        "InvalidDeviceSpecError",
+        "MixedDevicesError",
+        "MoveError",
+        "ScopeError",
+        "SimulationError",
+        "TransferGuardError",
+        "UnmovableError",
+    ),
+    "devicekit._guard": ("GuardPolicy", "device_guard"),
+    "devicekit._move": ("devices_of", "find_device", "register_mover", "to_device"),
+    "devicekit._simulate": ("simulated_devices",),
+    "devicekit._transfer_guard": ("TransferPolicy", "transfer_guard"),
+    "devicekit._types": ("DeviceLike", "SupportsTo"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devicekit' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 try:
     __version__ = _metadata.version("devicekit")

@@ -2,9 +2,8 @@
 
 Registered through the `pytest11` entry point, so installing devicekit is enough. It does no
 work until used: its hooks return at once unless an option, a marker or a fixture of the plugin
-is in play, and devicekit's modules are imported inside the hooks that need them. (Importing
-this module imports the `devicekit` package, and with it torch, which a PyTorch test suite
-imports anyway.)
+is in play, and devicekit's modules (and torch) are imported inside the hooks that need them;
+loading the plugin imports neither, since `devicekit/__init__.py` imports its names lazily.
 
 Options (and their ini equivalents):
 

@@ -66,3 +66,15 @@ def test_does_not_change_torch_defaults() -> None:
         """
     )
     assert result == {"default": "cpu", "modes": 0}
+
+
+def test_import_and_plugin_load_do_not_import_torch() -> None:
+    """The pytest plugin loads in every test run of an environment with devicekit: keep it light."""
+    result = run_fresh(
+        """
+        import json, sys
+        import devicekit, devicekit._pytest_plugin
+        print(json.dumps({"torch": "torch" in sys.modules}))
+        """
+    )
+    assert result == {"torch": False}

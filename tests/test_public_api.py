@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import importlib
+
+import pytest
+
 import devicekit
 
 
@@ -11,9 +15,23 @@ def test_all_is_sorted_and_complete() -> None:
 
 
 def test_public_names_are_exported() -> None:
-    public = {name for name in vars(devicekit) if not name.startswith("_")}
+    # Identifiers only: pytest's assertion rewriting adds `@py_builtins` to a plugin's package.
+    public = {name for name in vars(devicekit) if name.isidentifier() and name[0] != "_"}
     # `devicekit.testing` is a public submodule, an attribute once something imported it.
-    assert public - set(devicekit.__all__) - {"annotations", "testing"} == set()
+    allowed = {"annotations", "testing"}
+    assert public - set(devicekit.__all__) - allowed == set()
+
+
+def test_every_lazy_export_is_in_all_and_resolves() -> None:
+    lazy = set(devicekit._MODULE_OF)
+    assert lazy | {"__version__"} == set(devicekit.__all__)
+    for name, module in devicekit._MODULE_OF.items():
+        assert getattr(devicekit, name) is getattr(importlib.import_module(module), name), name
+
+
+def test_unknown_attribute() -> None:
+    with pytest.raises(AttributeError, match="module 'devicekit' has no attribute 'to_gpu'"):
+        devicekit.to_gpu  # type: ignore[attr-defined]  # noqa: B018
 
 
 def test_errors_share_one_root() -> None:
