@@ -47,6 +47,7 @@ NonBlocking = bool | Literal["auto"]
 #: Device specs whose meaning never changes (they resolve to `cpu` or `meta`), resolved once.
 _TARGETS: dict[Any, torch.device] = {}
 _PLAIN_TENSOR_TYPES = frozenset({torch.Tensor})
+_STORAGE = torch.Tensor.untyped_storage
 _FLAT_ROOT = frozenset({DICT, LIST, TUPLE})
 
 
@@ -291,22 +292,23 @@ def _transfer_leaves(
     Raises:
         _TransferFailed: A copy failed; `to_device` re-raises it as `MoveError` with a path.
     """
+    if dtype is None and coalesce is not True and _type(device) == "meta":
+        # The most common dispatch-only case, checked in C loops: every tensor alone on its
+        # storage (storage objects outlive these calls: torch keeps them with the storage).
+        try:
+            alone_on_storage = len(set(map(id, map(_STORAGE, tensors)))) == len(tensors)
+        except Exception:  # sparse, nested or wrapper-subclass tensors have no storage
+            alone_on_storage = False
+        if alone_on_storage and set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES:
+            try:
+                return [tensor.to(device) for tensor in tensors]
+            except Exception:  # the general path below names the failing tensor
+                pass
     try:
-        storages: list[object] = list(map(torch.Tensor.untyped_storage, tensors))
+        storages: list[object] = list(map(_STORAGE, tensors))
     except Exception:  # sparse, nested or wrapper-subclass tensors have no storage to share
         storages = [_storage_or_self(t) for t in tensors]
     keys = list(map(id, storages))  # `storages` keeps every storage alive: ids stay unique
-    if (
-        dtype is None
-        and coalesce is not True
-        and _type(device) == "meta"
-        and len(set(keys)) == len(keys)
-        and set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES
-    ):  # the most common dispatch-only case, without the general machinery below
-        try:
-            return [tensor.to(device) for tensor in tensors]
-        except Exception:  # the general path below names the failing tensor
-            pass
     sync: set[torch.device] = set()
 
     def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:

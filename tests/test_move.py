@@ -620,3 +620,14 @@ def test_coalesce_reaches_the_transfer(batch: dict[str, Any]) -> None:
     assert tensors[0].untyped_storage() is tensors[1].untyped_storage()
     separate = [alone["a"], alone["b"] if "b" in alone else alone["n"][0]]
     assert separate[0].untyped_storage() is not separate[1].untyped_storage()
+
+
+def test_storage_objects_are_kept_by_torch() -> None:
+    """The fast path of `_transfer_leaves` compares storage ids without holding the storages."""
+    import gc
+
+    base = torch.arange(4.0)
+    first = id(base.untyped_storage())
+    gc.collect()
+    assert id(base[1:].untyped_storage()) == first
+    assert base.untyped_storage() is base[2:].untyped_storage()
