@@ -42,8 +42,10 @@ _DTYPES = {
 }
 
 
-def describe_tensor(tensor: torch.Tensor) -> str:
+def describe_tensor(tensor: torch.Tensor, device: torch.device | None = None) -> str:
     """The compact form of a tensor: dtype, shape and device, as in `f32[32,64] @ cuda:0`.
+
+    `device` overrides `tensor.device` (a simulated tensor's device, say).
 
     Example:
         >>> import torch
@@ -52,7 +54,7 @@ def describe_tensor(tensor: torch.Tensor) -> str:
     """
     dtype = _DTYPES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch.")
     shape = ",".join(str(size) for size in tensor.shape)
-    return f"{dtype}[{shape}] @ {tensor.device}"
+    return f"{dtype}[{shape}] @ {tensor.device if device is None else device}"
 
 
 # Where users reach torch's functions, most specific first: `torch.nn.functional.conv2d` is the

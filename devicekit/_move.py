@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from devicekit._describe import describe_tensor
 from devicekit._discovery import _as_device
 from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
 from devicekit._transfer import Coalesce, transfer_tensors
@@ -77,29 +78,6 @@ def _target(device: Any) -> torch.device:
 
 def _root_name(obj: Any) -> str:
     return "model" if isinstance(obj, torch.nn.Module) else "batch"
-
-
-_SHORT_DTYPES = {
-    torch.float32: "f32",
-    torch.float64: "f64",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int16: "i16",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.bool: "bool",
-    torch.complex64: "c64",
-    torch.complex128: "c128",
-}
-
-
-def _describe(tensor: torch.Tensor) -> str:
-    """A compact tensor description: `f32[2,3]@cpu`."""
-    dtype = _SHORT_DTYPES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch."))
-    shape = ",".join(str(size) for size in tensor.shape)
-    return f"{dtype}[{shape}]@{tensor.device}"
 
 
 def _cause(error: BaseException) -> str:
@@ -418,7 +396,7 @@ class _Mover:
         else:
             fix = "The original error is attached as __cause__."
         return MoveError(
-            f"to_device({self.target}): moving {path} ({_describe(tensor)}, "
+            f"to_device({self.target}): moving {path} ({describe_tensor(tensor)}, "
             f"{_format_bytes(failure.nbytes)}) to {self.target} failed with "
             f"{_cause(cause)}. {fix}",
             path=path,
@@ -474,7 +452,7 @@ class _Mover:
                 raise UnmovableError(
                     f"to_device({self.target}, strict=True): {path} is of type {name}, which "
                     f"devicekit cannot rebuild, and it holds tensors ({inside}: "
-                    f"{_describe(value)}). "
+                    f"{describe_tensor(value)}). "
                     f"Make {name} a dataclass, give it a .to(device) method, or call "
                     f"devicekit.register_mover({name}, fn); or pass strict=False to leave "
                     "it as it is.",

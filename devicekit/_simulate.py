@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext, _device_constructors
 
 from devicekit import _context, _discovery
-from devicekit._describe import labelled_tensors, op_name_at, user_call_site
+from devicekit._describe import describe_tensor, labelled_tensors, op_name_at, user_call_site
 from devicekit._errors import CrossDeviceError, SimulationError
 
 __all__ = ["simulated_devices"]
@@ -37,21 +37,6 @@ _MAX_COUNT = 16
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
 
-
-_SHORT_DTYPES = {
-    torch.float32: "f32",
-    torch.float64: "f64",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int16: "i16",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.bool: "bool",
-    torch.complex64: "c64",
-    torch.complex128: "c128",
-}
 
 # Ops that take their index argument (position 1) as a CPU tensor on CUDA too.
 _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_"})
@@ -134,12 +119,6 @@ def _device_of(tensor: torch.Tensor) -> torch.device:
     return tensor.device if simulated is None else simulated
 
 
-def _compact(tensor: torch.Tensor) -> str:
-    dtype = _SHORT_DTYPES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch."))
-    shape = ",".join(str(size) for size in tensor.shape)
-    return f"{dtype}[{shape}] @ {_device_of(tensor)}"
-
-
 def _operands(args: Sequence[object], kwargs: dict[str, object]) -> list[tuple[str, torch.Tensor]]:
     """Each tensor argument with a label, looking one level into lists and tuples."""
     found: list[tuple[str, torch.Tensor]] = []
@@ -187,7 +166,8 @@ def _cross_device_error(
             devices.append(device)
     listed = " and ".join(str(device) for device in devices)
     lines = [f"{op}: expected all tensors on one device, but found {listed}."]
-    lines.extend(f"  {label}: {_compact(tensor)}" for label, tensor in operands)
+    described = tuple((label, describe_tensor(t, _device_of(t))) for label, t in operands)
+    lines.extend(f"  {label}: {text}" for label, text in described)
     if site is not None:
         lines.append(f"  called from {site}")
     target = next((d for d in devices if d.type != "cpu"), devices[0])
@@ -205,7 +185,7 @@ def _cross_device_error(
     return CrossDeviceError(
         "\n".join(lines),
         op=op,
-        operands=tuple((label, _compact(tensor)) for label, tensor in operands),
+        operands=described,
         devices=tuple(devices),
         location=None if site is None else str(site),
     )

@@ -439,7 +439,7 @@ def test_strict_names_the_path_inside() -> None:
         devicekit.to_device(batch, "meta", strict=True)
     message = str(caught.value)
     assert "to_device(meta, strict=True): batch['meta'] is of type Opaque" in message
-    assert "(batch['meta'].cache: f32[2]@cpu)" in message
+    assert "(batch['meta'].cache: f32[2] @ cpu)" in message
     assert "register_mover(Opaque, fn)" in message
     assert "strict=False" in message
     assert caught.value.path == "batch['meta'].cache"
@@ -471,7 +471,7 @@ def test_failing_tensor_move_names_path_bytes_and_target() -> None:
         devicekit.to_device(batch, "cpu")
     error = caught.value
     assert str(error).startswith(
-        "to_device(cpu): moving batch['inputs'][1] (f32[2,3]@meta, 24 bytes) to cpu failed with "
+        "to_device(cpu): moving batch['inputs'][1] (f32[2,3] @ meta, 24 bytes) to cpu failed with "
         "NotImplementedError: Cannot copy out of meta tensor; no data. Meta tensors hold no data"
     )
     assert (error.path, error.nbytes, error.device) == ("batch['inputs'][1]", 24, CPU)
@@ -485,7 +485,9 @@ def test_failing_dispatch_names_the_tensor_in_a_flat_batch() -> None:
     with pytest.raises(devicekit.MoveError) as caught:
         devicekit.to_device({"a": torch.ones(1), "q": quantized}, "meta")
     message = str(caught.value)
-    assert message.startswith("to_device(meta): moving batch['q'] (quint8[2]@cpu, 2 bytes) to meta")
+    assert message.startswith(
+        "to_device(meta): moving batch['q'] (quint8[2] @ cpu, 2 bytes) to meta"
+    )
     assert "\n" not in message
     assert isinstance(caught.value.__cause__, NotImplementedError)
 
