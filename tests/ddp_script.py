@@ -59,6 +59,9 @@ def main(out: Path, steps: int) -> None:
     dist.all_gather(gathered, flat)
     agree = all(torch.equal(gathered[0], other) for other in gathered[1:])
     moved = not torch.equal(flat, _initial_parameters(device))
+    # Without the barrier a rank can close its gloo connections while the other one still
+    # sends, and that rank aborts ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
     result = {
         "rank": rank,

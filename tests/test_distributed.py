@@ -41,7 +41,19 @@ def launch(tmp_path: Path, script: Path = SCRIPT, *args: str) -> subprocess.Comp
         str(script),
         *args,
     ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    for _ in range(_ATTEMPTS):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        if done.returncode == 0 or _GLOO_TEARDOWN_ABORT not in done.stderr:
+            break
+    return done
+
+
+# torch 2.13's gloo backend now and then aborts a rank while the process exits, after its work is
+# done and the process group destroyed (about one launch in ten on a loaded 2-core machine; see
+# pytorch#179291 on gloo's threads at interpreter shutdown). That is torch's race, not the code
+# under test, so such a launch is tried again; any other failure fails at once.
+_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+_ATTEMPTS = 3
 
 
 @pytest.fixture(scope="module")
