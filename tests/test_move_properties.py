@@ -15,6 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import devicekit
+from devicekit.testing import nested_batches
 
 META = torch.device("meta")
 KEYS = st.text("abc", min_size=1, max_size=2)
@@ -277,3 +278,14 @@ def test_devices_of_finds_every_tensor(batch: Any) -> None:
     assert sum(len(paths) for paths in found.values()) == count
     assert set(found) <= {torch.device("cpu")}
     assert devicekit.find_device(batch) == (torch.device("cpu") if count else None)
+
+
+@settings(max_examples=40)
+@given(nested_batches(cycles=False) | nested_batches(cycles=True, max_depth=2))
+def test_users_nested_batches_move_whole(batch: Any) -> None:
+    """The batches users draw from `devicekit.testing` move to `meta` leaving nothing behind."""
+    moved = devicekit.to_device(batch, "meta")
+    assert type(moved) is type(batch)
+    assert set(devicekit.devices_of(moved)) <= {META}
+    assert devicekit.find_device(moved) in (META, None)
+    assert (devicekit.find_device(batch) is None) == (devicekit.find_device(moved) is None)
