@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-import timeit
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import devicekit
-from benchmarks._timing import format_table
+from benchmarks._timing import format_table, median_cpu_us
 
 
 class EmptyMode(TorchFunctionMode):
@@ -41,14 +39,6 @@ class EmptyMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         return func(*args, **kwargs)
-
-
-def median_cpu_us(function: Callable[[], object], *, repeat: int = 5) -> float:
-    """Median CPU microseconds per call of `function` over `repeat` batches of about 20 ms."""
-    timer = timeit.Timer(function, timer=time.process_time)
-    number, _ = timer.autorange()
-    number = max(1, number // 10)
-    return statistics.median(timer.repeat(repeat=repeat, number=number)) / number * 1e6
 
 
 def cases() -> dict[str, Callable[[], object]]:

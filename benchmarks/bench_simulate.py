@@ -11,22 +11,12 @@ which busy neighbours on the shared 2-core machines do not inflate; figures are 
 from __future__ import annotations
 
 import statistics
-import time
-import timeit
 from collections.abc import Callable
 
 import torch
 
 import devicekit
-from benchmarks._timing import format_table
-
-
-def median_cpu_us(function: Callable[[], object], *, repeat: int = 5) -> float:
-    """Median CPU microseconds per call of `function` over `repeat` batches."""
-    timer = timeit.Timer(function, timer=time.process_time)
-    number, _ = timer.autorange()
-    number = max(1, number // 10)
-    return statistics.median(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+from benchmarks._timing import format_table, median_cpu_us
 
 
 def cases(device: str) -> dict[str, Callable[[], object]]:
