@@ -15,6 +15,7 @@ import torch
 from devicekit import _nvml
 from devicekit._discovery import (
     DeviceInfo,
+    _gib,
     accelerator_type,
     as_device,
     devices,
@@ -25,8 +26,8 @@ from devicekit._errors import DevicekitError
 __all__ = ["main", "print_report"]
 
 
-def _gib(size: int | None) -> str:
-    return "-" if size is None else f"{size / 2**30:.1f} GiB"
+def _gib_or_dash(size: int | None) -> str:
+    return "-" if size is None else _gib(size)
 
 
 def _versions() -> dict[str, str | None]:
@@ -72,8 +73,8 @@ def _print_table(report: dict[str, Any]) -> None:
             (
                 entry["device"],
                 name,
-                _gib(entry["total_memory"]),
-                _gib(entry["free_memory"]),
+                _gib_or_dash(entry["total_memory"]),
+                _gib_or_dash(entry["free_memory"]),
                 entry["capability"] or "-",
             )
         )
