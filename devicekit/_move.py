@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Hashable
+from operator import is_not
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -28,11 +29,13 @@ from devicekit._tree import (
     OPAQUE,
     TENSOR,
     TUPLE,
-    Collected,
+    NotSimple,
     classify,
     collect,
+    flatten_simple,
     path_of,
     rebuild,
+    rebuild_simple,
     register_mover,
     render,
     walk,
@@ -47,7 +50,7 @@ NonBlocking = bool | Literal["auto"]
 
 #: Device specs whose meaning never changes (they resolve to `cpu` or `meta`), resolved once.
 _TARGETS: dict[Any, torch.device] = {}
-_PLAIN_TENSOR_TYPES = frozenset({torch.Tensor})
+_PLAIN = frozenset({torch.Tensor})  # tensor types `.to()` keeps as they are
 _STORAGE = torch.Tensor.untyped_storage
 _FLAT_ROOT = frozenset({DICT, LIST, TUPLE})
 
@@ -189,7 +192,7 @@ def _copy_each(
     except Exception as error:
         failed = tensors[len(out)]
         raise _TransferFailed(failed, failed.nbytes, error) from error
-    if not set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES:
+    if not set(map(type, tensors)) <= _PLAIN:
         out = [_rewrap(t, m) for t, m in zip(tensors, out, strict=True)]
     return out
 
@@ -270,18 +273,6 @@ def _transfer_leaves(
     Raises:
         _TransferFailed: A copy failed; `to_device` re-raises it as `MoveError` with a path.
     """
-    if dtype is None and coalesce is not True and _type(device) == "meta":
-        # The most common dispatch-only case, checked in C loops: every tensor alone on its
-        # storage (storage objects outlive these calls: torch keeps them with the storage).
-        try:
-            alone_on_storage = len(set(map(id, map(_STORAGE, tensors)))) == len(tensors)
-        except Exception:  # sparse, nested or wrapper-subclass tensors have no storage
-            alone_on_storage = False
-        if alone_on_storage and set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES:
-            try:
-                return [tensor.to(device) for tensor in tensors]
-            except Exception:  # the general path below names the failing tensor
-                pass
     try:
         storages: list[object] = list(map(_STORAGE, tensors))
     except Exception:  # sparse, nested or wrapper-subclass tensors have no storage to share
@@ -567,29 +558,38 @@ def to_device(
         )
     if skip is None and not strict:
         kind = _KIND.get(type(obj))
-        if kind in _FLAT_ROOT:  # the common batch: a dict, list or tuple of tensors, at once
+        if kind in _FLAT_ROOT:  # the common batch: dicts, lists and tuples of tensors
             batch: Any = obj
             values = batch.values() if kind == DICT else batch
-            if set(map(type, values)) <= LEAF_TYPES:
-                return _move_flat(obj, kind, list(values), target, non_blocking, dtype, coalesce)
+            types = set(map(type, values))
+            flat = types <= LEAF_TYPES  # one level: no walk at all
+            if flat:
+                leaves = list(values)
+            else:
+                try:
+                    leaves = flatten_simple(obj, kind)
+                except NotSimple:
+                    leaves = None
+            if leaves is not None:
+                plain = not flat or types <= _PLAIN
+                return _move_simple(
+                    obj, kind, leaves, flat, plain, target, non_blocking, dtype, coalesce
+                )
         predicate, keys = None, None
     else:
         predicate, keys = _skip_arguments(skip)
         if predicate is not None and predicate(obj):
             return obj
     kind = classify(type(obj))
-    mover = None
-    if kind == TENSOR:
-        if not _pending([obj], target, dtype):  # type: ignore[list-item]
-            return obj
-        found = None
-        leaves: list[torch.Tensor] = [obj]  # type: ignore[list-item]
-    elif kind <= OPAQUE:
+    if kind <= OPAQUE:
         if strict and kind != ATOM:
             _Mover(obj, target, non_blocking, dtype).check_opaque(obj)
         return obj
+    mover = _Mover(obj, target, non_blocking, dtype)
+    found = None
+    if kind == TENSOR:
+        leaves = [obj]
     else:
-        mover = _Mover(obj, target, non_blocking, dtype)
         found = collect(
             obj,
             kind,
@@ -598,64 +598,82 @@ def to_device(
             on_opaque=mover.check_opaque if strict else None,
         )
         leaves = found.leaves
-    pending = _pending(leaves, target, dtype)
     try:
-        moved_pending = (
-            _transfer_leaves(
-                pending, target, non_blocking=non_blocking, dtype=dtype, coalesce=coalesce
-            )
-            if pending
-            else pending
+        moved = _move_leaves(
+            leaves, target, non_blocking, dtype, coalesce, set(map(type, leaves)) <= _PLAIN
         )
     except _TransferFailed as failure:
-        raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
-    if found is None or mover is None:
-        return moved_pending[0]  # type: ignore[return-value]
-    return _finish(found, leaves, pending, moved_pending, mover)  # type: ignore[no-any-return]
+        raise mover.failed(failure) from failure.cause
+    if found is None:
+        return moved[0]  # type: ignore[return-value]
+    if moved is leaves and not found.calls:
+        return obj
+    return rebuild(found, moved, mover.call, mover.unmovable)  # type: ignore[no-any-return]
 
 
-def _move_flat(
+def _move_simple(
     obj: T,
     kind: int,
     leaves: list[torch.Tensor],
+    flat: bool,
+    plain: bool,
     target: torch.device,
     non_blocking: NonBlocking,
     dtype: torch.dtype | None,
     coalesce: Coalesce,
 ) -> T:
-    """`to_device` for a dict, list or tuple of nothing but tensors, without a walk."""
-    pending = _pending(leaves, target, dtype)
-    if not pending:
-        return obj
+    """`to_device` for plain dicts, lists and tuples of tensors and atoms (`flatten_simple`);
+    `flat`: `obj` holds nothing but tensors (`leaves` are its values)."""
     try:
-        moved = _transfer_leaves(
-            pending, target, non_blocking=non_blocking, dtype=dtype, coalesce=coalesce
-        )
+        moved = _move_leaves(leaves, target, non_blocking, dtype, coalesce, plain)
     except _TransferFailed as failure:
         raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
-    if len(moved) != len(leaves):
-        by_id = dict(zip(map(id, pending), moved, strict=True))
-        moved = [by_id.get(id(t), t) for t in leaves]
+    if moved is leaves:
+        return obj
+    if not flat:
+        return rebuild_simple(obj, kind, moved)  # type: ignore[no-any-return]
+    if not any(map(is_not, moved, leaves)):  # all on `meta` already
+        return obj
     return with_values(obj, kind, moved)  # type: ignore[no-any-return]
 
 
-def _finish(
-    found: Collected,
+def _move_leaves(
     leaves: list[torch.Tensor],
-    pending: list[torch.Tensor],
-    moved_pending: list[torch.Tensor],
-    mover: _Mover,
-) -> Any:
+    target: torch.device,
+    non_blocking: NonBlocking,
+    dtype: torch.dtype | None,
+    coalesce: Coalesce,
+    plain: bool,
+) -> list[torch.Tensor]:
+    """Every leaf moved, in order; a leaf already in place is itself, and `leaves` itself comes
+    back when none moved. `plain`: all leaves are exactly `torch.Tensor`.
+
+    Raises:
+        _TransferFailed: A copy failed.
+    """
+    if plain and dtype is None and coalesce is not True and _type(target) == "meta":
+        # The common dispatch-only case, checked in C loops: every tensor alone on its storage
+        # (storage objects outlive these calls: torch keeps them with the storage). `.to()`
+        # returns a tensor already on `meta` as itself, so no tensor needs checking first.
+        try:
+            alone_on_storage = len(set(map(id, map(_STORAGE, leaves)))) == len(leaves)
+        except Exception:  # sparse, nested or wrapper-subclass tensors have no storage
+            alone_on_storage = False
+        if alone_on_storage:
+            try:
+                return [tensor.to(target) for tensor in leaves]
+            except Exception:  # the general path below names the failing tensor
+                pass
+    pending = _pending(leaves, target, dtype)
     if not pending:
-        if not found.calls:
-            return mover.root
-        moved = leaves
-    elif len(pending) == len(leaves):
-        moved = moved_pending
-    else:
-        by_id = dict(zip(map(id, pending), moved_pending, strict=True))
-        moved = [by_id.get(id(t), t) for t in leaves]
-    return rebuild(found, moved, mover.call, mover.unmovable)
+        return leaves
+    moved = _transfer_leaves(
+        pending, target, non_blocking=non_blocking, dtype=dtype, coalesce=coalesce
+    )
+    if len(pending) == len(leaves):
+        return moved
+    by_id = dict(zip(map(id, pending), moved, strict=True))
+    return [by_id.get(id(t), t) for t in leaves]
 
 
 # ---------------------------------------------------------------------------------------------

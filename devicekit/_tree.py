@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import enum
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from operator import attrgetter, is_not
 from typing import Any
 
@@ -34,10 +34,13 @@ from devicekit._errors import UnmovableError
 __all__ = [
     "Collected",
     "Mover",
+    "NotSimple",
     "classify",
     "collect",
+    "flatten_simple",
     "path_of",
     "rebuild",
+    "rebuild_simple",
     "register_mover",
     "render",
     "walk",
@@ -101,6 +104,7 @@ _KIND: dict[type, int] = {}
 LEAF_TYPES: set[type] = set()
 SIMPLE_TYPES: set[type] = set()  # tensors, atoms and opaque objects: nothing to descend into
 STRICT_SIMPLE_TYPES: set[type] = set()  # tensors and atoms only (opaque objects need a check)
+ATOM_TYPES: set[type] = set()  # atoms and opaque objects: returned as they are
 #: Registered movers, by the type they were registered for (subclasses use their base's mover).
 _MOVERS: dict[type, Mover] = {}
 #: Dataclass field names, by exact type, and a getter of all their values at once.
@@ -110,15 +114,27 @@ _GETTERS: dict[type, Callable[[Any], Any]] = {}
 _PLAIN_STATE: dict[type, bool] = {}
 
 
+#: Whether tensors, dicts, lists and tuples have their usual kinds (no mover registered for them).
+_PLAIN_BUILTINS = True
+
+
 def _reset_caches() -> None:
     _KIND.clear()
     LEAF_TYPES.clear()
     SIMPLE_TYPES.clear()
     STRICT_SIMPLE_TYPES.clear()
+    ATOM_TYPES.clear()
     for tp in (torch.Tensor, torch.nn.Parameter):
         classify(tp)
     for common in (str, int, float, bool, type(None), bytes, dict, list, tuple):
         classify(common)
+    global _PLAIN_BUILTINS
+    _PLAIN_BUILTINS = (
+        _KIND[torch.Tensor] == TENSOR
+        and _KIND[dict] == DICT
+        and _KIND[list] == LIST
+        and _KIND[tuple] == TUPLE
+    )
 
 
 def register_mover(cls: type[Any], fn: Mover) -> None:
@@ -220,6 +236,8 @@ def classify(tp: type) -> int:
         _KIND[tp] = kind
         if kind == TENSOR:
             LEAF_TYPES.add(tp)
+        if kind <= OPAQUE:
+            ATOM_TYPES.add(tp)
         if kind <= TENSOR:
             SIMPLE_TYPES.add(tp)
             if kind != OPAQUE:
@@ -252,7 +270,9 @@ def keys_of(obj: Any, kind: int) -> Any:
 def with_values(obj: Any, kind: int, values: list[Any]) -> Any:
     """A `_FLAT` container like `obj` holding `values` instead (all of them, in order)."""
     if kind == DICT:
-        return dict(zip(obj, values, strict=True))
+        # As many values as keys, by construction; `zip`'s `strict` keyword alone costs more
+        # than building a small dict.
+        return dict(zip(obj, values))  # noqa: B905
     if kind == LIST:
         return values
     return tuple(values)
@@ -425,6 +445,110 @@ def collect(
                     continue
                 return found
             break
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path: trees of plain dicts, lists and tuples holding plain tensors and atoms
+
+_TENSOR = torch.Tensor
+#: Deeper trees take the general, iterative path (recursion here stays far from Python's limit).
+SIMPLE_DEPTH = 100
+
+
+class NotSimple(Exception):
+    """`flatten_simple` declines: the tree holds something only the general path handles."""
+
+
+def flatten_simple(root: Any, kind: int) -> list[torch.Tensor]:
+    """The plain tensors in a tree of plain dicts, lists and tuples, in walk order.
+
+    Recursion (one Python call per container) costs a fraction of the general walk's
+    bookkeeping, which matters for deep, narrow batches. Anything else in the tree (a tensor
+    subclass, another container type, a container met twice, which includes cycles, or more
+    than `SIMPLE_DEPTH` levels) raises `NotSimple`, and `to_device` takes the general path.
+    `rebuild_simple` walks the same tree in the same order.
+    """
+    if not _PLAIN_BUILTINS:
+        raise NotSimple
+    leaves: list[torch.Tensor] = []
+    seen = {id(root)}
+    _flatten(root.values() if kind == DICT else root, SIMPLE_DEPTH, leaves.append, seen)
+    return leaves
+
+
+def _flatten(
+    values: Iterable[Any], depth: int, append: Callable[[Any], None], seen: set[int]
+) -> None:
+    # Plain functions, not closures: a closure calling itself is a reference cycle, which
+    # would keep every call's tensors alive until the garbage collector runs.
+    for value in values:
+        tp = type(value)
+        if tp is _TENSOR:
+            append(value)
+        elif tp in ATOM_TYPES:
+            continue
+        elif tp is dict or tp is list or tp is tuple:
+            key = id(value)
+            if key in seen or not depth:
+                raise NotSimple
+            seen.add(key)
+            _flatten(value.values() if tp is dict else value, depth - 1, append, seen)
+        elif classify(tp) > OPAQUE:  # a type met for the first time may be an atom
+            raise NotSimple
+
+
+def rebuild_simple(root: Any, kind: int, moved: list[torch.Tensor]) -> Any:
+    """`root` rebuilt around `moved`, the tensors `flatten_simple` found, moved, in its order.
+
+    A container none of whose values changed comes back as the very same object.
+    """
+    take = iter(moved).__next__
+    return _build_dict(root, take) if kind == DICT else _build_sequence(root, take)
+
+
+def _build_dict(obj: dict[Any, Any], take: Callable[[], torch.Tensor]) -> dict[Any, Any]:
+    new = {}
+    changed = False
+    result: Any
+    for key, value in obj.items():
+        tp = type(value)
+        if tp is _TENSOR:
+            result = take()
+        elif tp is dict:
+            result = _build_dict(value, take)
+        elif tp is list or tp is tuple:
+            result = _build_sequence(value, take)
+        else:
+            new[key] = value
+            continue
+        new[key] = result
+        if result is not value:
+            changed = True
+    return new if changed else obj
+
+
+def _build_sequence(obj: list[Any] | tuple[Any, ...], take: Callable[[], torch.Tensor]) -> Any:
+    new: list[Any] = []
+    append = new.append
+    changed = False
+    result: Any
+    for value in obj:
+        tp = type(value)
+        if tp is _TENSOR:
+            result = take()
+        elif tp is dict:
+            result = _build_dict(value, take)
+        elif tp is list or tp is tuple:
+            result = _build_sequence(value, take)
+        else:
+            append(value)
+            continue
+        append(result)
+        if result is not value:
+            changed = True
+    if not changed:
+        return obj
+    return new if type(obj) is list else tuple(new)
 
 
 _UNSET: Any = object()

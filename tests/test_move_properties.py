@@ -66,13 +66,22 @@ def _view(tensor: torch.Tensor, how: int) -> torch.Tensor:
 
 
 @st.composite
-def batches(draw: st.DrawFn, *, leaves: st.SearchStrategy[Any] | None = None) -> Any:
+def batches(
+    draw: st.DrawFn, *, leaves: st.SearchStrategy[Any] | None = None, plain: bool = False
+) -> Any:
+    """Random batches; `plain`: a dict, list or tuple of only those (to_device's fast path)."""
     pool = draw(st.lists(base_tensors(), min_size=1, max_size=3))
     tensors = st.sampled_from(pool) | st.builds(_view, st.sampled_from(pool), st.integers(0, 4))
     atoms = st.none() | st.integers(-3, 3) | st.text("xyz", max_size=3)
     leaf = leaves if leaves is not None else (tensors | atoms)
 
     def containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        if plain:
+            return st.one_of(
+                st.lists(children, max_size=4),
+                st.lists(children, max_size=3).map(tuple),
+                st.dictionaries(KEYS, children, max_size=4),
+            )
         return st.one_of(
             st.lists(children, max_size=4),
             st.lists(children, max_size=3).map(tuple),
@@ -85,7 +94,8 @@ def batches(draw: st.DrawFn, *, leaves: st.SearchStrategy[Any] | None = None) ->
             st.lists(children, max_size=3).map(lambda items: deque(items, maxlen=5)),
         )
 
-    return draw(st.recursive(leaf, containers, max_leaves=10))
+    tree = st.recursive(leaf, containers, max_leaves=10)
+    return draw(containers(tree) if plain else tree)
 
 
 def signature(value: Any) -> Any:
@@ -205,6 +215,45 @@ def test_aliasing_is_kept(batch: Any) -> None:
     distinct_in = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in before}
     distinct_out = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in after}
     assert sum(distinct_out.values()) <= sum(distinct_in.values())
+
+
+def identities(value: Any) -> list[tuple[int, int]]:
+    """Every container and tensor in walk order, each named by the index of its first
+    appearance, with its storage named the same way: equal lists mean equal sharing."""
+    objects: dict[int, int] = {}
+    storages: dict[int, int] = {}
+    found = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = storages.setdefault(id(item.untyped_storage()), len(storages))
+            found.append((objects.setdefault(id(item), len(objects)), storage))
+        elif isinstance(item, dict | list | tuple):
+            found.append((objects.setdefault(id(item), len(objects)), -1))
+            stack.extend(reversed(list(item.values() if isinstance(item, dict) else item)))
+    return found
+
+
+_SHARED = {"x": torch.ones(2)}
+
+
+@settings(max_examples=100)
+@given(batches(plain=True))
+@example({"p": torch.nn.Parameter(torch.ones(2)), "t": [torch.zeros(1)]})  # a subclass inside
+@example([_SHARED, {"again": _SHARED}])  # a container met twice
+@example({"a": (), "b": ((), torch.ones(1))})  # so is the empty tuple, a singleton
+@example([[[torch.ones(1)]] * 2, "x"])
+def test_fast_path_agrees_with_the_general_path(batch: Any) -> None:
+    """Plain dicts, lists and tuples take a recursive fast path (which hands subclasses and
+    shared containers to the general one); a `skip` forces the general path."""
+    fast = devicekit.to_device(batch, "meta")
+    general = devicekit.to_device(batch, "meta", skip=lambda value: False)
+    assert signature(fast) == signature(general)
+    assert identities(fast) == identities(general)
+    assert [t.stride() for t in tensors_in(fast)] == [t.stride() for t in tensors_in(general)]
+    assert devicekit.to_device(fast, "meta") is fast
+    assert devicekit.to_device(batch, "cpu") is batch
 
 
 @settings(max_examples=50)
