@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Hashable
+from itertools import repeat
 from operator import is_not
 from typing import Any, Literal, TypeVar
 
@@ -52,6 +53,8 @@ NonBlocking = bool | Literal["auto"]
 _TARGETS: dict[Any, torch.device] = {}
 _PLAIN = frozenset({torch.Tensor})  # tensor types `.to()` keeps as they are
 _STORAGE = torch.Tensor.untyped_storage
+_TO = torch.Tensor.to
+_META = torch.device("meta")
 _FLAT_ROOT = frozenset({DICT, LIST, TUPLE})
 
 
@@ -73,6 +76,8 @@ def _target(device: Any) -> torch.device:
     except (KeyError, TypeError):
         pass
     target = _as_device(device, check=True, operation="to_device")
+    if target == _META:
+        target = _META  # one object, for a quick `is` test on every call
     if device is not None and _type(target) in ("cpu", "meta"):
         with contextlib.suppress(TypeError):
             _TARGETS[device] = target
@@ -651,17 +656,22 @@ def _move_leaves(
     Raises:
         _TransferFailed: A copy failed.
     """
-    if plain and dtype is None and coalesce is not True and _type(target) == "meta":
+    if (
+        plain
+        and dtype is None
+        and coalesce is not True
+        and (target is _META or _type(target) == "meta")
+    ):
         # The common dispatch-only case, checked in C loops: every tensor alone on its storage
-        # (storage objects outlive these calls: torch keeps them with the storage). `.to()`
-        # returns a tensor already on `meta` as itself, so no tensor needs checking first.
+        # (storages hash by identity). `.to()` returns a tensor already on `meta` as itself,
+        # so no tensor needs checking first.
         try:
-            alone_on_storage = len(set(map(id, map(_STORAGE, leaves)))) == len(leaves)
+            alone_on_storage = len(set(map(_STORAGE, leaves))) == len(leaves)
         except Exception:  # sparse, nested or wrapper-subclass tensors have no storage
             alone_on_storage = False
         if alone_on_storage:
             try:
-                return [tensor.to(target) for tensor in leaves]
+                return list(map(_TO, leaves, repeat(target)))
             except Exception:  # the general path below names the failing tensor
                 pass
     pending = _pending(leaves, target, dtype)
