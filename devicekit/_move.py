@@ -55,6 +55,7 @@ _PLAIN = frozenset({torch.Tensor})  # tensor types `.to()` keeps as they are
 _STORAGE = torch.Tensor.untyped_storage
 _TO = torch.Tensor.to
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
 _FLAT_ROOT = frozenset({DICT, LIST, TUPLE})
 
 
@@ -76,8 +77,8 @@ def _target(device: Any) -> torch.device:
     except (KeyError, TypeError):
         pass
     target = _as_device(device, check=True, operation="to_device")
-    if target == _META:
-        target = _META  # one object, for a quick `is` test on every call
+    if target in (_CPU, _META):  # one object each, for quick `is` tests
+        target = _CPU if target == _CPU else _META
     if device is not None and _type(target) in ("cpu", "meta"):
         with contextlib.suppress(TypeError):
             _TARGETS[device] = target
@@ -462,10 +463,9 @@ def _pending(
 ) -> list[torch.Tensor]:
     """The leaves that need a copy or a cast."""
     if dtype is None:
-        to = _type(target)
-        if to == "cpu":
+        if target is _CPU:  # `_target` gives these two as one object each
             return [t for t in leaves if not t.is_cpu]
-        if to == "meta":
+        if target is _META:
             return [t for t in leaves if not t.is_meta]
         return [t for t in leaves if t.device != target]
     return [t for t in leaves if t.device != target or _cast(t, dtype) not in (None, t.dtype)]
@@ -580,6 +580,12 @@ def to_device(
                 return _move_simple(
                     obj, kind, leaves, flat, plain, target, non_blocking, dtype, coalesce
                 )
+        elif kind == TENSOR:
+            tensor: Any = obj
+            plain = type(tensor) is torch.Tensor
+            return _move_simple(
+                obj, kind, [tensor], False, plain, target, non_blocking, dtype, coalesce
+            )
         predicate, keys = None, None
     else:
         predicate, keys = _skip_arguments(skip)
@@ -627,16 +633,25 @@ def _move_simple(
     dtype: torch.dtype | None,
     coalesce: Coalesce,
 ) -> T:
-    """`to_device` for plain dicts, lists and tuples of tensors and atoms (`flatten_simple`);
-    `flat`: `obj` holds nothing but tensors (`leaves` are its values)."""
+    """`to_device` for a tensor, or plain dicts, lists and tuples of tensors and atoms
+    (`flatten_simple`); `flat`: `obj` holds nothing but tensors (`leaves` are its values)."""
     try:
         moved = _move_leaves(leaves, target, non_blocking, dtype, coalesce, plain)
     except _TransferFailed as failure:
         raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
     if moved is leaves:
         return obj
+    if kind == TENSOR:
+        return moved[0]  # type: ignore[return-value]
     if not flat:
-        return rebuild_simple(obj, kind, moved)  # type: ignore[no-any-return]
+        try:
+            return rebuild_simple(obj, kind, moved)  # type: ignore[no-any-return]
+        except RecursionError:  # called close to Python's recursion limit: no recursion then
+            mover = _Mover(obj, target, non_blocking, dtype)
+            found = collect(obj, kind, skip=None, skip_keys=None, on_opaque=None)
+            by_id = dict(zip(map(id, leaves), moved, strict=True))
+            in_order = [by_id[id(t)] for t in found.leaves]
+            return rebuild(found, in_order, mover.call, mover.unmovable)  # type: ignore[no-any-return]
     if not any(map(is_not, moved, leaves)):  # all on `meta` already
         return obj
     return with_values(obj, kind, moved)  # type: ignore[no-any-return]

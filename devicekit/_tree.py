@@ -472,7 +472,10 @@ def flatten_simple(root: Any, kind: int) -> list[torch.Tensor]:
         raise NotSimple
     leaves: list[torch.Tensor] = []
     seen = {id(root)}
-    _flatten(root.values() if kind == DICT else root, SIMPLE_DEPTH, leaves.append, seen)
+    try:
+        _flatten(root.values() if kind == DICT else root, SIMPLE_DEPTH, leaves.append, seen)
+    except RecursionError:  # called close to Python's recursion limit: no recursion then
+        raise NotSimple from None
     return leaves
 
 

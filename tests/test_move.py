@@ -4,6 +4,8 @@ every error; the invariants are hypothesis properties in `test_move_properties.p
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 import warnings
 from collections import OrderedDict, UserDict, defaultdict, deque, namedtuple
 from collections.abc import Iterator, Mapping
@@ -373,6 +375,51 @@ def test_deep_nesting_has_no_recursion_limit() -> None:
         moved = moved["k"][0]
     assert moved.is_meta
     assert devicekit.find_device(nested) == CPU
+
+
+def test_nesting_within_the_fast_paths_depth_is_walked_either_way() -> None:
+    """Plain batches up to `SIMPLE_DEPTH` levels take the recursive path, deeper ones the
+    iterative one; both give the same result."""
+    for depth in (_tree.SIMPLE_DEPTH - 1, _tree.SIMPLE_DEPTH + 5):
+        nested: Any = [torch.ones(1), "x"]
+        for _ in range(depth):
+            nested = {"k": (nested, 1)}
+        moved = devicekit.to_device(nested, "meta")
+        for _ in range(depth):
+            assert moved["k"][1] == 1
+            moved = moved["k"][0]
+        assert moved[0].is_meta
+        assert moved[1] == "x"
+
+
+def test_called_close_to_the_recursion_limit() -> None:
+    """However little of Python's recursion limit is left to it, `to_device` either works or
+    raises `RecursionError` before doing anything (as any Python call would), never halfway."""
+    nested: Any = torch.ones(1)
+    for _ in range(40):  # 80 containers: within the fast path's depth
+        nested = {"k": [nested]}
+
+    def move_at(headroom: int) -> Any:
+        def descend(left: int) -> Any:
+            if left > headroom:
+                return descend(left - 1)
+            return devicekit.to_device(nested, "meta")
+
+        return descend(sys.getrecursionlimit() - len(inspect.stack(0)))
+
+    worked = []
+    for headroom in range(1, 200):  # every frame: the fast walk and its rebuild differ by one
+        try:
+            moved = move_at(headroom)
+        except RecursionError:
+            assert headroom < 30, headroom  # the general path needs only a few frames
+            continue
+        for _ in range(40):
+            moved = moved["k"][0]
+        assert moved.is_meta
+        worked.append(headroom)
+    assert worked
+    assert worked[0] < 80 < worked[-1]
 
 
 # --- options -------------------------------------------------------------------------------------
