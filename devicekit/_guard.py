@@ -1,16 +1,17 @@
 """`device_guard()`: catch, report or repair torch ops that mix devices.
 
 A torch function mode sees every torch op run inside the block (functions, methods, operators,
-`nn.functional`, indexing) with its arguments. The check on each op is a hand-written scan of the
-arguments and of lists or tuples among them, comparing devices; only a call that mixes devices
-goes on to the slower path that applies the exceptions (0-dim CPU tensors, index tensors on the
-CPU), formats the report, and applies the policy.
+`nn.functional`, indexing) with its arguments. The check on each op is one hand-written pass over
+the arguments and the lists or tuples among them, comparing devices (by `.is_cpu` while all are
+on the CPU, which builds no `torch.device`); only a call that mixes devices goes on to the slower
+path that applies the exceptions (0-dim CPU tensors, index tensors on the CPU), formats the
+report, and applies the policy.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
@@ -98,14 +99,20 @@ _INDEXING: frozenset[object] = frozenset(
 _INDEX_LABELS = ("key", "indices")
 
 
-# What each argument type is to the fast path, cached per type: one dictionary lookup answers
-# for tensors, `nn.Parameter`s (slower to `isinstance` than plain tensors) and everything else.
-_TENSOR, _OTHER = "tensor", "other"
-_KINDS: dict[type, str] = {torch.Tensor: _TENSOR}
+# What each argument type is to the check, cached per type. Plain tensors and `nn.Parameter`s
+# (whose `.is_cpu` and `.device` are torch's own) are tested for first; lists and tuples are
+# scanned one level deep; other tensor subclasses, which may answer `.device` themselves, send
+# the call to `_checked`, which reads nothing but `.device`.
+_SEQUENCE, _SUBCLASS, _OTHER = "sequence", "subclass", "other"
+_KINDS: dict[type, str] = {list: _SEQUENCE, tuple: _SEQUENCE, torch.Size: _OTHER}
+_Parameter = torch.nn.Parameter
 
 
 def _kind(kind: type) -> str:
-    found = _TENSOR if issubclass(kind, torch.Tensor) else _OTHER
+    if issubclass(kind, torch.Tensor):
+        found = _SUBCLASS
+    else:
+        found = _SEQUENCE if issubclass(kind, _SEQUENCES) else _OTHER
     _KINDS[kind] = found
     return found
 
@@ -120,46 +127,88 @@ class _DeviceGuardMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if kwargs is None:
-            kwargs = {}
-        state = _ACTIVE_GUARD.get()
-        if state is None or func in _TRANSFERS:
-            return func(*args, **kwargs)
-        # The fast path: find a tensor whose device differs from the first tensor's. The first
-        # tensor's device is only read once a second tensor turns up, since most ops take one.
-        first = device = None
-        for arg in args:
+        # The check runs on every op, so it is written for speed: one pass over the arguments
+        # and the items of lists and tuples among them, with no allocation but a tuple when
+        # there are keyword arguments, and `func` called without building a `kwargs` dict.
+        # `seen` is what the tensors so far have in common: `None` before the first one, the first
+        # tensor itself (most ops take one tensor, whose device nobody needs), then `True` while
+        # all are on the CPU (`.is_cpu` answers without building a `torch.device`), or else
+        # `False`, with their common `device`. The first tensor that breaks it sends the call to
+        # `_mixed`, which decides whether that is a violation and whether a guard is active here.
+        seen: Any = None
+        device = None
+        for arg in args if not kwargs else (*args, *kwargs.values()):
             kind = type(arg)
-            if kind is _Tensor or (_KINDS.get(kind) or _kind(kind)) is _TENSOR:
-                if first is None:
-                    first = arg
-                    continue
-                if device is None:
-                    device = first.device
-                if arg.device != device:
-                    return _mixed(state, func, args, kwargs)
-            elif kind is list or kind is tuple:
-                for item in arg:
-                    if isinstance(item, _Tensor):
-                        if first is None:
-                            first = item
-                            continue
-                        if device is None:
-                            device = first.device
+            if kind is _Tensor or kind is _Parameter:
+                if seen is True:
+                    if not arg.is_cpu:
+                        return _mixed(func, args, kwargs)
+                elif seen is None:
+                    seen = arg
+                elif seen is False:
+                    if arg.device != device:
+                        return _mixed(func, args, kwargs)
+                elif arg.is_cpu:
+                    if not seen.is_cpu:
+                        return _mixed(func, args, kwargs)
+                    seen = True
+                else:
+                    device, seen = seen.device, False
+                    if arg.device != device:
+                        return _mixed(func, args, kwargs)
+                continue
+            what = _KINDS.get(kind) or _kind(kind)
+            if what is _OTHER:
+                continue
+            if what is _SUBCLASS:
+                return _checked(func, args, kwargs)
+            for item in arg:
+                kind = type(item)
+                if kind is _Tensor or kind is _Parameter:
+                    if seen is True:
+                        if not item.is_cpu:
+                            return _mixed(func, args, kwargs)
+                    elif seen is None:
+                        seen = item
+                    elif seen is False:
                         if item.device != device:
-                            return _mixed(state, func, args, kwargs)
-        if kwargs:
-            for arg in kwargs.values():
-                for item in arg if isinstance(arg, _SEQUENCES) else (arg,):
-                    if isinstance(item, _Tensor):
-                        if first is None:
-                            first = item
-                            continue
-                        if device is None:
-                            device = first.device
+                            return _mixed(func, args, kwargs)
+                    elif item.is_cpu:
+                        if not seen.is_cpu:
+                            return _mixed(func, args, kwargs)
+                        seen = True
+                    else:
+                        device, seen = seen.device, False
                         if item.device != device:
-                            return _mixed(state, func, args, kwargs)
-        return func(*args, **kwargs)
+                            return _mixed(func, args, kwargs)
+                elif (_KINDS.get(kind) or _kind(kind)) is _SUBCLASS:
+                    return _checked(func, args, kwargs)
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+
+def _checked(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
+    """Run `func` once the `.device` of every tensor among the arguments, and in lists or tuples
+    among them, matches the first one's; a call that mixes devices goes on to `_mixed`."""
+    first = device = None
+    for arg in _scanned(args, kwargs or {}):
+        if isinstance(arg, _Tensor):
+            if first is None:
+                first = arg
+                continue
+            if device is None:
+                device = first.device
+            if arg.device != device:
+                return _mixed(func, args, kwargs)
+    return func(*args, **kwargs) if kwargs else func(*args)
+
+
+def _scanned(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
+    """The arguments, with the items of lists and tuples among them in their place."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, _SEQUENCES):
+            yield from arg
+        else:
+            yield arg
 
 
 def _is_cpu_scalar(tensor: torch.Tensor) -> bool:
@@ -312,9 +361,12 @@ def _report(call: _Call, state: _GuardState, category: type[Warning], message: s
         warnings.warn_explicit(message, category, call.site.filename, call.site.lineno)
 
 
-def _mixed(
-    state: _GuardState, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def _mixed(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
+    if kwargs is None:
+        kwargs = {}
+    state = _ACTIVE_GUARD.get()
+    if state is None or func in _TRANSFERS:  # another task's guard, or an explicit transfer
+        return func(*args, **kwargs)
     # `.device` is read through the torch function modes below this one, so that a mode that
     # reports devices of its own (`devicekit.simulated_devices`) is believed.
     call = _examine(func, args, kwargs)

@@ -166,6 +166,108 @@ class TestIndexing:
         assert target.tolist() == [0.0, 0.0, 1.0]
 
 
+def combine(*args: Any, **kwargs: Any) -> str:
+    """An op that torch function modes see with exactly the arguments it was given."""
+    found = [
+        item
+        for value in (*args, *kwargs.values())
+        for item in (value if isinstance(value, list | tuple) else (value,))
+        if isinstance(item, torch.Tensor)
+    ]
+    if torch.overrides.has_torch_function(found):
+        result: str = torch.overrides.handle_torch_function(combine, found, *args, **kwargs)
+        return result
+    return "ran"
+
+
+class ElsewhereTensor(torch.Tensor):
+    """A tensor subclass that answers `.device` itself, whatever its storage says."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("meta")
+
+
+class TestEveryOperandIsCompared:
+    """The check takes shortcuts (`.is_cpu` first, the first tensor read last, one pass): each
+    way a second device can turn up must still be caught."""
+
+    @pytest.mark.parametrize(
+        ("args", "kwargs"),
+        [
+            ((cpu(2), meta(2)), {}),
+            ((meta(2), cpu(2)), {}),
+            ((cpu(2), cpu(2), meta(2)), {}),
+            ((meta(2), meta(2), cpu(2)), {}),
+            ((meta(2), torch.tensor(1.0), cpu(2)), {}),
+            ((cpu(2), 3, None, torch.Size([2]), meta(2)), {}),
+            (([cpu(2), cpu(2), meta(2)],), {}),
+            (([meta(2), torch.tensor(1.0)], cpu(2)), {}),
+            ((cpu(2),), {"other": meta(2)}),
+            ((cpu(2), cpu(2)), {"out": meta(2)}),
+            ((), {"tensors": (meta(2), cpu(2))}),
+            ((torch.nn.Parameter(cpu(2)), torch.nn.Parameter(meta(2))), {}),
+            ((cpu(2), torch.nn.Parameter(cpu(2)), torch.nn.Parameter(meta(2))), {}),
+        ],
+    )
+    def test_a_second_device_anywhere_raises(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        with device_guard(), pytest.raises(CrossDeviceError, match="got tensors on different"):
+            combine(*args, **kwargs)
+
+    @pytest.mark.parametrize(
+        ("args", "kwargs"),
+        [
+            ((cpu(2), cpu(2), torch.tensor(1.0)), {}),
+            ((meta(2), torch.tensor(1.0), meta(2)), {}),
+            (([meta(2), torch.tensor(1.0), meta(2)],), {"alpha": torch.tensor(2.0)}),
+            ((torch.tensor(1.0), meta(2)), {"out": meta(2)}),
+            ((cpu(2), torch.nn.Parameter(cpu(2))), {"dims": torch.Size([1, 2])}),
+        ],
+    )
+    def test_one_device_and_cpu_scalars_run(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        with device_guard():
+            assert combine(*args, **kwargs) == "ran"
+
+    def test_a_parameter_on_another_device(self) -> None:
+        layer = torch.nn.Linear(3, 2, device="meta")
+        with device_guard(), pytest.raises(CrossDeviceError, match=r"weight: f32\[2,3\] @ meta"):
+            layer(cpu(4, 3))
+
+    def test_a_subclass_is_asked_for_its_device(self) -> None:
+        elsewhere = cpu(2).as_subclass(ElsewhereTensor)
+        assert elsewhere.is_cpu
+        assert elsewhere.device.type == "meta"
+        with device_guard(), pytest.raises(CrossDeviceError, match="cpu, meta"):
+            combine(cpu(2), elsewhere)
+        with device_guard(), pytest.raises(CrossDeviceError, match="meta, cpu"):
+            combine([elsewhere, cpu(2)])
+
+    @pytest.mark.skipif(CUDA, reason="simulated CUDA devices need a machine without CUDA")
+    @pytest.mark.parametrize(
+        "devices",
+        [
+            ("cuda:0", "cuda:1"),
+            ("cuda:1", "cuda:1", "cuda:0"),
+            ("cpu", "cuda:0"),
+            ("cuda:0", "cpu"),
+            ("cpu", "cpu", "cuda:1"),
+        ],
+    )
+    def test_simulated_devices_are_believed(self, devices: tuple[str, ...]) -> None:
+        with devicekit.simulated_devices("cuda", 2):
+            operands = [cpu(2).to(device) for device in devices]
+            with device_guard(), pytest.raises(CrossDeviceError, match="got tensors on"):
+                combine(*operands)
+            with device_guard(), pytest.raises(CrossDeviceError, match="got tensors on"):
+                combine(operands)
+            with device_guard():
+                assert combine(*[cpu(2).to(devices[0]) for _ in devices]) == "ran"
+
+
 class TestWarn:
     def test_once_per_call_site_and_the_op_runs(self) -> None:
         with warnings.catch_warnings(record=True) as record, device_guard("warn"):
@@ -496,6 +598,52 @@ def test_move_matches_running_on_the_target(
         assert moved == outcome(function, on_target)
     else:
         assert moved == outcome(function, operands)
+
+
+# Where an operand sits in a call: positional, in a list or tuple argument, a keyword, or in a
+# list under a keyword; and what it is: a tensor, an `nn.Parameter`, or a 0-dim tensor.
+PLACES = ["positional", "list", "tuple", "keyword", "keyword list"]
+KINDS = ["tensor", "parameter", "scalar"]
+
+
+@st.composite
+def placed_operands(draw: st.DrawFn) -> tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]]:
+    count = draw(st.integers(1, 5))
+    args: list[Any] = [draw(st.sampled_from([1, None, torch.Size([2])]))]
+    kwargs: dict[str, Any] = {"flag": True}
+    operands = []
+    for position in range(count):
+        kind = draw(st.sampled_from(KINDS))
+        device = draw(st.sampled_from(DEVICES))
+        tensor = torch.ones((), device=device) if kind == "scalar" else torch.ones(2, device=device)
+        if kind == "parameter":
+            tensor = torch.nn.Parameter(tensor)
+        operands.append(tensor)
+        place = draw(st.sampled_from(PLACES))
+        if place == "positional":
+            args.append(tensor)
+        elif place in ("list", "tuple"):
+            args.append([tensor, 2] if place == "list" else (tensor,))
+        elif place == "keyword":
+            kwargs[f"k{position}"] = tensor
+        else:
+            kwargs.setdefault("many", []).append(tensor)
+    return tuple(args), kwargs, operands
+
+
+@settings(max_examples=60)
+@given(placed_operands())
+def test_raises_exactly_when_operands_anywhere_mix(
+    call: tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]],
+) -> None:
+    args, kwargs, operands = call
+    try:
+        with device_guard():
+            combine(*args, **kwargs)
+    except CrossDeviceError:
+        assert mixes_devices(operands)
+    else:
+        assert not mixes_devices(operands)
 
 
 # With simulated accelerators, tensors on "cuda:0" and "cuda:1" hold real values computed on the
