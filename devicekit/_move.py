@@ -23,10 +23,12 @@ from devicekit._transfer import Coalesce, transfer_tensors
 from devicekit._tree import (
     _KIND,
     ATOM,
+    DATACLASS,
     DICT,
     LEAF_TYPES,
     LIST,
     MODULE,
+    NAMEDTUPLE,
     OPAQUE,
     TENSOR,
     TUPLE,
@@ -572,13 +574,22 @@ def to_device(
                 leaves = list(values)
             else:
                 try:
-                    leaves = flatten_simple(obj, kind)
+                    leaves = flatten_simple(obj)
                 except NotSimple:
                     leaves = None
             if leaves is not None:
                 plain = not flat or types <= _PLAIN
                 return _move_simple(
                     obj, kind, leaves, flat, plain, target, non_blocking, dtype, coalesce
+                )
+        elif kind in (NAMEDTUPLE, DATACLASS):
+            try:
+                leaves = flatten_simple(obj)
+            except NotSimple:
+                pass
+            else:
+                return _move_simple(
+                    obj, kind, leaves, False, True, target, non_blocking, dtype, coalesce
                 )
         elif kind == TENSOR:
             tensor: Any = obj
@@ -645,7 +656,7 @@ def _move_simple(
         return moved[0]  # type: ignore[return-value]
     if not flat:
         try:
-            return rebuild_simple(obj, kind, moved)  # type: ignore[no-any-return]
+            return rebuild_simple(obj, moved)  # type: ignore[no-any-return]
         except RecursionError:  # called close to Python's recursion limit: no recursion then
             mover = _Mover(obj, target, non_blocking, dtype)
             found = collect(obj, kind, skip=None, skip_keys=None, on_opaque=None)

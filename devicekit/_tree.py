@@ -448,7 +448,8 @@ def collect(
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast path: trees of plain dicts, lists and tuples holding plain tensors and atoms
+# The fast path: trees of plain containers (dicts, lists, tuples, namedtuples and dataclasses
+# whose state is their `__dict__`) holding plain tensors and atoms
 
 _TENSOR = torch.Tensor
 #: Deeper trees take the general, iterative path (recursion here stays far from Python's limit).
@@ -459,21 +460,21 @@ class NotSimple(Exception):
     """`flatten_simple` declines: the tree holds something only the general path handles."""
 
 
-def flatten_simple(root: Any, kind: int) -> list[torch.Tensor]:
-    """The plain tensors in a tree of plain dicts, lists and tuples, in walk order.
+def flatten_simple(root: Any) -> list[torch.Tensor]:
+    """The plain tensors in a tree of plain containers, in walk order.
 
-    Recursion (one Python call per container) costs a fraction of the general walk's
-    bookkeeping, which matters for deep, narrow batches. Anything else in the tree (a tensor
-    subclass, another container type, a container met twice, which includes cycles, or more
-    than `SIMPLE_DEPTH` levels) raises `NotSimple`, and `to_device` takes the general path.
-    `rebuild_simple` walks the same tree in the same order.
+    Plain containers are dicts, lists, tuples, namedtuples and dataclasses whose state is their
+    `__dict__`. Recursion (one Python call per container) costs a fraction of the general
+    walk's bookkeeping, which matters for deep, narrow batches. Anything else in the tree (a
+    tensor subclass, another container type, a container met twice, which includes cycles, or
+    more than `SIMPLE_DEPTH` levels) raises `NotSimple`, and `to_device` takes the general
+    path. `rebuild_simple` walks the same tree in the same order.
     """
     if not _PLAIN_BUILTINS:
         raise NotSimple
     leaves: list[torch.Tensor] = []
-    seen = {id(root)}
     try:
-        _flatten(root.values() if kind == DICT else root, SIMPLE_DEPTH, leaves.append, seen)
+        _flatten((root,), SIMPLE_DEPTH, leaves.append, set())
     except RecursionError:  # called close to Python's recursion limit: no recursion then
         raise NotSimple from None
     return leaves
@@ -488,25 +489,36 @@ def _flatten(
         tp = type(value)
         if tp is _TENSOR:
             append(value)
-        elif tp in ATOM_TYPES:
             continue
-        elif tp is dict or tp is list or tp is tuple:
-            key = id(value)
-            if key in seen or not depth:
+        if tp in ATOM_TYPES:
+            continue
+        if tp is dict:
+            children = value.values()
+        elif tp is list or tp is tuple:
+            children = value
+        else:
+            kind = _KIND.get(tp)
+            if kind is None and classify(tp) <= OPAQUE:  # a type met for the first time
+                continue
+            if kind == NAMEDTUPLE:
+                children = value
+            elif kind == DATACLASS and _PLAIN_STATE[tp]:
+                children = _GETTERS[tp](value)
+            else:
                 raise NotSimple
-            seen.add(key)
-            _flatten(value.values() if tp is dict else value, depth - 1, append, seen)
-        elif classify(tp) > OPAQUE:  # a type met for the first time may be an atom
+        key = id(value)
+        if key in seen or not depth:
             raise NotSimple
+        seen.add(key)
+        _flatten(children, depth - 1, append, seen)
 
 
-def rebuild_simple(root: Any, kind: int, moved: list[torch.Tensor]) -> Any:
+def rebuild_simple(root: Any, moved: list[torch.Tensor]) -> Any:
     """`root` rebuilt around `moved`, the tensors `flatten_simple` found, moved, in its order.
 
     A container none of whose values changed comes back as the very same object.
     """
-    take = iter(moved).__next__
-    return _build_dict(root, take) if kind == DICT else _build_sequence(root, take)
+    return _build_sequence((root,), iter(moved).__next__)[0]
 
 
 def _build_dict(obj: dict[Any, Any], take: Callable[[], torch.Tensor]) -> dict[Any, Any]:
@@ -521,16 +533,19 @@ def _build_dict(obj: dict[Any, Any], take: Callable[[], torch.Tensor]) -> dict[A
             result = _build_dict(value, take)
         elif tp is list or tp is tuple:
             result = _build_sequence(value, take)
-        else:
+        elif tp in ATOM_TYPES:
             new[key] = value
             continue
+        else:
+            result = _build_other(value, tp, take)
         new[key] = result
         if result is not value:
             changed = True
     return new if changed else obj
 
 
-def _build_sequence(obj: list[Any] | tuple[Any, ...], take: Callable[[], torch.Tensor]) -> Any:
+def _build_sequence(obj: Iterable[Any], take: Callable[[], torch.Tensor]) -> Any:
+    """A list or tuple like `obj` (a list, or any other iterable: a tuple), or `obj` itself."""
     new: list[Any] = []
     append = new.append
     changed = False
@@ -543,15 +558,33 @@ def _build_sequence(obj: list[Any] | tuple[Any, ...], take: Callable[[], torch.T
             result = _build_dict(value, take)
         elif tp is list or tp is tuple:
             result = _build_sequence(value, take)
-        else:
+        elif tp in ATOM_TYPES:
             append(value)
             continue
+        else:
+            result = _build_other(value, tp, take)
         append(result)
         if result is not value:
             changed = True
     if not changed:
         return obj
     return new if type(obj) is list else tuple(new)
+
+
+def _build_other(obj: Any, tp: type, take: Callable[[], torch.Tensor]) -> Any:
+    """A namedtuple or plain-state dataclass rebuilt (`flatten_simple` let only those by)."""
+    if _KIND[tp] == NAMEDTUPLE:
+        values = _build_sequence(obj, take)
+        return obj if values is obj else tp._make(values)  # type: ignore[attr-defined]
+    fields = _GETTERS[tp](obj)
+    values = _build_sequence(fields, take)
+    if values is fields:
+        return obj
+    new: Any = object.__new__(tp)
+    state = new.__dict__
+    state.update(obj.__dict__)
+    state.update(zip(_FIELDS[tp], values))  # noqa: B905  (one value per field)
+    return new
 
 
 _UNSET: Any = object()

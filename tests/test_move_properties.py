@@ -69,7 +69,8 @@ def _view(tensor: torch.Tensor, how: int) -> torch.Tensor:
 def batches(
     draw: st.DrawFn, *, leaves: st.SearchStrategy[Any] | None = None, plain: bool = False
 ) -> Any:
-    """Random batches; `plain`: a dict, list or tuple of only those (to_device's fast path)."""
+    """Random batches; `plain`: only dicts, lists, tuples, namedtuples and dataclasses, with a
+    container at the root (to_device's fast path)."""
     pool = draw(st.lists(base_tensors(), min_size=1, max_size=3))
     tensors = st.sampled_from(pool) | st.builds(_view, st.sampled_from(pool), st.integers(0, 4))
     atoms = st.none() | st.integers(-3, 3) | st.text("xyz", max_size=3)
@@ -81,6 +82,9 @@ def batches(
                 st.lists(children, max_size=4),
                 st.lists(children, max_size=3).map(tuple),
                 st.dictionaries(KEYS, children, max_size=4),
+                st.builds(Point, children, children),
+                st.builds(Box, children, children),
+                st.builds(FrozenBox, children),
             )
         return st.one_of(
             st.lists(children, max_size=4),
@@ -229,9 +233,14 @@ def identities(value: Any) -> list[tuple[int, int]]:
         if isinstance(item, torch.Tensor):
             storage = storages.setdefault(id(item.untyped_storage()), len(storages))
             found.append((objects.setdefault(id(item), len(objects)), storage))
-        elif isinstance(item, dict | list | tuple):
+        elif isinstance(item, dict | list | tuple) or dataclasses.is_dataclass(item):
             found.append((objects.setdefault(id(item), len(objects)), -1))
-            stack.extend(reversed(list(item.values() if isinstance(item, dict) else item)))
+            if isinstance(item, dict):
+                stack.extend(reversed(list(item.values())))
+            elif dataclasses.is_dataclass(item):
+                stack.extend(reversed([getattr(item, f.name) for f in dataclasses.fields(item)]))
+            else:
+                stack.extend(reversed(item))
     return found
 
 
@@ -245,8 +254,8 @@ _SHARED = {"x": torch.ones(2)}
 @example({"a": (), "b": ((), torch.ones(1))})  # so is the empty tuple, a singleton
 @example([[[torch.ones(1)]] * 2, "x"])
 def test_fast_path_agrees_with_the_general_path(batch: Any) -> None:
-    """Plain dicts, lists and tuples take a recursive fast path (which hands subclasses and
-    shared containers to the general one); a `skip` forces the general path."""
+    """Plain containers take a recursive fast path (which hands subclasses and shared
+    containers to the general one); a `skip` forces the general path."""
     fast = devicekit.to_device(batch, "meta")
     general = devicekit.to_device(batch, "meta", skip=lambda value: False)
     assert signature(fast) == signature(general)
