@@ -1,4 +1,4 @@
-"""Walking nested batches without recursion: which values are containers, how to rebuild them.
+"""Walking nested batches: which values are containers, how to rebuild them.
 
 `to_device` works in three steps, and this module does the first and the last:
 
@@ -12,6 +12,11 @@
 Types are classified once, by exact type, into a small integer "kind"; the per-leaf cost of the
 walk is a type lookup, and for containers of nothing but tensors and atoms (the common batch),
 not even that: one `set(map(type, values))` decides for the whole container.
+
+Most batches are trees of plain containers (dicts, lists, tuples, namedtuples, dataclasses) a
+few levels deep. For them, `flatten_simple` and `rebuild_simple` do steps 1 and 3 recursively,
+without the bookkeeping that cycles, shared containers and unlimited depth need; they decline
+(`NotSimple`) whatever they do not handle, and `collect` and `rebuild` take over.
 
 Paths such as `batch['inputs'][2]` are never built while moving: `path_of` finds one by walking
 again, only when an error needs it.
