@@ -263,6 +263,12 @@ def test_fast_path_agrees_with_the_general_path(batch: Any) -> None:
     assert [t.stride() for t in tensors_in(fast)] == [t.stride() for t in tensors_in(general)]
     assert devicekit.to_device(fast, "meta") is fast
     assert devicekit.to_device(batch, "cpu") is batch
+    cast = devicekit.to_device(batch, "cpu", dtype=torch.float64)
+    cast_general = devicekit.to_device(batch, "cpu", dtype=torch.float64, skip=lambda v: False)
+    assert identities(cast) == identities(cast_general)
+    for ours, theirs in zip(tensors_in(cast), tensors_in(cast_general), strict=True):
+        assert ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs)
 
 
 @settings(max_examples=50)
