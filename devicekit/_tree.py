@@ -503,8 +503,10 @@ def _flatten(
             children = value
         else:
             kind = _KIND.get(tp)
-            if kind is None and classify(tp) <= OPAQUE:  # a type met for the first time
-                continue
+            if kind is None:  # a type met for the first time
+                kind = classify(tp)
+                if kind <= OPAQUE:
+                    continue
             if kind == NAMEDTUPLE:
                 children = value
             elif kind == DATACLASS and _PLAIN_STATE[tp]:
