@@ -644,8 +644,9 @@ def _move_simple(
     dtype: torch.dtype | None,
     coalesce: Coalesce,
 ) -> T:
-    """`to_device` for a tensor, or plain dicts, lists and tuples of tensors and atoms
-    (`flatten_simple`); `flat`: `obj` holds nothing but tensors (`leaves` are its values)."""
+    """`to_device` for a lone tensor, or a tree of plain containers that `flatten_simple`
+    walked into `leaves`; `flat`: `obj` is a dict, list or tuple of nothing but tensors, and
+    `leaves` are its values."""
     try:
         moved = _move_leaves(leaves, target, non_blocking, dtype, coalesce, plain)
     except _TransferFailed as failure:
