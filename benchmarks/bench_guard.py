@@ -1,34 +1,53 @@
 """What `device_guard("error")` adds to a torch op, next to an empty torch function mode.
 
-Run: `python -m benchmarks.bench_guard` (add `--threads N` to set torch's CPU threads).
+Run: `python -m benchmarks.bench_guard` (`--rounds N` for more or fewer rounds, `--threads N` to
+set torch's CPU threads, 1 by default).
 
-Every op is timed three ways in one run, interleaved so that load from other processes hits all
-three alike: with no mode at all, inside an empty `TorchFunctionMode` (the cost torch charges any
-mode), and inside `device_guard("error")`. The last columns are the guard's cost over the empty
-mode, in microseconds and as a ratio of the op with no mode. A fourth column times the op again
-after the guard has exited, to show that devicekit adds nothing once no guard is active.
+Each op runs in short batches (about 2 ms) under every condition: an empty `TorchFunctionMode`
+(the cost torch charges any mode) followed by no mode, and `device_guard("error")` followed by
+no mode again right after the guard has exited (devicekit should add nothing then). The batches
+alternate, in a shuffled order, for many rounds, so load from other processes and slow drift hit
+every condition alike; each figure is a median over rounds, and each difference or ratio is the
+median of the ones taken within a round, between batches run milliseconds apart. Batches time
+the CPU time of this process (`time.process_time`): the development machines are 2 shared cores,
+where wall-clock time measures the queue as much as the code. CPU time still rises when the
+other core is busy (the cores share caches), so the load average is printed with the figures.
 
-The development machines are 2 shared cores, often with a load average above 2: wall-clock
-figures there measure the queue as much as the code. So this benchmark times the CPU time of
-this process (`time.process_time`, with torch on one thread by default), which a busy neighbour
-does not inflate; every figure is the median of the medians of interleaved rounds.
+Two references run in the same rounds, to show how far the guard is from what any check written
+in Python costs here: an empty mode that calls the op without building a `kwargs` dict (part of
+what the guard saves against the plain empty mode), and a bare check that does nothing but read
+`.is_cpu` of each tensor argument (the least a device check can do; it is not a correct guard).
+
+A last table calls the handlers directly on a no-op op: the check's own cost without a kernel
+and torch's dispatch around it, which is steadier, and lower, than the same check in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import random
 import statistics
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 import devicekit
-from benchmarks._timing import format_table, median_cpu_us
+from benchmarks._timing import format_table
+
+#: How long one batch runs, in seconds of process CPU time.
+BATCH_S = 0.002
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 
 
 class EmptyMode(TorchFunctionMode):
+    """A torch function mode that does nothing, written the usual way."""
+
     def __torch_function__(
         self,
         func: Callable[..., Any],
@@ -39,6 +58,42 @@ class EmptyMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         return func(*args, **kwargs)
+
+
+class LeanEmptyMode(TorchFunctionMode):
+    """An empty mode that calls the op without building a `kwargs` dict, as the guard does."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+
+class BareCheckMode(TorchFunctionMode):
+    """The least a device check can do: read `.is_cpu` of each tensor argument (and of those in
+    a list or tuple). Only right for CPU tensors in positional arguments: a floor, not a guard."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        for arg in args:
+            kind = type(arg)
+            if kind is _Tensor or kind is _Parameter:
+                if not arg.is_cpu:
+                    raise RuntimeError("the bare check only knows CPU tensors")
+            elif kind is list or kind is tuple:
+                for item in arg:
+                    if isinstance(item, _Tensor) and not item.is_cpu:
+                        raise RuntimeError("the bare check only knows CPU tensors")
+        return func(*args, **kwargs) if kwargs else func(*args)
 
 
 def cases() -> dict[str, Callable[[], object]]:
@@ -53,100 +108,243 @@ def cases() -> dict[str, Callable[[], object]]:
     }
 
 
-def measure(function: Callable[[], object], rounds: int) -> tuple[float, float, float, float]:
-    plain, empty, guarded, after = [], [], [], []
-    for _ in range(rounds):
-        plain.append(median_cpu_us(function))
-        with EmptyMode():
-            empty.append(median_cpu_us(function))
-        with devicekit.device_guard("error"):
-            guarded.append(median_cpu_us(function))
-        after.append(median_cpu_us(function))
-    return tuple(statistics.median(v) for v in (plain, empty, guarded, after))  # type: ignore[return-value]
+#: The conditions an op is timed under, each entered around a whole batch.
+CONDITIONS: dict[str, Callable[[], AbstractContextManager[object]]] = {
+    "none": nullcontext,
+    "empty": EmptyMode,
+    "guard": lambda: devicekit.device_guard("error"),
+    "lean": LeanEmptyMode,
+    "bare": BareCheckMode,
+}
+#: The batches of a round, in shuffled units: a unit's batches run one right after the other.
+#: "after" times the op with no mode right after the guard has exited; "none" follows the empty
+#: mode the same way, so that both are the second batch of a unit.
+UNITS = (("empty", "none"), ("guard", "after"), ("lean",), ("bare",))
 
 
-def check_alone(repeat: int) -> list[list[object]]:
-    """The guard's handler against an empty mode's, called directly on a no-op op: the check's
-    own cost, without the kernel and torch's dispatch around it (steadier than the rows above)."""
+def batch_us(function: Callable[[], object], number: int) -> float:
+    """Process CPU microseconds per call of `function`, over `number` calls in a row."""
+    loop = range(number)
+    enabled = gc.isenabled()
+    gc.disable()  # as `timeit` does: a collection would land in one batch at random
+    try:
+        start = time.process_time()
+        for _ in loop:
+            function()
+        return (time.process_time() - start) / number * 1e6
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def calls_per_batch(function: Callable[[], object]) -> int:
+    """How many calls of `function` make a batch of about `BATCH_S` seconds."""
+    number = 10
+    while True:
+        seconds = batch_us(function, number) * number / 1e6
+        if seconds >= BATCH_S / 4:
+            return max(1, int(number * BATCH_S / seconds))
+        number *= 4
+
+
+def alternate(
+    functions: dict[str, Callable[[], object]], rounds: int, seed: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per function, per condition, the microseconds per call of each round's batch.
+
+    Each round times the `UNITS` in a shuffled order; "after" is timed with no mode.
+    """
+    rng = random.Random(seed)
+    results: dict[str, dict[str, list[float]]] = {}
+    for name, function in functions.items():
+        number = calls_per_batch(function)
+        samples: dict[str, list[float]] = {key: [] for unit in UNITS for key in unit}
+        for context in CONDITIONS.values():  # warm up every path
+            with context():
+                batch_us(function, number)
+        for _ in range(rounds):
+            for unit in rng.sample(UNITS, len(UNITS)):
+                for key in unit:
+                    with CONDITIONS.get(key, nullcontext)():
+                        samples[key].append(batch_us(function, number))
+        results[name] = samples
+    return results
+
+
+def paired(samples: dict[str, list[float]], key: str, base: str) -> float:
+    """The median, over rounds, of `key - base` within a round."""
+    return statistics.median(k - b for k, b in zip(samples[key], samples[base], strict=True))
+
+
+def ratio(samples: dict[str, list[float]], key: str, base: str) -> str:
+    """The median, over rounds, of `key / base` within a round, as `1.23x`."""
+    ratios = (k / b for k, b in zip(samples[key], samples[base], strict=True))
+    return f"{statistics.median(ratios):.2f}x"
+
+
+def middle_half(samples: dict[str, list[float]], key: str, base: str) -> str:
+    """The interquartile range of `key - base` over rounds: how much the difference moves."""
+    differences = [k - b for k, b in zip(samples[key], samples[base], strict=True)]
+    if len(differences) < 2:
+        return "-"
+    low, _, high = statistics.quantiles(differences, n=4)
+    return f"{low:.2f} to {high:.2f}"
+
+
+def in_place_tables(rounds: int, seed: int = 0) -> tuple[str, str]:
+    """The issue's table (the four ops under each condition) and the references table."""
+    results = alternate(cases(), rounds, seed)
+    main_rows, reference_rows = [], []
+    for name, samples in results.items():
+        main_rows.append(
+            [
+                name,
+                statistics.median(samples["none"]),
+                statistics.median(samples["empty"]),
+                statistics.median(samples["guard"]),
+                statistics.median(samples["after"]),
+                paired(samples, "guard", "empty"),
+                middle_half(samples, "guard", "empty"),
+                ratio(samples, "guard", "none"),
+                ratio(samples, "empty", "none"),
+            ]
+        )
+        reference_rows.append(
+            [
+                name,
+                paired(samples, "guard", "empty"),
+                paired(samples, "lean", "empty"),
+                paired(samples, "bare", "empty"),
+                paired(samples, "guard", "bare"),
+                paired(samples, "after", "none"),
+            ]
+        )
+    main = format_table(
+        [
+            "op",
+            "no mode",
+            "empty mode",
+            "device_guard",
+            "after guard",
+            "guard - empty",
+            "guard - empty, middle half",
+            "guard / none",
+            "empty / none",
+        ],
+        main_rows,
+    )
+    references = format_table(
+        [
+            "op",
+            "guard - empty",
+            "lean empty - empty",
+            "bare check - empty",
+            "guard - bare check",
+            "after guard - none",
+        ],
+        reference_rows,
+    )
+    return main, references
+
+
+@contextmanager
+def _active_guard_state() -> Iterator[None]:
+    """The guard's state as `device_guard("error")` sets it, without pushing its mode."""
+    from devicekit import _guard
+
+    token = _guard._ACTIVE_GUARD.set(_guard._GuardState("error", None))
+    try:
+        yield
+    finally:
+        _guard._ACTIVE_GUARD.reset(token)
+
+
+def check_alone(rounds: int, seed: int = 0) -> str:
+    """The guard's handler against an empty mode's, called directly on a no-op op."""
     from devicekit import _guard
 
     x, w, b = torch.ones(8, 64), torch.ones(32, 64), torch.ones(32)
     linear = torch.nn.Linear(64, 32)
-    calls: dict[str, tuple[Any, ...]] = {
-        "1 tensor": (x,),
-        "2 tensors": (x, w),
-        "3 tensors": (x, w, b),
-        "3 tensors, 2 nn.Parameters": (x, linear.weight, linear.bias),
-        "4 tensors in a list": ([x, x, x, x],),
+    on_meta = [torch.ones(2, device="meta") for _ in range(3)]
+    shapes: dict[str, tuple[tuple[Any, ...], dict[str, Any] | None]] = {
+        "1 tensor": ((x,), None),
+        "2 tensors": ((x, w), None),
+        "3 tensors": ((x, w, b), None),
+        "3 tensors, 2 nn.Parameters": ((x, linear.weight, linear.bias), None),
+        "4 tensors in a list": (([x, x, x, x],), None),
+        "2 tensors and a keyword": ((x, w), {"alpha": 2}),
+        "3 tensors, 2 of them keywords": ((x,), {"weight": w, "bias": b}),
+        "3 tensors on meta (reads .device)": (tuple(on_meta), None),
     }
 
     def noop(*args: object, **kwargs: object) -> None:
         return None
 
-    guard_mode, empty_mode = _guard._DeviceGuardMode(), EmptyMode()
-    rows: list[list[object]] = []
-    # The guard's state, as `device_guard("error")` sets it, without pushing its mode.
-    active = _guard._ACTIVE_GUARD.set(_guard._GuardState("error", None))
-    try:
-        for name, args in calls.items():
-            guarded = statistics.median(
-                median_cpu_us(lambda a=args: guard_mode.__torch_function__(noop, (), a))
-                for _ in range(repeat)
-            )
-            empty = statistics.median(
-                median_cpu_us(lambda a=args: empty_mode.__torch_function__(noop, (), a))
-                for _ in range(repeat)
-            )
-            rows.append([name, empty, guarded, guarded - empty])
-    finally:
-        _guard._ACTIVE_GUARD.reset(active)
-    return rows
+    handlers = {
+        "empty": EmptyMode().__torch_function__,
+        "guard": _guard._DeviceGuardMode().__torch_function__,
+    }
+    functions = {
+        f"{shape}|{handler}": (
+            lambda h=handlers[handler], a=args, k=kwargs: h(noop, (), a, k)  # type: ignore[misc]
+        )
+        for shape, (args, kwargs) in shapes.items()
+        for handler in handlers
+    }
+    rng = random.Random(seed)
+    numbers = {key: calls_per_batch(function) for key, function in functions.items()}
+    samples: dict[str, list[float]] = {key: [] for key in functions}
+    with _active_guard_state():
+        for _ in range(rounds):
+            for shape in shapes:
+                order = list(handlers)
+                rng.shuffle(order)
+                for handler in order:
+                    key = f"{shape}|{handler}"
+                    samples[key].append(batch_us(functions[key], numbers[key]))
+    rows = []
+    for shape in shapes:
+        pair = {"empty": samples[f"{shape}|empty"], "guard": samples[f"{shape}|guard"]}
+        rows.append(
+            [
+                shape,
+                statistics.median(pair["empty"]),
+                statistics.median(pair["guard"]),
+                paired(pair, "guard", "empty"),
+            ]
+        )
+    return format_table(["tensor arguments", "empty mode", "device_guard", "guard - empty"], rows)
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per op")
+    parser.add_argument("--rounds", type=int, default=150, help="alternating rounds (150)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
-    rows = []
-    for name, function in cases().items():
-        plain, empty, guarded, after = measure(function, options.rounds)
-        rows.append(
-            [
-                name,
-                plain,
-                empty,
-                guarded,
-                after,
-                guarded - empty,
-                f"{guarded / plain:.2f}x",
-                f"{empty / plain:.2f}x",
-            ]
-        )
+    load_before = _load()
+    main_table, references = in_place_tables(options.rounds)
+    alone = check_alone(max(1, options.rounds // 2))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
-        "medians of process CPU time in us"
+        f"{options.rounds} alternating rounds, load average {load_before} before and "
+        f"{_load()} after; process CPU time in us per call, medians over rounds; differences "
+        "and ratios are medians of those within a round"
     )
-    headers = [
-        "op",
-        "no mode",
-        "empty mode",
-        "device_guard",
-        "after guard",
-        "guard - empty",
-        "guard / none",
-        "empty / none",
-    ]
-    print(format_table(headers, rows))
+    print(main_table)
     print()
-    print("The check alone: one handler call on a no-op op, medians of process CPU time in us")
     print(
-        format_table(
-            ["tensor arguments", "empty mode", "device_guard", "guard - empty"],
-            check_alone(options.rounds),
-        )
+        "References in the same rounds: an empty mode that builds no kwargs dict (lean), "
+        "and a bare check that only reads .is_cpu of each tensor (a floor, not a guard)"
     )
+    print(references)
+    print()
+    print("The check alone: one handler call on a no-op op, process CPU time in us")
+    print(alone)
 
 
 if __name__ == "__main__":

@@ -128,16 +128,28 @@ class _DeviceGuardMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         # The check runs on every op, so it is written for speed: one pass over the arguments
-        # and the items of lists and tuples among them, with no allocation but a tuple when
-        # there are keyword arguments, and `func` called without building a `kwargs` dict.
-        # `seen` is what the tensors so far have in common: `None` before the first one, the first
-        # tensor itself (most ops take one tensor, whose device nobody needs), then `True` while
-        # all are on the CPU (`.is_cpu` answers without building a `torch.device`), or else
-        # `False`, with their common `device`. The first tensor that breaks it sends the call to
-        # `_mixed`, which decides whether that is a violation and whether a guard is active here.
+        # and the items of lists and tuples among them, allocating nothing unless a keyword
+        # argument holds tensors (most hold flags and sizes), and `func` is called without
+        # building a `kwargs` dict. `seen` is what the tensors so far have in common: `None`
+        # before the first one, the first tensor itself (most ops take one tensor, whose device
+        # nobody needs), then `True` while all are on the CPU (`.is_cpu` answers without
+        # building a `torch.device`), or else `False`, with their common `device`. The first
+        # tensor that breaks it sends the call to `_mixed`, which decides whether that is a
+        # violation and whether a guard is active in this context at all.
+        scanned = args
+        if kwargs:
+            for arg in kwargs.values():
+                kind = type(arg)
+                if (
+                    kind is _Tensor
+                    or kind is _Parameter
+                    or (_KINDS.get(kind) or _kind(kind)) is not _OTHER
+                ):
+                    scanned = (*args, *kwargs.values())
+                    break
         seen: Any = None
         device = None
-        for arg in args if not kwargs else (*args, *kwargs.values()):
+        for arg in scanned:
             kind = type(arg)
             if kind is _Tensor or kind is _Parameter:
                 if seen is True:
@@ -189,26 +201,24 @@ class _DeviceGuardMode(TorchFunctionMode):
 def _checked(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
     """Run `func` once the `.device` of every tensor among the arguments, and in lists or tuples
     among them, matches the first one's; a call that mixes devices goes on to `_mixed`."""
-    first = device = None
-    for arg in _scanned(args, kwargs or {}):
-        if isinstance(arg, _Tensor):
-            if first is None:
-                first = arg
-                continue
+    device = None
+    for value in _scanned(args, kwargs or {}):
+        if isinstance(value, _Tensor):
             if device is None:
-                device = first.device
-            if arg.device != device:
+                device = value.device
+            elif value.device != device:
                 return _mixed(func, args, kwargs)
     return func(*args, **kwargs) if kwargs else func(*args)
 
 
 def _scanned(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
     """The arguments, with the items of lists and tuples among them in their place."""
-    for arg in (*args, *kwargs.values()):
-        if isinstance(arg, _SEQUENCES):
-            yield from arg
-        else:
-            yield arg
+    for group in (args, kwargs.values()):
+        for arg in group:
+            if isinstance(arg, _SEQUENCES):
+                yield from arg
+            else:
+                yield arg
 
 
 def _is_cpu_scalar(tensor: torch.Tensor) -> bool:

@@ -205,6 +205,8 @@ class TestEveryOperandIsCompared:
             (([meta(2), torch.tensor(1.0)], cpu(2)), {}),
             ((cpu(2),), {"other": meta(2)}),
             ((cpu(2), cpu(2)), {"out": meta(2)}),
+            ((meta(2), meta(2)), {"alpha": 2, "out": cpu(2)}),
+            ((meta(2), [meta(2)]), {"out": [meta(2), cpu(2)]}),
             ((), {"tensors": (meta(2), cpu(2))}),
             ((torch.nn.Parameter(cpu(2)), torch.nn.Parameter(meta(2))), {}),
             ((cpu(2), torch.nn.Parameter(cpu(2)), torch.nn.Parameter(meta(2))), {}),
@@ -223,6 +225,8 @@ class TestEveryOperandIsCompared:
             ((meta(2), torch.tensor(1.0), meta(2)), {}),
             (([meta(2), torch.tensor(1.0), meta(2)],), {"alpha": torch.tensor(2.0)}),
             ((torch.tensor(1.0), meta(2)), {"out": meta(2)}),
+            ((meta(2), meta(2)), {"alpha": 2, "out": meta(2)}),
+            ((cpu(2), cpu(2)), {"alpha": 2, "out": (cpu(2), torch.tensor(1.0))}),
             ((cpu(2), torch.nn.Parameter(cpu(2))), {"dims": torch.Size([1, 2])}),
         ],
     )
