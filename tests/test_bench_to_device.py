@@ -41,6 +41,7 @@ def test_prints_every_mover_with_ratios(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("| flat", "| nested"))]
     flat, nested, flat_ratios, nested_ratios = rows
+    assert "0.60" in nested_ratios
     cells = [cell.strip() for cell in flat.split("|")[1:-1]]
     assert cells[:7] == ["flat dict", "meta", "12.00", "10.00", "1.20", "11.00", "1.09"]
     assert [cell.strip() for cell in nested.split("|")[1:-1]][5:7] == ["-", "-"]
