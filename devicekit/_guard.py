@@ -174,6 +174,8 @@ class _DeviceGuardMode(TorchFunctionMode):
                 continue
             if what is _SUBCLASS:
                 return _checked(func, args, kwargs)
+            # The same steps for the items of a list or tuple, written out again on purpose:
+            # a function call per tensor would cost more than the whole check.
             for item in arg:
                 kind = type(item)
                 if kind is _Tensor or kind is _Parameter:

@@ -552,7 +552,11 @@ def _build_dict(obj: dict[Any, Any], take: Callable[[], torch.Tensor]) -> dict[A
 
 
 def _build_sequence(obj: Iterable[Any], take: Callable[[], torch.Tensor]) -> Any:
-    """A list or tuple like `obj` (a list, or any other iterable: a tuple), or `obj` itself."""
+    """A list or tuple like `obj` (a list, or any other iterable: a tuple), or `obj` itself.
+
+    Its loop is `_build_dict`'s over values instead of items: the two stay separate so that a
+    dict is built in the same pass, without a second one over its keys.
+    """
     new: list[Any] = []
     append = new.append
     changed = False
