@@ -256,7 +256,9 @@ _SHARED = {"x": torch.ones(2)}
 def test_fast_path_agrees_with_the_general_path(batch: Any) -> None:
     """Plain containers take a recursive fast path (which hands subclasses and shared
     containers to the general one); a `skip` forces the general path."""
+    before = snapshot(batch)
     fast = devicekit.to_device(batch, "meta")
+    assert snapshot(batch) == before
     general = devicekit.to_device(batch, "meta", skip=lambda value: False)
     assert signature(fast) == signature(general)
     assert identities(fast) == identities(general)
