@@ -21,17 +21,16 @@ from devicekit._discovery import _as_device
 from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
 from devicekit._transfer import Coalesce, transfer_tensors
 from devicekit._tree import (
+    _FLAT,
     _KIND,
     ATOM,
     DATACLASS,
     DICT,
     LEAF_TYPES,
-    LIST,
     MODULE,
     NAMEDTUPLE,
     OPAQUE,
     TENSOR,
-    TUPLE,
     NotSimple,
     classify,
     collect,
@@ -58,7 +57,6 @@ _STORAGE = torch.Tensor.untyped_storage
 _TO = torch.Tensor.to
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
-_FLAT_ROOT = frozenset({DICT, LIST, TUPLE})
 
 
 #: `device.type` by device: reading `torch.device.type` costs about a microsecond each time.
@@ -79,11 +77,11 @@ def _target(device: Any) -> torch.device:
     except (KeyError, TypeError):
         pass
     target = _as_device(device, check=True, operation="to_device")
-    if target in (_CPU, _META):  # one object each, for quick `is` tests
+    if target in (_CPU, _META):  # one object each, for quick `is` tests; resolved once
         target = _CPU if target == _CPU else _META
-    if device is not None and _type(target) in ("cpu", "meta"):
-        with contextlib.suppress(TypeError):
-            _TARGETS[device] = target
+        if device is not None:
+            with contextlib.suppress(TypeError):
+                _TARGETS[device] = target
     return target
 
 
@@ -565,7 +563,7 @@ def to_device(
         )
     if skip is None and not strict:
         kind = _KIND.get(type(obj))
-        if kind in _FLAT_ROOT:  # the common batch: dicts, lists and tuples of tensors
+        if kind in _FLAT:  # the common batch: dicts, lists and tuples of tensors
             batch: Any = obj
             values = batch.values() if kind == DICT else batch
             types = set(map(type, values))
@@ -683,12 +681,7 @@ def _move_leaves(
     Raises:
         _TransferFailed: A copy failed.
     """
-    if (
-        plain
-        and dtype is None
-        and coalesce is not True
-        and (target is _META or _type(target) == "meta")
-    ):
+    if plain and dtype is None and coalesce is not True and target is _META:
         # The common dispatch-only case, checked in C loops: every tensor alone on its storage
         # (storages hash by identity). `.to()` returns a tensor already on `meta` as itself,
         # so no tensor needs checking first.
