@@ -8,34 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, defaultdict, deque
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import devicekit
-from devicekit.testing import nested_batches
+from devicekit.testing import Pair, Record, Snapshot, nested_batches
 
 META = torch.device("meta")
 KEYS = st.text("abc", min_size=1, max_size=2)
-
-
-class Point(NamedTuple):
-    x: Any
-    y: Any
-
-
-@dataclasses.dataclass
-class Box:
-    first: Any
-    second: Any = None
-
-
-@dataclasses.dataclass(frozen=True)
-class FrozenBox:
-    content: Any
-    extra: Any = dataclasses.field(init=False, default="fixed")
 
 
 DTYPES = [torch.float32, torch.float64, torch.int64, torch.bool, torch.float16]
@@ -82,9 +65,9 @@ def batches(
                 st.lists(children, max_size=4),
                 st.lists(children, max_size=3).map(tuple),
                 st.dictionaries(KEYS, children, max_size=4),
-                st.builds(Point, children, children),
-                st.builds(Box, children, children),
-                st.builds(FrozenBox, children),
+                st.builds(Pair, children, children),
+                st.builds(Record, children, children),
+                st.builds(Snapshot, children),
             )
         return st.one_of(
             st.lists(children, max_size=4),
@@ -92,9 +75,9 @@ def batches(
             st.dictionaries(KEYS, children, max_size=4),
             st.dictionaries(KEYS, children, max_size=3).map(OrderedDict),
             st.dictionaries(KEYS, children, max_size=3).map(lambda d: defaultdict(list, d)),
-            st.builds(Point, children, children),
-            st.builds(Box, children, children),
-            st.builds(FrozenBox, children),
+            st.builds(Pair, children, children),
+            st.builds(Record, children, children),
+            st.builds(Snapshot, children),
             st.lists(children, max_size=3).map(lambda items: deque(items, maxlen=5)),
         )
 
@@ -325,7 +308,7 @@ def test_any_depth_works(depth: int, kind: str) -> None:
         "dict": lambda v: {"k": v},
         "list": lambda v: [v],
         "tuple": lambda v: (v, 1),
-        "box": lambda v: Box(v),
+        "box": lambda v: Record(v),
     }[kind]
     nested: Any = torch.ones(1)
     for _ in range(depth):
