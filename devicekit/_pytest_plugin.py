@@ -11,11 +11,13 @@ Options (and their ini equivalents):
   `devicekit.device_guard("error")`.
 - `--devicekit-simulate=cuda:2` (`devicekit_simulate = cuda:2`): every test runs under
   `devicekit.simulated_devices("cuda", 2)`; on a machine that really has CUDA, the real
-  devices are used instead.
+  devices are used instead. Any value that names no simulation (`cpu`, `meta`, `tpu:2`,
+  `cuda:17`) is a usage error before any test runs: CI never passes having tested nothing.
 
 Markers: `@pytest.mark.device_guard(policy)`, `@pytest.mark.simulated_devices("cuda", 2)`,
 `@pytest.mark.requires_device("cuda", count=2)`. Fixtures: `device` (each available device in
-turn, simulated ones included) and `strict_devices`.
+turn, simulated ones included) and `strict_devices`. A marker with arguments it cannot use
+fails the marked test at setup, with a message that says how to write it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Any
 
 import pytest
 
-_SIMULATE_SPEC = re.compile(r"(?P<type>[a-z]+)(?::(?P<count>[1-9][0-9]*))?")
+_SIMULATE_SPEC = re.compile(r"(?P<type>[a-z]+)(?::(?P<count>[0-9]+))?")
 _SIMULATION = pytest.StashKey[contextlib.ExitStack]()
+_SETTING = pytest.StashKey["tuple[str, int] | None"]()
 _MARKERS = (
     "device_guard(policy='error'): run the test under devicekit.device_guard(policy).",
     "simulated_devices(type='cuda', count=2): run the test under "
@@ -65,23 +68,64 @@ def _strict(config: pytest.Config) -> bool:
     return bool(config.getini("devicekit_strict") if option is None else option)
 
 
+def _simulation_limits() -> tuple[tuple[str, ...], int]:
+    """The device types `simulated_devices` can simulate, and the most devices it simulates."""
+    from devicekit._simulate import _MAX_COUNT, _SUPPORTED_TYPES
+
+    return tuple(_SUPPORTED_TYPES), _MAX_COUNT
+
+
+def _accepted_forms() -> str:
+    types, most = _simulation_limits()
+    return (
+        f"Expected TYPE or TYPE:COUNT, with TYPE one of {', '.join(types)} and COUNT from 1 "
+        f"to {most} (2 when left out), such as cuda:2."
+    )
+
+
+def _parse_simulate(text: str, source: str) -> tuple[str, int]:
+    """`text` (the value of `source`) as `(type, count)`; a usage error unless simulatable."""
+    types, most = _simulation_limits()
+    match = _SIMULATE_SPEC.fullmatch(text.strip())
+    if match is None:
+        problem = "not TYPE or TYPE:COUNT"
+    elif match["type"] not in types:
+        problem = f"devicekit cannot simulate {match['type']!r} devices"
+        if match["type"] == "cpu":
+            problem += " (the CPU is always there: leave the option out to test on it alone)"
+    elif match["count"] is not None and not _in_range(match["count"], most):
+        problem = f"cannot simulate {match['count']} devices"
+    else:
+        return match["type"], int(match["count"] or 2)
+    raise pytest.UsageError(f"{source}: {problem}. {_accepted_forms()}")
+
+
+def _in_range(count: str, most: int) -> bool:
+    """Whether the digits `count` are a number from 1 to `most` (never parsing a huge one)."""
+    return len(count.lstrip("0")) <= len(str(most)) and 1 <= int(count) <= most
+
+
+def _read_simulate(config: pytest.Config) -> tuple[str, int] | None:
+    option = config.getoption("devicekit_simulate")
+    if option:
+        return _parse_simulate(str(option), f"--devicekit-simulate={option}")
+    ini = config.getini("devicekit_simulate")
+    if ini:
+        return _parse_simulate(str(ini), f"devicekit_simulate = {ini} (in the ini file)")
+    return None
+
+
 def _simulate(config: pytest.Config) -> tuple[str, int] | None:
     """The `--devicekit-simulate` setting as `(type, count)`, or `None` when it is off."""
-    text = config.getoption("devicekit_simulate") or config.getini("devicekit_simulate")
-    if not text:
-        return None
-    match = _SIMULATE_SPEC.fullmatch(str(text).strip())
-    if match is None:
-        raise pytest.UsageError(
-            f"--devicekit-simulate={text}: expected TYPE or TYPE:COUNT, such as cuda:2."
-        )
-    return match["type"], int(match["count"] or 2)
+    if _SETTING not in config.stash:
+        config.stash[_SETTING] = _read_simulate(config)
+    return config.stash[_SETTING]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in _MARKERS:
         config.addinivalue_line("markers", line)
-    _simulate(config)  # a malformed setting is a usage error before any test runs
+    _simulate(config)  # a setting that names no simulation is a usage error before any test
 
 
 def _really_has(device_type: str) -> int:
@@ -105,20 +149,78 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-def _marker_simulation(item: pytest.Item) -> tuple[str, int] | None:
+class _BadMarker(Exception):
+    """A devicekit marker with arguments it cannot use; fails the marked test only."""
+
+
+def _simulated_devices_arguments(type: object = "cuda", count: object = 2) -> tuple[object, object]:
+    return type, count
+
+
+def _requires_device_arguments(type: object, count: object = 1) -> tuple[object, object]:
+    return type, count
+
+
+def _marker_arguments(marker: pytest.Mark) -> tuple[object, object]:
+    """The marker's `(type, count)`, bound as a call of the marker's signature would bind them."""
+    bind = (
+        _simulated_devices_arguments
+        if marker.name == "simulated_devices"
+        else _requires_device_arguments
+    )
+    try:
+        return bind(*marker.args, **marker.kwargs)
+    except TypeError as error:
+        example = "'cuda', 2" if marker.name == "simulated_devices" else "'cuda', count=2"
+        raise _BadMarker(
+            f"{_written(marker)}: {str(error).partition('() ')[2]}. "
+            f"Write it as @pytest.mark.{marker.name}({example})."
+        ) from None
+
+
+def _written(marker: pytest.Mark) -> str:
+    arguments = [repr(value) for value in marker.args]
+    arguments += [f"{name}={value!r}" for name, value in marker.kwargs.items()]
+    return f"@pytest.mark.{marker.name}({', '.join(arguments)})"
+
+
+def _marker_simulation(marker: pytest.Mark) -> tuple[str, int]:
+    """A `simulated_devices` marker's `(type, count)`; `_BadMarker` unless it is simulatable."""
+    kind, count = _marker_arguments(marker)
+    types, most = _simulation_limits()
+    if kind not in types:
+        problem = f"devicekit cannot simulate {kind!r} devices; the types are {', '.join(types)}"
+    elif isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most:
+        problem = f"count must be an integer from 1 to {most}, got {count!r}"
+    else:
+        return str(kind), count
+    raise _BadMarker(
+        f"{_written(marker)}: {problem}. Write it as "
+        f"@pytest.mark.simulated_devices({kind if kind in types else 'cuda'!r}, 2)."
+    )
+
+
+def _simulation_for(item: pytest.Item) -> tuple[str, int] | None:
     marker = item.get_closest_marker("simulated_devices")
     if marker is None:
         return _simulate(item.config)
-    kind = marker.kwargs.get("type", marker.args[0] if marker.args else "cuda")
-    count = marker.kwargs.get("count", marker.args[1] if len(marker.args) > 1 else 2)
-    return str(kind), int(count)
+    return _marker_simulation(marker)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     stack = contextlib.ExitStack()
     item.stash[_SIMULATION] = stack
-    simulation = _marker_simulation(item)
+    try:
+        simulation = _simulation_for(item)
+        required = item.get_closest_marker("requires_device")
+        need = None if required is None else _required(required)
+    except _BadMarker as error:
+        problem: _BadMarker | None = error
+    else:
+        problem = None
+    if problem is not None:
+        pytest.fail(str(problem), pytrace=False)  # this test only, not its whole module
     if simulation is not None:
         kind, count = simulation
         real = _really_has(kind)
@@ -129,16 +231,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             from devicekit._simulate import simulated_devices
 
             stack.enter_context(simulated_devices(kind, count))
-    required = item.get_closest_marker("requires_device")
-    if required is not None:
-        _check_required(required)
+    if need is not None:
+        _check_required(*need)
 
 
-def _check_required(marker: pytest.Mark) -> None:
-    if not marker.args and "type" not in marker.kwargs:
-        raise pytest.UsageError("@pytest.mark.requires_device needs a device type: ('cuda', 2)")
-    kind = str(marker.kwargs.get("type", marker.args[0] if marker.args else ""))
-    count = int(marker.kwargs.get("count", marker.args[1] if len(marker.args) > 1 else 1))
+def _required(marker: pytest.Mark) -> tuple[str, int]:
+    """A `requires_device` marker's `(type, count)`; `_BadMarker` unless they make sense."""
+    kind, count = _marker_arguments(marker)
+    if not isinstance(kind, str) or not kind:
+        problem = f"the device type must be a string such as 'cuda', got {kind!r}"
+    elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        problem = f"count must be a positive integer, got {count!r}"
+    else:
+        return kind, count
+    raise _BadMarker(
+        f"{_written(marker)}: {problem}. Write it as @pytest.mark.requires_device('cuda', count=2)."
+    )
+
+
+def _check_required(kind: str, count: int) -> None:
     import devicekit
 
     infos = devicekit.devices()
@@ -200,14 +311,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     definitions = metafunc._arg2fixturedefs.get("device", ())
     if not definitions or definitions[-1].func is not _device_fixture_function:
         return  # the project defines its own `device` fixture
-    simulation = None
-    marker = metafunc.definition.get_closest_marker("simulated_devices")
-    if marker is not None:
-        kind = marker.kwargs.get("type", marker.args[0] if marker.args else "cuda")
-        count = marker.kwargs.get("count", marker.args[1] if len(marker.args) > 1 else 2)
-        simulation = (str(kind), int(count))
-    else:
-        simulation = _simulate(metafunc.config)
+    try:
+        simulation = _simulation_for(metafunc.definition)
+    except _BadMarker:
+        simulation = None  # the test fails at setup, with the marker's message
     values = _device_values(metafunc.config, simulation)
     metafunc.parametrize("device", values, indirect=True, ids=values, scope="session")
 

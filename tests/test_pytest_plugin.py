@@ -38,6 +38,16 @@ BUGGY_MODEL = """
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _simulation_imports_loaded() -> None:
+    """Load what entering a simulation imports before any in-process run: pytester forgets the
+    modules a run imported, and torch refuses to register some of its libraries twice."""
+    import devicekit
+
+    with devicekit.simulated_devices("xpu", 1):
+        pass
+
+
 def _entry_point_installed() -> bool:
     found = importlib.metadata.entry_points(group="pytest11", name="devicekit")
     return any(entry.value == "devicekit._pytest_plugin" for entry in found)
@@ -91,11 +101,137 @@ def test_ini_settings_work_like_the_options(pytester: pytest.Pytester) -> None:
     )
 
 
-def test_malformed_simulate_option_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile("def test_nothing(): pass")
-    result = run(pytester, "--devicekit-simulate=cuda:two")
+ACCEPTED = (
+    "Expected TYPE or TYPE:COUNT, with TYPE one of cuda, xpu, mps and COUNT from 1 to 16 "
+    "(2 when left out), such as cuda:2."
+)
+NOT_SIMULATABLE = [
+    (
+        "cpu",
+        "devicekit cannot simulate 'cpu' devices (the CPU is always there: leave the option "
+        "out to test on it alone)",
+    ),
+    (
+        "cpu:2",
+        "devicekit cannot simulate 'cpu' devices (the CPU is always there: leave the "
+        "option out to test on it alone)",
+    ),
+    ("meta", "devicekit cannot simulate 'meta' devices"),
+    ("foo", "devicekit cannot simulate 'foo' devices"),
+    ("tpu:2", "devicekit cannot simulate 'tpu' devices"),
+    ("cuda:0", "cannot simulate 0 devices"),
+    ("cuda:17", "cannot simulate 17 devices"),
+    ("cuda:99999", "cannot simulate 99999 devices"),
+    ("cuda:" + "9" * 5000, "cannot simulate " + "9" * 5000 + " devices"),
+    ("cuda:two", "not TYPE or TYPE:COUNT"),
+    ("CUDA:2", "not TYPE or TYPE:COUNT"),
+]
+
+
+@pytest.mark.parametrize(("value", "problem"), NOT_SIMULATABLE, ids=lambda v: v[:12])
+def test_an_option_that_simulates_nothing_is_a_usage_error(
+    pytester: pytest.Pytester, value: str, problem: str
+) -> None:
+    pytester.makepyfile("def test_nothing(device): pass")
+    result = run(pytester, f"--devicekit-simulate={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR  # not 0 with every test skipped, not 1
+    assert result.stderr.lines[0] == f"ERROR: --devicekit-simulate={value}: {problem}. {ACCEPTED}"
+    assert "collected" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(("value", "problem"), NOT_SIMULATABLE[:8], ids=lambda v: v[:12])
+def test_an_ini_setting_that_simulates_nothing_is_a_usage_error(
+    pytester: pytest.Pytester, value: str, problem: str
+) -> None:
+    pytester.makeini(f"[pytest]\ndevicekit_simulate = {value}\n")
+    pytester.makepyfile("def test_nothing(device): pass")
+    result = run(pytester)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--devicekit-simulate=cuda:two: expected TYPE or TYPE:COUNT*"])
+    assert result.stderr.lines[0] == (
+        f"ERROR: devicekit_simulate = {value} (in the ini file): {problem}. {ACCEPTED}"
+    )
+
+
+def test_the_option_wins_over_the_ini_setting(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\ndevicekit_simulate = cpu\n")
+    pytester.makepyfile("def test_devices(device): pass")
+    run(pytester, "--devicekit-simulate=xpu:3").assert_outcomes(passed=4)
+
+
+BAD_MARKERS = """
+    import pytest
+
+    def test_unmarked(device):
+        pass
+
+    @pytest.mark.simulated_devices("cuda", 2)
+    def test_good_marker(device):
+        pass
+
+    @pytest.mark.simulated_devices({arguments})
+    def test_bad_marker(device):
+        pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            '"cuda", "x"',
+            "@pytest.mark.simulated_devices('cuda', 'x'): count must be an integer from 1 to 16, "
+            "got 'x'. Write it as @pytest.mark.simulated_devices('cuda', 2).",
+        ),
+        (
+            '"cuda", 99999',
+            "@pytest.mark.simulated_devices('cuda', 99999): count must be an integer from 1 to "
+            "16, got 99999. Write it as @pytest.mark.simulated_devices('cuda', 2).",
+        ),
+        (
+            '"cpu", 2',
+            "@pytest.mark.simulated_devices('cpu', 2): devicekit cannot simulate 'cpu' devices; "
+            "the types are cuda, xpu, mps. Write it as @pytest.mark.simulated_devices('cuda', 2).",
+        ),
+        (
+            'kind="xpu"',
+            "@pytest.mark.simulated_devices(kind='xpu'): got an unexpected keyword argument "
+            "'kind'. Write it as @pytest.mark.simulated_devices('cuda', 2).",
+        ),
+    ],
+    ids=["count-x", "count-99999", "cpu", "keyword"],
+)
+def test_a_bad_marker_fails_its_own_test_only(
+    pytester: pytest.Pytester, arguments: str, message: str
+) -> None:
+    pytester.makepyfile(BAD_MARKERS.format(arguments=arguments))
+    result = run(pytester, "-rE")
+    result.assert_outcomes(passed=4, errors=1)  # the module is collected, its other tests run
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_bad_marker[[]cpu[]]*", message])
+    result.stdout.no_fnmatch_line("*int()*")
+    result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_a_bad_requires_device_marker_fails_its_own_test_only(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.requires_device("cuda", count="two")
+        def test_bad():
+            pass
+
+        def test_fine():
+            pass
+        """
+    )
+    result = run(pytester, "-rE")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "@pytest.mark.requires_device('cuda', count='two'): count must be a positive integer, "
+            "got 'two'. Write it as @pytest.mark.requires_device('cuda', count=2)."
+        ]
+    )
 
 
 MIXED_META = textwrap.dedent(
