@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,11 +153,7 @@ def print_report(device_spec: str | None = None) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    try:
-        report = _report(args.device)
-    except DevicekitError as error:
-        print(f"devicekit: error: {error}", file=sys.stderr)
-        return 2
+    report = _report(args.device)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -167,27 +164,49 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from devicekit import _demo
 
-    try:
-        _demo.main(device=args.demo_device, epochs=args.epochs, batch_size=args.batch_size)
-    except DevicekitError as error:
-        print(f"devicekit demo: error: {error}", file=sys.stderr)
-        return 2
+    device = _demo.computing_device(args.demo_device)  # before the report, not after it
+    print_report(None if args.demo_device == "auto" else str(args.demo_device))
+    print()
+    result = _demo.train(device, epochs=args.epochs, batch_size=args.batch_size)
+    print(_demo.summary(result, epochs=args.epochs, batch_size=args.batch_size))
     return 0
+
+
+def _plot_problem(path: str) -> str | None:
+    """Why `--plot path` could not be written, checked before minutes of measuring; else `None`."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return (
+            "--plot needs matplotlib, which is not installed. Install it with "
+            "`pip install 'devicekit[plot]'` (or `pip install matplotlib`), or run without --plot."
+        )
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        return (
+            f"--plot {path}: matplotlib cannot write .{suffix} files. "
+            f"Use one of {', '.join('.' + name for name in sorted(formats))}, such as bench.png."
+        )
+    target = Path(path)
+    existed = target.exists()
+    try:
+        with target.open("ab"):
+            pass
+    except OSError as error:
+        return f"--plot {path}: cannot write there ({error.strerror}). Choose a writable path."
+    if not existed:
+        target.unlink()
+    return None
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from devicekit import _bench
 
     if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401  (checked before minutes of measuring, not after)
-        except ImportError:
-            print(
-                "devicekit bench: error: --plot needs matplotlib, which is not installed. "
-                "Install it with `pip install 'devicekit[plot]'` (or `pip install matplotlib`), "
-                "or run without --plot.",
-                file=sys.stderr,
-            )
+        problem = _plot_problem(args.plot)
+        if problem is not None:
+            print(f"devicekit bench: error: {problem}", file=sys.stderr)
             return 2
     if accelerator_type() is None:
         print(
@@ -229,10 +248,34 @@ def _print_bench_setting(threads: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    devicekit's own errors (a bad `--device` or `DEVICEKIT_DEVICE`, say) print one
+    `devicekit: error: ...` message and exit with status 2, as argparse does for bad options.
+    A reader that stops early (`devicekit --json | head -c 5`) ends the command quietly.
+    """
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        return _run_demo(args)
-    if args.command == "bench":
-        return _run_bench(args)
-    return _run_report(args)
+    command = {"demo": _run_demo, "bench": _run_bench}.get(args.command, _run_report)
+    name = "devicekit" if args.command is None else f"devicekit {args.command}"
+    try:
+        status = command(args)
+        sys.stdout.flush()  # a closed pipe raises here, not at exit
+    except DevicekitError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        _discard_stdout()
+        return 1
+    return status
+
+
+def _discard_stdout() -> None:
+    """After the reader of stdout went away: point stdout at devnull, so that Python's flush at
+    exit raises no second `BrokenPipeError` (the recipe of the `signal` module's docs)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (captured by a test, say): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from devicekit._context import current_device, default_device
+from devicekit._discovery import as_device
+from devicekit._errors import InvalidArgumentError
 from devicekit._guard import device_guard
 from devicekit._move import to_device
 from devicekit._types import DeviceLike
@@ -29,8 +31,9 @@ __all__ = [
     "EpochStats",
     "SpiralClassifier",
     "batches",
-    "main",
+    "computing_device",
     "spirals",
+    "summary",
     "train",
 ]
 
@@ -134,6 +137,36 @@ def _format_epoch(stats: EpochStats, epochs: int) -> str:
     )
 
 
+def computing_device(device: DeviceLike = "auto") -> torch.device:
+    """The device `device` names, checked to be one the demo can train on.
+
+    Raises:
+        InvalidArgumentError: `device` is `meta` (or resolves to it): meta tensors have shapes
+            but no values, so there is no loss to report and no accuracy to measure.
+        InvalidDeviceSpecError: `device` is not a device spec.
+        DeviceUnavailableError: This machine lacks the device.
+
+    Example:
+        >>> from devicekit import InvalidArgumentError
+        >>> from devicekit._demo import computing_device
+        >>> computing_device("cpu")
+        device(type='cpu')
+        >>> try:
+        ...     computing_device("meta")
+        ... except InvalidArgumentError as error:
+        ...     print(str(error).split(",")[0])
+        train('meta'): the demo trains a model and reports its loss and accuracy
+    """
+    resolved = as_device(device)
+    if resolved.type == "meta":
+        raise InvalidArgumentError(
+            f"train({device!r}): the demo trains a model and reports its loss and accuracy, "
+            f"which needs a device that computes values; {resolved} tensors have shapes but no "
+            "values. Use cpu, auto, or an accelerator such as cuda:0."
+        )
+    return resolved
+
+
 def train(
     device: DeviceLike = "auto",
     *,
@@ -147,7 +180,11 @@ def train(
     Everything runs inside `default_device(device)`: the model is built there, batches move with
     `to_device(batch)` (no device: the current default), and training and evaluation run under
     `device_guard("error")`.
+
+    Raises:
+        InvalidArgumentError: `device` computes no values (`meta`); see `computing_device`.
     """
+    device = computing_device(device)
     points, labels = spirals(seed=seed)
     threads = torch.get_num_threads()
     try:
@@ -217,20 +254,17 @@ def _train(
     return DemoResult(target, parameters, len(train_points), test_size, history, accuracy)
 
 
-def main(
-    *,
-    device: DeviceLike = "auto",
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> DemoResult:
-    """`devicekit demo`: the device report, then `train`, then the held-out accuracy."""
-    from devicekit._cli import print_report
+def summary(result: DemoResult, *, epochs: int, batch_size: int) -> str:
+    """The last line of `devicekit demo`: the held-out accuracy, and what to expect of it.
 
-    print_report(None if device == "auto" else str(device))
-    print()
-    result = train(device, epochs=epochs, batch_size=batch_size)
+    Example:
+        >>> import torch
+        >>> from devicekit._demo import DemoResult, summary
+        >>> result = DemoResult(torch.device("cpu"), 8707, 2400, 600, [], 0.9912)
+        >>> summary(result, epochs=10, batch_size=64)
+        'accuracy on 600 held-out points: 99.1% (the default run reaches at least 95%)'
+    """
     defaults = epochs == DEFAULT_EPOCHS and batch_size == DEFAULT_BATCH_SIZE
     goal = f"the default run reaches at least {TARGET_ACCURACY:.0%}"
     note = goal if defaults else f"with other settings than the defaults; {goal}"
-    print(f"accuracy on {result.test_size:,} held-out points: {result.accuracy:.1%} ({note})")
-    return result
+    return f"accuracy on {result.test_size:,} held-out points: {result.accuracy:.1%} ({note})"

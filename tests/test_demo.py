@@ -68,11 +68,33 @@ def test_train_restores_the_thread_count_and_the_default_device() -> None:
     assert torch.get_default_device() == torch.device("cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulation is refused where CUDA is real")
 def test_the_guard_is_active_during_training(monkeypatch: pytest.MonkeyPatch) -> None:
     # Plant the bug the demo guards against: batches that are never moved to the model's device.
     monkeypatch.setattr(_demo, "to_device", lambda batch, *args, **kwargs: batch)
-    with pytest.raises(devicekit.CrossDeviceError):
-        train("meta", epochs=1, log=lambda line: None)
+    with devicekit.simulated_devices("cuda", 1), pytest.raises(devicekit.CrossDeviceError):
+        train("cuda:0", epochs=1, log=lambda line: None)
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")], ids=["str", "torch.device"])
+def test_a_device_without_values_is_refused_before_training(
+    device: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_demo, "spirals", lambda **kwargs: pytest.fail("trained on meta"))
+    with pytest.raises(devicekit.InvalidArgumentError) as raised:
+        train(device, log=lambda line: None)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        f"train({device!r}): the demo trains a model and reports its loss and accuracy, which "
+        "needs a device that computes values; meta tensors have shapes but no values. Use cpu, "
+        "auto, or an accelerator such as cuda:0."
+    )
+
+
+def test_cli_demo_on_meta_exits_2_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--device", "meta"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("devicekit demo: error: train('meta'): the demo trains")
 
 
 def test_cli_demo_prints_report_progress_and_accuracy(
