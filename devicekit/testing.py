@@ -20,8 +20,8 @@ import dataclasses
 import functools
 import types
 import warnings
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from hypothesis import strategies as st
@@ -159,6 +159,22 @@ _INVALID_SPECS: tuple[object, ...] = (
 )
 
 
+T = TypeVar("T")
+
+
+def _read_when_drawn(read: Callable[[], Sequence[T]]) -> st.SearchStrategy[T]:
+    """One of the values `read()` returns at each draw (not at the first draw only, as
+    `st.deferred` would): the same strategy object follows the devices of the moment, such as
+    those of a `simulated_devices` block entered after it was made. Shrinks to `read()[0]`."""
+
+    @st.composite
+    def one_of_the_current(draw: st.DrawFn) -> T:
+        values = read()
+        return values[draw(st.integers(0, len(values) - 1))]
+
+    return one_of_the_current()
+
+
 def _accepts(spec: object) -> bool:
     try:
         devicekit.as_device(spec)  # type: ignore[arg-type]
@@ -179,8 +195,9 @@ def _valid_specs() -> list[object]:
 def device_specs(*, valid: bool | None = True) -> st.SearchStrategy[object]:
     """Device specs as users write them: strings, `torch.device`s, indices, `None`.
 
-    Valid specs are those `devicekit.as_device` accepts on this machine, judged when drawn (so
-    inside `simulated_devices` they include the simulated devices).
+    Valid specs are those `devicekit.as_device` accepts on this machine, judged at every draw:
+    one strategy object made outside `simulated_devices` draws the simulated devices inside it,
+    and stops drawing them after it.
 
     Args:
         valid: `True` for accepted specs only, `False` for rejected ones only (malformed, like
@@ -193,7 +210,7 @@ def device_specs(*, valid: bool | None = True) -> st.SearchStrategy[object]:
         >>> find(device_specs(valid=False), lambda spec: isinstance(spec, str) and ":" in spec)
         'cuda:x'
     """
-    good = st.deferred(lambda: st.sampled_from(_valid_specs()))
+    good = _read_when_drawn(_valid_specs)
     bad = st.sampled_from(_INVALID_SPECS).filter(lambda spec: not _accepts(spec))
     if valid is None:
         return st.one_of(good, bad)
@@ -201,9 +218,10 @@ def device_specs(*, valid: bool | None = True) -> st.SearchStrategy[object]:
 
 
 def available_devices(*, meta: bool = False) -> st.SearchStrategy[torch.device]:
-    """The devices of this machine (`devicekit.devices()`), read when drawn.
+    """The devices of this machine (`devicekit.devices()`), read at every draw.
 
-    Inside `simulated_devices` this includes the simulated devices.
+    Inside `simulated_devices` this includes the simulated devices, even for a strategy object
+    made before the block was entered (and not after it is left). Shrinks towards `cpu`.
 
     Args:
         meta: Also draw the `meta` device.
@@ -215,13 +233,13 @@ def available_devices(*, meta: bool = False) -> st.SearchStrategy[torch.device]:
         device(type='cpu')
     """
 
-    def listed() -> st.SearchStrategy[torch.device]:
+    def listed() -> list[torch.device]:
         found = [info.device for info in devicekit.devices()]
         if meta:
             found.append(torch.device("meta"))
-        return st.sampled_from(found)
+        return found
 
-    return st.deferred(listed)
+    return _read_when_drawn(listed)
 
 
 _LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "offset")

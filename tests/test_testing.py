@@ -3,11 +3,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import types
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 import devicekit
 from devicekit import testing
@@ -70,19 +72,30 @@ def test_every_dtype_is_drawn(dtype: torch.dtype) -> None:
     assert found.dtype == dtype
 
 
-@pytest.mark.parametrize(
-    "wanted",
-    [
-        lambda t: t.dim() == 0,
-        lambda t: t.numel() == 0,
-        lambda t: t.dim() >= 2 and not t.is_contiguous() and t.stride(-1) != 1,
-        lambda t: t.dim() >= 1 and 0 in t.stride() and t.numel() > 1,
-        lambda t: t.storage_offset() > 0,
-    ],
-    ids=["0-dim", "empty", "transposed", "expanded", "offset"],
-)
-def test_awkward_tensors_are_drawn(wanted: object) -> None:
-    assert find(tensors(), wanted) is not None  # type: ignore[arg-type]
+AWKWARD: dict[str, Callable[[torch.Tensor], bool]] = {
+    "0-dim": lambda t: t.dim() == 0,
+    "empty": lambda t: t.numel() == 0,
+    "transposed": lambda t: t.dim() >= 2 and not t.is_contiguous() and t.stride(-1) != 1,
+    "strided": lambda t: t.dim() >= 1 and t.shape[-1] > 1 and t.stride(-1) == 2,
+    "expanded": lambda t: t.dim() >= 1 and 0 in t.stride() and t.numel() > 1,
+    "offset": lambda t: t.storage_offset() > 0,
+}
+
+
+@pytest.mark.parametrize("layout", AWKWARD)
+def test_awkward_tensors_are_drawn(layout: str) -> None:
+    wanted = AWKWARD[layout]
+    found = find(tensors(), wanted)
+    assert wanted(found)
+    # Each awkward kind is a real view with real values: the same numbers as a dense copy.
+    dense = found.contiguous()
+    assert dense.is_contiguous()
+    assert found.shape == dense.shape
+    assert found.cpu().tolist() == dense.tolist()
+
+
+def test_awkward_layouts_are_exactly_the_listed_ones() -> None:
+    assert set(testing._LAYOUTS) - {"contiguous"} <= set(AWKWARD)
 
 
 @settings(max_examples=40)
@@ -114,6 +127,23 @@ def test_available_devices_include_simulated_ones() -> None:
     with devicekit.simulated_devices("cuda", 2):
         assert find(available_devices(), lambda d: d.type == "cuda") == torch.device("cuda", 0)
         assert find(device_specs(), lambda spec: spec == "cuda:1") == "cuda:1"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulation is refused where CUDA is real")
+def test_one_strategy_object_reads_the_devices_at_every_draw() -> None:
+    devices, specs = available_devices(), device_specs()
+    cuda_1 = torch.device("cuda", 1)
+    assert find(devices, lambda d: True) == torch.device("cpu")  # first drawn outside
+    assert find(specs, lambda spec: spec == "cpu") == "cpu"
+    with devicekit.simulated_devices("cuda", 2):
+        assert find(devices, lambda d: d.type == "cuda") == torch.device("cuda", 0)
+        assert find(devices, lambda d: d == cuda_1) == cuda_1
+        assert find(specs, lambda spec: spec == "cuda:1") == "cuda:1"
+    # Left: the simulated devices are gone from the same objects' draws again.
+    with pytest.raises(NoSuchExample):
+        find(devices, lambda d: d.type == "cuda", settings=settings(database=None))
+    with pytest.raises(NoSuchExample):
+        find(specs, lambda spec: "cuda" in str(spec), settings=settings(database=None))
 
 
 def test_meta_is_drawn_only_when_asked() -> None:
