@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ from devicekit.testing import (
     nested_batches,
     tensors,
 )
+
+pytest_plugins = ["pytester"]
 
 
 def test_dtypes_cover_every_kind_torch_has() -> None:
@@ -308,3 +311,57 @@ def test_depth_is_bounded(batch: object) -> None:
 def test_not_imported_by_devicekit() -> None:
     assert "testing" not in devicekit.__all__
     assert testing.__name__ == "devicekit.testing"
+
+
+COUNTED = """
+    from hypothesis import given, settings, strategies as st
+
+    RUNS = {"own": 0, "profile": 0}
+
+    @settings(max_examples=10)
+    @given(st.integers())
+    def test_own_count(n):
+        RUNS["own"] += 1
+
+    @given(st.integers())
+    def test_profile_count(n):
+        RUNS["profile"] += 1
+
+    def test_zz_report():
+        print("RUNS", RUNS["own"], RUNS["profile"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("profile", "own", "default"),
+    [("", 10, 100), ("ci", 10, 100), ("soak", 5000, 5000)],
+    ids=["unset", "ci", "soak"],
+)
+def test_the_hypothesis_profile_is_chosen_by_an_environment_variable(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    profile: str,
+    own: int,
+    default: int,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("DEVICEKIT_HYPOTHESIS_PROFILE", profile)
+    pytester.makeconftest("from tests.conftest import *  # noqa: F403\n")
+    pytester.makepyfile(test_counted=COUNTED)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "-q")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"*RUNS {own} {default}"])
+
+
+def test_an_unknown_hypothesis_profile_is_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("DEVICEKIT_HYPOTHESIS_PROFILE", "thorough")
+    pytester.makeconftest("from tests.conftest import *  # noqa: F403\n")
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*DEVICEKIT_HYPOTHESIS_PROFILE='thorough': expected 'ci' (the default) or 'soak'.*"]
+    )
