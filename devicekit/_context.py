@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
-import os
 import sys
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
-from types import TracebackType
-from typing import Any, TypeVar, cast
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
 
 import torch
 from typing_extensions import ParamSpec
 
-from devicekit._discovery import ENV_DEVICE, _as_device, accelerator_type, best_device
-from devicekit._errors import InvalidArgumentError, ScopeError
+from devicekit._resolve import auto_device, resolve
+from devicekit._scope import Kind, Record, Scoped, live
 from devicekit._types import DeviceLike
 
-__all__ = ["carry_default_device", "current_device", "default_device"]
+__all__ = ["as_device", "carry_default_device", "current_device", "default_device"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,17 +35,8 @@ R = TypeVar("R")
 #: The innermost active `default_device` of this thread or asyncio task (`None`: none active).
 _ACTIVE: ContextVar[torch.device | None] = ContextVar("devicekit_default_device", default=None)
 
-# "auto" is resolved once per configuration, so that consecutive batches of one process never
-# land on different accelerators because free memory changed in between.
-_auto_cache: dict[tuple[str | None, str | None, str | None], torch.device] = {}
-
-
-def _auto_device() -> torch.device:
-    key = (os.environ.get(ENV_DEVICE), os.environ.get("LOCAL_RANK"), accelerator_type())
-    device = _auto_cache.get(key)
-    if device is None:
-        device = _auto_cache[key] = best_device()
-    return device
+# "auto", chosen once per configuration by the one resolver and its one cache (`_resolve`).
+_auto_device = auto_device
 
 
 def current_device() -> torch.device:
@@ -64,7 +53,7 @@ def current_device() -> torch.device:
         >>> devicekit.current_device().type in ("cpu", "cuda", "mps", "xpu")
         True
     """
-    device = _ACTIVE.get()
+    device = _block_device()
     if device is None:
         return _auto_device()
     if _active_device() is None:  # torch's default was changed inside the block: it wins
@@ -72,62 +61,76 @@ def current_device() -> torch.device:
     return device
 
 
+def as_device(spec: DeviceLike = None, *, check: bool = True) -> torch.device:
+    """Turn anything a user writes for a device into one normalised `torch.device`.
+
+    Accelerator devices always come back indexed (`"cuda"` means the current CUDA device, so
+    `as_device("cuda") == as_device("cuda:0")` on a fresh process), and `cpu`/`meta` never
+    carry an index, matching the `.device` of tensors that live there.
+
+    Args:
+        spec: `"auto"` (see `best_device`), `"cpu"`, `"meta"`, `"cuda"`,
+            `"cuda:1"`, `"gpu"`/`"accelerator"` (this machine's accelerator type),
+            an `int` accelerator index, a `torch.device`, or `None` for the current
+            default device (see `devicekit.current_device`).
+        check: Verify that the device exists on this machine.
+
+    Raises:
+        InvalidDeviceSpecError: The spec is malformed (`"cuda:x"`, `"cuda:-1"`, `3.5`).
+        DeviceUnavailableError: The spec is well-formed but the device is not there
+            (`"cuda:7"` on a one-GPU machine), and `check` is true.
+
+    Example:
+        >>> import devicekit
+        >>> devicekit.as_device("cpu:0"), devicekit.as_device("meta")
+        (device(type='cpu'), device(type='meta'))
+    """
+    # `None` is this module's to answer; every other spec goes to the one resolver.
+    return current_device() if spec is None else resolve(spec, operation="as_device", check=check)
+
+
 # --- blocks -------------------------------------------------------------------------------------
 
 
-class _Frame:
-    """One entered block, as seen by the context it was entered in (and the tasks it spawns).
+class _DefaultDeviceKind(Kind[torch.device]):
+    """`default_device` blocks hold the factory wrappers, until no context refers to them.
 
-    `torch_modes` are torch's own default-device modes (`with torch.device(...)`,
-    `torch.set_default_device`) in force or displaced when the block was entered: older than
-    the block, they never override it. Any other one is newer: the user changed torch's default
-    inside the block, and torch's setting wins until it is undone. While a frame is alive
-    (referenced by any context), the factory wrappers stay installed.
+    A block's `extra` is the tuple of torch's own default-device modes (`with torch.device(...)`,
+    `torch.set_default_device`) in force or displaced when it was entered: older than the
+    block, they never override it. Any other one is newer: the user changed torch's default
+    inside the block, and torch's setting wins until it is undone.
     """
 
-    __slots__ = ("device", "held", "owner", "parent", "previous", "torch_modes")
+    def hold(self, record: Record) -> None:
+        if record.value is None:  # `carry_default_device` of no block: nothing to hold
+            return
+        record.held = True
+        _hold(record)
 
-    def __init__(self, device: torch.device | None, owner: object, parent: _Frame | None) -> None:
-        self.device = device
-        self.owner = owner
-        self.parent = parent
-        self.previous = _ACTIVE.get()
-        self.torch_modes = _torch_device_modes()
-        self.held = device is not None
-        if self.held:
-            _hold()
-
-    def __del__(self) -> None:
-        if self.held and not sys.is_finalizing():
-            self.held = False
-            _release()
+    def release(self, record: Record) -> None:
+        if record.held is not None:
+            _release(record)
+            record.held = None
 
 
-_FRAME: ContextVar[_Frame | None] = ContextVar("devicekit_default_device_frame", default=None)
+_KIND = _DefaultDeviceKind("default_device()", _ACTIVE, release_on_exit=False)
+_FRAME = _KIND.records
 
 
-def _enter(device: torch.device | None, owner: object) -> None:
-    frame = _Frame(device, owner, _FRAME.get())
-    _FRAME.set(frame)
-    _ACTIVE.set(device)
+def _block_device() -> torch.device | None:
+    """The device of the innermost active `default_device` block here, torch's settings aside."""
+    return _KIND.current()
 
 
-def _exit(owner: object) -> None:
-    frame = _FRAME.get()
-    while frame is not None and frame.owner is not owner:
-        frame = frame.parent
-    if frame is None:
-        raise ScopeError(
-            "default_device(): this block is not active in the current thread or asyncio task, "
-            "so it cannot be exited here. Enter and exit a block in the same thread and task "
-            "(a `with` statement always does)."
-        )
-    # Exiting an outer block also ends any block entered inside it and left open.
-    _FRAME.set(frame.parent)
-    _ACTIVE.set(frame.previous)
+def _enter(device: torch.device | None, owner: object, frame: FrameType) -> None:
+    _KIND.enter(owner, device, frame, _torch_device_modes())
 
 
-class default_device:
+def _exit(owner: object, frame: FrameType, failing: bool = False) -> None:
+    _KIND.exit(owner, frame, failing)
+
+
+class default_device(Scoped[torch.device]):
     """Make `spec` the default device inside a block or a decorated function.
 
     Inside the block, `devicekit.current_device()` and `torch.get_default_device()` return the
@@ -141,8 +144,12 @@ class default_device:
     nothing else. Other threads never see it; use `devicekit.carry_default_device` to take it
     into a worker thread. Blocks nest (the innermost wins) and one `default_device` object may
     be entered again while active, from several threads or tasks at once. The previous state is
-    restored however the block is left. `torch.set_default_device` or `with torch.device(...)`
-    used inside a block take precedence until they are undone; used around it, the block wins.
+    restored however the block is left, a `KeyboardInterrupt` included. A generator shares its
+    caller's context, so a block it holds open across `yield` is in force in the caller until
+    the generator leaves it (what a `@contextmanager` relies on); however and wherever the
+    generator is closed, that ends its block only. `torch.set_default_device` or
+    `with torch.device(...)` used inside a block take precedence until they are undone; used
+    around it, the block wins.
 
     Outside any block devicekit adds nothing to torch calls. Inside, only the factory functions
     cost a little more (far less than under `with torch.device(...)`).
@@ -164,16 +171,23 @@ class default_device:
         device(type='cpu')
     """
 
+    kind = _KIND
     __slots__ = ("device",)
 
     def __init__(self, spec: DeviceLike) -> None:
-        self.device: torch.device = _as_device(spec, check=True, operation="default_device")
+        self.device: torch.device = resolve(spec, operation="default_device")
 
     def __repr__(self) -> str:
         return f"devicekit.default_device({str(self.device)!r})"
 
-    def __enter__(self) -> torch.device:
-        _enter(self.device, self)
+    def _value(self) -> torch.device:
+        return self.device
+
+    def _extra(self) -> object:
+        return _torch_device_modes()
+
+    def __enter__(self) -> torch.device:  # type: ignore[override]
+        _KIND.enter(self, self.device, sys._getframe(1), _torch_device_modes())
         return self.device
 
     def __exit__(
@@ -182,32 +196,7 @@ class default_device:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        _exit(self)
-
-    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
-        """Run every call of `function` (plain or `async`) inside this block."""
-        if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
-            raise InvalidArgumentError(
-                f"default_device({str(self.device)!r}) cannot decorate the generator function "
-                f"{function.__qualname__}: its body runs between the caller's own steps, so the "
-                "block would leak into the caller. Use `with devicekit.default_device(...):` "
-                "inside the generator, or decorate the function that consumes it."
-            )
-        if inspect.iscoroutinefunction(function):
-
-            @functools.wraps(function)
-            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with self:
-                    return await function(*args, **kwargs)
-
-            return cast(Callable[P, R], run_async)
-
-        @functools.wraps(function)
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return function(*args, **kwargs)
-
-        return run
+        _KIND.exit(self, sys._getframe(1), exc_type is not None)
 
 
 def carry_default_device(function: Callable[P, R]) -> Callable[P, R]:
@@ -226,16 +215,17 @@ def carry_default_device(function: Callable[P, R]) -> Callable[P, R]:
         ...     pool.submit(devicekit.carry_default_device(torch.zeros), 2).result().device
         device(type='meta')
     """
-    device = _ACTIVE.get()
+    device = _block_device()
 
     @functools.wraps(function)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         owner = object()
-        _enter(device, owner)
+        frame = sys._getframe()
+        _enter(device, owner, frame)
         try:
             return function(*args, **kwargs)
         finally:
-            _exit(owner)
+            _exit(owner, frame)
 
     return run
 
@@ -285,10 +275,17 @@ def _active_device() -> torch.device | None:
     if device is None:
         return None
     frame = _FRAME.get()
-    if frame is None or not _torch_function_stack_size():
+    if frame is None:
+        return device
+    if frame.ended:  # a generator's block, ended from another thread
+        frame = live(frame)
+        if frame is None:
+            return None
+        device = frame.value
+    if not _torch_function_stack_size():
         return device  # the common case, decided without looking at torch's mode stack
     mode = _torch_device_mode()
-    if mode is None or any(mode is older for older in frame.torch_modes):
+    if mode is None or any(mode is older for older in frame.extra):
         return device
     return None  # torch's default was changed inside the block: the newer setting wins
 
@@ -386,7 +383,9 @@ def _dressed(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Calla
 
 
 _lock = threading.RLock()
-_holders = 0
+#: The ids of the blocks that hold the wrappers in place (a set: adding and removing one is a
+#: single step, and doing it twice is harmless).
+_live: set[int] = set()
 #: The swaps made, while installed.
 _installed: list[_Swap] = []
 #: Wrappers already built, by the id of the function they wrap (kept alive by `_wrapped`),
@@ -397,20 +396,32 @@ _wrapped: list[object] = []
 _primed = False
 
 
-def _hold() -> None:
-    global _holders
+def _hold(record: object) -> None:
     with _lock:
-        _holders += 1
-        if _holders == 1:
-            _install()
+        _live.add(id(record))
+        _sync()
 
 
-def _release() -> None:
-    global _holders
+def _release(record: object) -> None:
     with _lock:
-        _holders -= 1
-        if _holders == 0:
+        _live.discard(id(record))
+        _sync()
+
+
+def _sync() -> None:
+    """Wrappers in place exactly while a block is alive; safe to run again if interrupted."""
+    try:
+        if _live:
+            if not _complete:
+                _install()
+        elif _installed:
             _uninstall()
+    except BaseException:
+        if _live:
+            _install()
+        else:
+            _uninstall()
+        raise
 
 
 def _prime_torch_caches() -> None:
@@ -491,14 +502,23 @@ def _plan() -> list[_Swap]:
     return _swaps
 
 
+#: Whether every swap in `_installed` is in place.
+_complete = False
+
+
 def _install() -> None:
+    global _complete
     _prime_torch_caches()
-    for swap in _plan():
+    swaps = _plan()
+    _installed[:] = swaps  # first, so that an interrupted install is undone by `_uninstall`
+    for swap in swaps:
         swap.namespace.update(swap.wrappers)
-        _installed.append(swap)
+    _complete = True
 
 
 def _uninstall() -> None:
+    global _complete
+    _complete = False
     for swap in _installed:
         swap.restore()
     _forget_wrappers_in_dynamo()

@@ -28,14 +28,15 @@ from devicekit._describe import (
     op_name_at,
     user_call_site,
 )
-from devicekit._discovery import _as_device
 from devicekit._errors import (
     CrossDeviceError,
     DeviceMismatchWarning,
     DeviceMoveWarning,
     InvalidArgumentError,
 )
-from devicekit._modes import ScopedGuard
+from devicekit._modes import ModeKind
+from devicekit._scope import Scoped
+from devicekit._resolve import resolve
 from devicekit._types import DeviceLike
 
 __all__ = ["GuardPolicy", "choose_device", "device_guard"]
@@ -326,7 +327,7 @@ def choose_device(
     """
     if explicit is not None:
         return explicit
-    default = _context._ACTIVE.get()
+    default = _context._block_device()
     if default is not None:
         return default
     found = list(dict.fromkeys(devices))
@@ -376,7 +377,7 @@ def _report(call: _Call, state: _GuardState, category: type[Warning], message: s
 def _mixed(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
     if kwargs is None:
         kwargs = {}
-    state = _ACTIVE_GUARD.get()
+    state = _KIND.current()
     if state is None or func in _TRANSFERS:  # another task's guard, or an explicit transfer
         return func(*args, **kwargs)
     # `.device` is read through the torch function modes below this one, so that a mode that
@@ -424,7 +425,10 @@ def _replace(values: Any, moved: dict[int, torch.Tensor]) -> Any:
     return tuple(swap(value) for value in values)
 
 
-class device_guard(ScopedGuard[_GuardState]):
+_KIND = ModeKind("device_guard()", _ACTIVE_GUARD, _DeviceGuardMode)
+
+
+class device_guard(Scoped[_GuardState]):
     """Check every torch op run inside the block for tensors on different devices.
 
     torch's own check misses many ops: `cpu @ meta`, `F.linear`, `embedding`, `index_select`,
@@ -469,8 +473,7 @@ class device_guard(ScopedGuard[_GuardState]):
         ...
     """  # noqa: E501
 
-    variable = _ACTIVE_GUARD
-    mode = _DeviceGuardMode
+    kind = _KIND
 
     def __init__(self, policy: GuardPolicy = "error", *, target: DeviceLike = None) -> None:
         if policy not in get_args(GuardPolicy):
@@ -479,14 +482,13 @@ class device_guard(ScopedGuard[_GuardState]):
             )
         self.policy: GuardPolicy = policy
         self.target = (
-            None if target is None else _as_device(target, check=True, operation="device_guard")
+            None if target is None else resolve(target, operation="device_guard")
         )
         self._reported: set[tuple[str, int]] = set()
-        super().__init__()
 
     def __repr__(self) -> str:
         target = "" if self.target is None else f", target={str(self.target)!r}"
         return f"device_guard({self.policy!r}{target})"
 
-    def _state(self) -> _GuardState:
+    def _value(self) -> _GuardState:
         return _GuardState(self.policy, self.target, self._reported)

@@ -1,121 +1,147 @@
-"""Installing devicekit's torch function modes, one per thread, only while a guard needs it.
+"""devicekit's torch function modes on torch's per-thread mode stack, only while they are needed.
 
 A guard's settings live in a context variable, so each thread and each asyncio task sees its own;
-the torch function mode that enforces them lives on torch's per-thread mode stack. Every guard
-entered in a thread counts towards one shared mode instance of its kind: the first pushes it, the
-last to leave removes it, wherever it sits in the stack by then, so guards of asyncio tasks that
-leave out of order, and the user's own modes pushed in between, never unbalance the stack.
+the torch function mode that enforces them lives on torch's per-thread mode stack. Each thread
+keeps one mode instance per kind, and the set of entered blocks that use it: the first user
+pushes it, and when the last one leaves it is taken out of the stack wherever it sits by then,
+so guards of asyncio tasks that leave out of order, and the user's own modes pushed in between,
+never unbalance the stack.
+
+Every change is made so that an exception landing between any two bytecodes (a Ctrl-C) leaves
+nothing half done: the users are a set, changed by one operation, and the stack is then brought
+in line with them by `_sync`, which is safe to run again after an interruption.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import threading
-from collections.abc import Callable
-from contextvars import ContextVar, Token
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from collections.abc import Sequence
+from contextvars import ContextVar
+from typing import TypeVar
 
 import torch
 from torch.overrides import TorchFunctionMode
-from typing_extensions import ParamSpec, Self
 
-__all__ = ["ScopedGuard", "acquire_mode", "release_mode"]
+from devicekit._scope import Kind, Record
 
-P = ParamSpec("P")
-R = TypeVar("R")
+__all__ = ["ModeKind", "Users", "push", "remove", "users"]
+
 S = TypeVar("S")
 
-
-class _Installed(threading.local):
-    def __init__(self) -> None:
-        self.modes: dict[type[TorchFunctionMode], tuple[TorchFunctionMode, int]] = {}
-
-
-_installed = _Installed()
+_push = torch._C._push_on_torch_function_stack
+_pop = torch._C._pop_torch_function_stack
+_size = torch._C._len_torch_function_stack
+_at = torch._C._get_function_stack_at
 
 
-def acquire_mode(kind: type[TorchFunctionMode]) -> None:
-    """Make sure a mode of `kind` is on this thread's stack, counting one more user of it."""
-    mode, users = _installed.modes.get(kind, (None, 0))
-    if mode is None:
-        mode = kind()
-        torch._C._push_on_torch_function_stack(mode)
-    _installed.modes[kind] = (mode, users + 1)
+def _stack() -> list[object]:
+    return [_at(index) for index in range(_size())]
 
 
-def release_mode(kind: type[TorchFunctionMode]) -> None:
-    """Count one user of the `kind` mode less; the last one takes it off this thread's stack."""
-    mode, users = _installed.modes[kind]
-    if users > 1:
-        _installed.modes[kind] = (mode, users - 1)
-        return
-    del _installed.modes[kind]
-    above: list[object] = []
-    while torch._C._len_torch_function_stack() > 0:
-        top = torch._C._pop_torch_function_stack()
-        if top is mode:
+def _rebuild(desired: Sequence[object]) -> None:
+    """Make this thread's mode stack exactly `desired`, popping and pushing as little as needed.
+
+    Idempotent: interrupted anywhere, running it again finishes the job.
+    """
+    while True:
+        size = _size()
+        if size <= len(desired) and all(_at(index) is desired[index] for index in range(size)):
             break
-        above.append(top)
-    for other in reversed(above):
-        torch._C._push_on_torch_function_stack(other)
+        _pop()
+    for mode in desired[_size() :]:
+        _push(mode)
 
 
-class ScopedGuard(Generic[S]):
-    """The scoping shared by devicekit's guards: a context manager and a sync/async decorator.
+def push(mode: TorchFunctionMode) -> None:
+    """Put `mode` on top of this thread's stack (one call: nothing to undo if interrupted)."""
+    _push(mode)
 
-    Entering sets the guard's state in `variable` (so the thread or asyncio task that entered
-    sees it, and tasks created inside) and makes sure a `mode` is on this thread's stack; leaving
-    undoes both, also on an exception.
+
+def remove(mode: object) -> None:
+    """Take `mode` out of this thread's stack wherever it is, keeping the modes above it."""
+    stack = _stack()
+    if not any(entry is mode for entry in stack):
+        return
+    desired = [entry for entry in stack if entry is not mode]
+    try:
+        _rebuild(desired)
+    except BaseException:
+        _rebuild(desired)
+        raise
+
+
+class Users:
+    """This thread's devicekit modes: one instance per kind, and who uses each.
+
+    `retired` are modes that another thread asked to take off this thread's stack (a block
+    finalised there); a thread cannot touch another's stack, so this one does it at its next
+    change. They are inert meanwhile: their state is gone from every context.
     """
 
-    variable: ClassVar[ContextVar[Any]]
-    mode: ClassVar[type[TorchFunctionMode]]
-
     def __init__(self) -> None:
-        self._tokens: list[Token[S | None]] = []
+        self.modes: dict[type[TorchFunctionMode], TorchFunctionMode] = {}
+        self.users: dict[type[TorchFunctionMode], set[int]] = {}
+        self.retired: list[object] = []
+        self.thread = threading.get_ident()
 
-    def _state(self) -> S:
-        raise NotImplementedError
+    def acquire(self, kind: type[TorchFunctionMode], user: int) -> None:
+        """Count `user` (an id) as a user of the `kind` mode, pushing it if it is not there."""
+        self.users.setdefault(kind, set()).add(user)
+        self.sync(kind)
 
-    def _enter(self) -> Token[S | None]:
-        token: Token[S | None] = self.variable.set(self._state())
-        acquire_mode(self.mode)
-        return token
+    def release(self, kind: type[TorchFunctionMode], user: int) -> None:
+        """Forget `user`; the mode leaves the stack with its last user (later, from elsewhere)."""
+        self.users.get(kind, set()).discard(user)
+        if threading.get_ident() == self.thread:
+            self.sync(kind)
+        else:
+            mode = self.modes.get(kind)
+            if mode is not None and not self.users.get(kind):
+                self.retired.append(mode)
 
-    def _exit(self, token: Token[S | None]) -> None:
-        try:
-            release_mode(self.mode)
-        finally:
-            self.variable.reset(token)
+    def sync(self, kind: type[TorchFunctionMode]) -> None:
+        """Bring this thread's stack in line with the users (only from this thread)."""
+        while self.retired:
+            retired = self.retired[-1]
+            if not self.users.get(type(retired)):  # type: ignore[arg-type]
+                remove(retired)
+            self.retired.pop()
+        mode = self.modes.get(kind)
+        if mode is None:
+            mode = self.modes.setdefault(kind, kind())
+        present = any(entry is mode for entry in _stack())
+        if self.users.get(kind):
+            if not present:
+                push(mode)
+        elif present:
+            remove(mode)
 
-    def __enter__(self) -> Self:
-        self._tokens.append(self._enter())
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._exit(self._tokens.pop())
+_local = threading.local()
 
-    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
-        """Run every call of `function` (or coroutine function) inside this guard."""
-        if inspect.iscoroutinefunction(function):
 
-            @functools.wraps(function)
-            async def guarded_coroutine(*args: P.args, **kwargs: P.kwargs) -> Any:
-                token = self._enter()
-                try:
-                    return await function(*args, **kwargs)
-                finally:
-                    self._exit(token)
+def users() -> Users:
+    """The calling thread's `Users` (a plain object: other threads may hold it and release)."""
+    found: Users | None = getattr(_local, "users", None)
+    if found is None:
+        found = _local.users = Users()
+    return found
 
-            return cast(Callable[P, R], guarded_coroutine)
 
-        @functools.wraps(function)
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-            token = self._enter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self._exit(token)
+class ModeKind(Kind[S]):
+    """Scoped objects whose blocks need a torch function mode (the guards): each block is one
+    user of its thread's `mode` instance, from entering until leaving."""
 
-        return guarded
+    def __init__(self, name: str, value: ContextVar[S | None], mode: type[TorchFunctionMode]):
+        super().__init__(name, value, release_on_exit=True)
+        self.mode = mode
+
+    def hold(self, record: Record) -> None:
+        holder = record.held = users()
+        holder.acquire(self.mode, id(record))
+
+    def release(self, record: Record) -> None:
+        holder = record.held
+        if isinstance(holder, Users):
+            holder.release(self.mode, id(record))
+        record.held = None

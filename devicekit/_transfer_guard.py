@@ -20,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 
 from devicekit._describe import CallSite, describe_tensor, op_name, user_call_site
 from devicekit._errors import InvalidArgumentError, TransferGuardError
-from devicekit._modes import ScopedGuard
+from devicekit._modes import ModeKind
+from devicekit._scope import Scoped
 
 __all__ = ["TransferPolicy", "transfer_guard"]
 
@@ -147,7 +148,7 @@ class _TransferGuardMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         if func in _KINDS:
-            policy = _ACTIVE_TRANSFER_GUARD.get()
+            policy = _KIND.current()
             transfer = None if policy is None else implicit_transfer(func, args, kwargs)
             if transfer is not None:
                 site = user_call_site()
@@ -163,7 +164,10 @@ class _TransferGuardMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class transfer_guard(ScopedGuard[TransferPolicy]):
+_KIND = ModeKind("transfer_guard()", _ACTIVE_TRANSFER_GUARD, _TransferGuardMode)
+
+
+class transfer_guard(Scoped[TransferPolicy]):
     """Catch implicit copies between an accelerator and the host inside the block.
 
     Inside the block, these raise `TransferGuardError` (`"disallow"`) or are logged on the
@@ -194,8 +198,7 @@ class transfer_guard(ScopedGuard[TransferPolicy]):
         ...
     """  # noqa: E501
 
-    variable = _ACTIVE_TRANSFER_GUARD
-    mode = _TransferGuardMode
+    kind = _KIND
 
     def __init__(self, policy: TransferPolicy = "disallow") -> None:
         if policy not in get_args(TransferPolicy):
@@ -203,10 +206,9 @@ class transfer_guard(ScopedGuard[TransferPolicy]):
                 f"transfer_guard: unknown policy {policy!r}; expected 'disallow' or 'log'."
             )
         self.policy: TransferPolicy = policy
-        super().__init__()
 
     def __repr__(self) -> str:
         return f"transfer_guard({self.policy!r})"
 
-    def _state(self) -> TransferPolicy:
+    def _value(self) -> TransferPolicy:
         return self.policy

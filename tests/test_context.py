@@ -34,7 +34,7 @@ def assert_untouched(*, collect: bool = True) -> None:
     """No block anywhere: torch runs exactly as without devicekit."""
     if collect:  # frames kept by finished asyncio tasks in reference cycles
         gc.collect()
-    assert context._holders == 0
+    assert context._live == set()
     assert context._installed == []
     assert context._ACTIVE.get() is None
     assert torch.zeros is torch._C._VariableFunctions.zeros
@@ -131,11 +131,27 @@ def test_restores_when_the_block_raises() -> None:
     assert context._ACTIVE.get() is None
 
 
-def test_exiting_an_outer_block_ends_the_ones_left_open_inside_it() -> None:
+def test_an_out_of_order_exit_raises_and_still_restores_the_state() -> None:
     outer, inner = default_device("meta"), default_device("cpu")
     outer.__enter__()
     inner.__enter__()
-    outer.__exit__(None, None, None)
+    with pytest.raises(
+        devicekit.ScopeError,
+        match=r"^default_device\(\): exited while blocks entered after it in this thread or task "
+        r"were still open \(devicekit\.default_device\('cpu'\)\); they are ended too",
+    ):
+        outer.__exit__(None, None, None)
+    assert context._ACTIVE.get() is None
+    assert torch.zeros(1).device == CPU
+    with pytest.raises(devicekit.ScopeError, match="this block is not active"):
+        inner.__exit__(None, None, None)
+
+
+def test_an_out_of_order_exit_during_an_exception_restores_without_masking_it() -> None:
+    outer, inner = default_device("meta"), default_device("cpu")
+    with pytest.raises(KeyError), outer:
+        inner.__enter__()
+        raise KeyError("the real error")
     assert context._ACTIVE.get() is None
 
 
@@ -328,7 +344,7 @@ def test_nothing_is_installed_outside_blocks() -> None:
     # torch's fault (pytorch#92701): its default device slows every torch call down, because a
     # function mode sits on the stack. devicekit never pushes one, inside a block or outside.
     with default_device("meta"):
-        assert context._holders == 1
+        assert len(context._live) == 1
         assert torch.zeros is not torch._C._VariableFunctions.zeros
         assert torch._C._len_torch_function_stack() == 0
     assert_untouched()
