@@ -175,7 +175,9 @@ class default_device(Scoped[torch.device]):
     __slots__ = ("device",)
 
     def __init__(self, spec: DeviceLike) -> None:
-        self.device: torch.device = resolve(spec, operation="default_device")
+        self.device: torch.device = (
+            current_device() if spec is None else resolve(spec, operation="default_device")
+        )
 
     def __repr__(self) -> str:
         return f"devicekit.default_device({str(self.device)!r})"

@@ -35,8 +35,8 @@ from devicekit._errors import (
     InvalidArgumentError,
 )
 from devicekit._modes import ModeKind
-from devicekit._scope import Scoped
 from devicekit._resolve import resolve
+from devicekit._scope import Scoped
 from devicekit._types import DeviceLike
 
 __all__ = ["GuardPolicy", "choose_device", "device_guard"]
@@ -481,9 +481,7 @@ class device_guard(Scoped[_GuardState]):
                 f"device_guard: unknown policy {policy!r}; expected 'error', 'warn' or 'move'."
             )
         self.policy: GuardPolicy = policy
-        self.target = (
-            None if target is None else resolve(target, operation="device_guard")
-        )
+        self.target = None if target is None else resolve(target, operation="device_guard")
         self._reported: set[tuple[str, int]] = set()
 
     def __repr__(self) -> str:

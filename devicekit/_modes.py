@@ -99,13 +99,29 @@ class Users:
             if mode is not None and not self.users.get(kind):
                 self.retired.append(mode)
 
-    def sync(self, kind: type[TorchFunctionMode]) -> None:
-        """Bring this thread's stack in line with the users (only from this thread)."""
+    def acquire_instance(self, mode: TorchFunctionMode) -> None:
+        """Push `mode`, a mode of one block's own (a simulation's), on this thread's stack."""
+        self.tidy()
+        push(mode)
+
+    def release_instance(self, mode: TorchFunctionMode) -> None:
+        """Take `mode` off its thread's stack: now from that thread, else at its next change."""
+        if threading.get_ident() == self.thread:
+            remove(mode)
+        else:
+            self.retired.append(mode)
+
+    def tidy(self) -> None:
+        """Take off this thread's stack the modes other threads retired (only from this thread)."""
         while self.retired:
             retired = self.retired[-1]
-            if not self.users.get(type(retired)):  # type: ignore[arg-type]
+            if not self.users.get(type(retired)):  # type: ignore[call-overload]
                 remove(retired)
             self.retired.pop()
+
+    def sync(self, kind: type[TorchFunctionMode]) -> None:
+        """Bring this thread's stack in line with the users (only from this thread)."""
+        self.tidy()
         mode = self.modes.get(kind)
         if mode is None:
             mode = self.modes.setdefault(kind, kind())

@@ -502,14 +502,17 @@ def test_a_real_device_type_is_refused(fake_backend: Callable[..., object]) -> N
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (("tpu", 2), r"cannot simulate 'tpu'"),
-        (("cuda", 0), r"count must be an integer from 1 to 16"),
-        (("cuda", True), r"count must be an integer"),
+        (("tpu", 2), r"^simulated_devices\('tpu', 2\): cannot simulate 'tpu'\. Supported"),
+        (("cuda", 0), r"^simulated_devices\('cuda', 0\): count must be an integer from 1 to 16"),
+        (("cuda", True), r"count must be an integer from 1 to 16, got True\.$"),
+        (("cuda", "2"), r"count must be an integer from 1 to 16, got '2'\.$"),
     ],
 )
 def test_bad_arguments_are_refused(args: tuple[str, int], match: str) -> None:
-    with pytest.raises(SimulationError, match=match):
+    # Bad arguments are a usage error (InvalidArgumentError), not a simulation failure.
+    with pytest.raises(devicekit.InvalidArgumentError, match=match) as caught:
         simulated_devices(*args)
+    assert not isinstance(caught.value, SimulationError)
 
 
 # --- devicekit's own movers see the simulated devices ---------------------------------------

@@ -1,0 +1,537 @@
+"""What a simulated device looks like to torch code: the session, the tags, and the mode.
+
+Inside `devicekit.simulated_devices`, a tensor "on" `cuda:1` is a real CPU tensor with a tag
+naming its simulated device. `_SimulationMode`, a torch function mode, reports the tag wherever
+Python code looks (`.device`, `.is_cuda`, `.get_device()`), turns `device="cuda:1"`,
+`.to("cuda:1")` and `.cuda(1)` into CPU copies that carry the tag, carries tags from operands to
+results, and checks every op for operands on different devices before it runs. It sends each
+call to one named handler; the patches of `torch.cuda` and friends are in `_simulate_patches`.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils._device import DeviceContext, _device_constructors
+
+from devicekit._describe import describe_tensor, labelled_tensors, op_name_at, user_call_site
+from devicekit._errors import CrossDeviceError, SimulationError
+
+__all__ = ["_Session", "_SimulationMode", "_simulated"]
+
+#: The attribute that tags a CPU tensor with its simulated device.
+_TAG = "_devicekit_simulated_device"
+_CPU = torch.device("cpu")
+
+
+# Ops that take their index argument (position 1) as a CPU tensor on CUDA too.
+_INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_"})
+# Ops that copy from their source operand to wherever `self` is: never a violation.
+_TRANSFERS = frozenset({"copy_", "new_tensor", "set_"})
+# Questions about tensors, not computations: torch answers them across devices too.
+# (`_parse_to` only reads `Module.to`'s arguments: its `device=` is no allocation.)
+_QUERIES = frozenset(
+    {"_has_compatible_shallow_copy_type", "is_same_size", "is_set_to", "_parse_to"}
+)
+
+
+@dataclass
+class _Session:
+    """One active simulation: which devices exist and which one is current."""
+
+    type: str
+    count: int
+    current: int = 0
+    saved: list[tuple[object, str, object]] = field(default_factory=list)
+    #: The `simulated_devices` object that entered it, its mode, and the thread's mode users.
+    owner: object = None
+    mode: TorchFunctionMode | None = None
+    users: Any = None
+
+    def device(self, index: int) -> torch.device:
+        return torch.device(self.type, index)
+
+    def resolve(self, spec: object) -> torch.device | None:
+        """The simulated device `spec` names, or `None` when it names no simulated device."""
+        if spec is None:
+            return None
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            device = torch.device(self.type, spec)
+        elif isinstance(spec, (str, torch.device)):
+            device = torch.device(spec)
+        else:
+            return None
+        if device.type != self.type:
+            return None
+        index = self.current if device.index is None else device.index
+        if index >= self.count:
+            raise SimulationError(
+                f"{device}: simulated_devices({self.type!r}, {self.count}) provides only "
+                f"{self.type}:0 to {self.type}:{self.count - 1}. Use one of those, or simulate "
+                f"more devices with simulated_devices({self.type!r}, {index + 1})."
+            )
+        return torch.device(self.type, index)
+
+
+_active: _Session | None = None
+
+
+def _simulated(tensor: torch.Tensor) -> torch.device | None:
+    """The simulated device of `tensor`, or `None` for an ordinary tensor.
+
+    A tag counts while a simulation of its device is active: a tensor made on `cuda:1` in one
+    block (a module-scoped pytest fixture, say) is on `cuda:1` again in the next block that
+    simulates `cuda:1`, and an ordinary CPU tensor in between.
+    """
+    device: torch.device | None = tensor.__dict__.get(_TAG)
+    session = _active
+    if device is None or session is None:
+        return None
+    if device.type != session.type or (device.index or 0) >= session.count:
+        return None
+    return device
+
+
+def _set_tag(tensor: torch.Tensor, device: torch.device | None) -> None:
+    if device is None:
+        tensor.__dict__.pop(_TAG, None)
+    else:
+        tensor.__dict__[_TAG] = device
+
+
+def _device_of(tensor: torch.Tensor) -> torch.device:
+    """Where `tensor` is, as the user sees it (with the mode off)."""
+    simulated = _simulated(tensor)
+    return tensor.device if simulated is None else simulated
+
+
+def _operands(args: Sequence[object], kwargs: dict[str, object]) -> list[tuple[str, torch.Tensor]]:
+    """Each tensor argument with a label, looking one level into lists and tuples."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def visit(label: str, value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append((label, value))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    found.append((f"{label}[{index}]", item))
+
+    for position, value in enumerate(args):
+        visit(f"args[{position}]", value)
+    for name, value in kwargs.items():
+        visit(name, value)
+    return found
+
+
+def _counts(tensor: torch.Tensor) -> bool:
+    """Whether a tensor takes part in the device check (0-dim CPU tensors mix freely)."""
+    return _simulated(tensor) is not None or tensor.dim() > 0 or tensor.device.type != "cpu"
+
+
+def _cross_device_error(
+    func: Callable[..., Any] | str,
+    operands: list[tuple[str, torch.Tensor]],
+    call: tuple[Sequence[Any], dict[str, Any]] | None = None,
+) -> CrossDeviceError:
+    """The error for `func` meeting `operands` on different devices, labelled as torch names
+    the arguments (`self`, `other`, `weight`) where the call's arguments are known."""
+    site = user_call_site()
+    op = op_name_at(func, site.line if site is not None else "") if callable(func) else str(func)
+    if call is not None and callable(func):
+        args, kwargs = call
+        mine = [label for label, _ in _operands(args, kwargs)]
+        theirs = [label for label, _ in labelled_tensors(func, tuple(args), kwargs)]
+        if len(mine) == len(theirs):
+            rename = dict(zip(mine, theirs, strict=True))
+            operands = [(rename.get(label, label), tensor) for label, tensor in operands]
+    devices: list[torch.device] = []
+    for _, tensor in operands:
+        device = _device_of(tensor)
+        if device not in devices:
+            devices.append(device)
+    listed = " and ".join(str(device) for device in devices)
+    lines = [f"{op}: expected all tensors on one device, but found {listed}."]
+    described = tuple((label, describe_tensor(t, _device_of(t))) for label, t in operands)
+    lines.extend(f"  {label}: {text}" for label, text in described)
+    if site is not None:
+        lines.append(f"  called from {site}")
+    target = next((d for d in devices if d.type != "cpu"), devices[0])
+    lines.append(
+        f"Fix: create or move every operand onto {target} first, e.g. "
+        f"devicekit.to_device(x, {str(target)!r}), or torch.arange(n, device=x.device) for "
+        "tensors made inside forward(); 0-dim CPU tensors may mix with any device."
+    )
+    session = _active
+    if session is not None:
+        lines.append(
+            f"(Devices {session.type}:0 to {session.type}:{session.count - 1} are simulated "
+            "on the CPU by devicekit.simulated_devices; real hardware raises here too.)"
+        )
+    return CrossDeviceError(
+        "\n".join(lines),
+        op=op,
+        operands=described,
+        devices=tuple(devices),
+        location=None if site is None else str(site),
+    )
+
+
+def _check(
+    func: Callable[..., Any] | str,
+    operands: list[tuple[str, torch.Tensor]],
+    exempt: Callable[[str], bool],
+    call: tuple[Sequence[Any], dict[str, Any]] | None = None,
+) -> torch.device | None:
+    """The one simulated device among `operands`, raising if they are on different devices.
+
+    Operands `exempt` names may be CPU tensors (indices); the rest must share one device.
+    """
+    __tracebackhide__ = True
+    found: torch.device | None = None
+    simulated = False
+    for label, tensor in operands:
+        device = _simulated(tensor)
+        if device is None:
+            if not _counts(tensor) or exempt(label):
+                continue
+            device = tensor.device
+        elif found is None:
+            simulated = True
+        if found is None:
+            found = device
+        elif device != found:
+            counted = [
+                (label, tensor)
+                for label, tensor in operands
+                if _simulated(tensor) is not None or (_counts(tensor) and not exempt(label))
+            ]
+            raise _cross_device_error(func, counted, call)
+    return found if simulated else None
+
+
+def _tag_results(result: object, device: torch.device | None, keep: set[int]) -> object:
+    """Tag the tensors in `result` (not the inputs it hands back) with `device`."""
+    if isinstance(result, torch.Tensor):
+        if id(result) not in keep:
+            _set_tag(result, device)
+    elif isinstance(result, (list, tuple)):
+        for item in result:
+            if isinstance(item, torch.Tensor) and id(item) not in keep:
+                _set_tag(item, device)
+    return result
+
+
+def _fresh(result: torch.Tensor, inputs: set[int]) -> torch.Tensor:
+    """`result`, or a copy when torch handed back one of the inputs (`as_tensor`, `to`)."""
+    return result.clone() if id(result) in inputs else result
+
+
+# --- the mode and its handlers --------------------------------------------------------------------
+#
+# The mode sorts each call to one handler: an attribute read or write (`.device`, `.grad = g`),
+# one of the tensor methods the simulation answers itself (`_METHODS`), a move (`.to`, `.cuda`),
+# a call with `device=` (factories), a `torch._foreach_*` op, or any other op (checked, and its
+# results tagged).
+
+
+class _SimulationMode(TorchFunctionMode):
+    """Reports simulated devices and checks every op while `session` is the active simulation.
+
+    Once its session has ended it lets every call through untouched (it may still sit on the
+    stack of a thread that has not run devicekit code since another thread ended it).
+    """
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types_: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        __tracebackhide__ = True  # pytest shows the user's line, not devicekit's internals
+        kwargs = kwargs or {}
+        session = self.session
+        if session is not _active:
+            return func(*args, **kwargs)
+        if kwargs.get("pin_memory"):  # nothing to pin on a CPU build; the copy is the same
+            kwargs = {**kwargs, "pin_memory": False}
+        if type(func) is types.MethodWrapperType:
+            return _attribute(session, func, args)
+        name = getattr(func, "__name__", "")
+        if name in _QUERIES:
+            return func(*args, **kwargs)
+        method = bool(args) and isinstance(args[0], torch.Tensor)
+        if method:
+            handler = _METHODS.get(name) or (_move_to_current if name == session.type else None)
+            if handler is not None:
+                special = handler(self, func, args, kwargs)
+                if special is not NotImplemented:
+                    return special
+        if kwargs.get("device") is None and func in _device_constructors():
+            default = _torch_default_device()
+            if default is not None and session.resolve(default) is not None:
+                kwargs = {**kwargs, "device": default}
+        if "device" in kwargs:
+            return _factory(session, func, args, kwargs)
+        if name.startswith("_foreach_"):
+            return _foreach(func, args, kwargs)
+        return _op(func, name, method, args, kwargs)
+
+
+def _op(
+    func: Callable[..., Any], name: str, method: bool, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """Any other op: check its operands' devices, run it, tag the results."""
+    __tracebackhide__ = True
+    operands = _operands(args, kwargs)
+    if method and name in _TRANSFERS:
+        operands = operands[:1]
+    if not operands:
+        return func(*args, **kwargs)
+    exempt = _exemption(name) if method else _never
+    device = _check(func, operands, exempt, (args, kwargs))
+    result = func(*args, **kwargs)
+    if device is None:
+        return result
+    return _tag_results(result, device, {id(tensor) for _, tensor in operands})
+
+
+def _attribute(session: _Session, func: Any, args: Sequence[Any]) -> Any:
+    """Reading or setting a tensor attribute: `.device`, `.is_cuda`, `.grad = g`, `.data = d`."""
+    __tracebackhide__ = True
+    name: str = func.__self__.__name__
+    tensor = args[0]
+    simulated = _simulated(tensor)
+    if func.__name__ == "__set__":
+        value = args[1]
+        if name == "grad" and isinstance(value, torch.Tensor):
+            grad_device = _simulated(value)
+            if grad_device != simulated:
+                raise _cross_device_error(
+                    "torch.Tensor.grad (assignment)", [("self", tensor), ("grad", value)]
+                )
+        func(*args)
+        if name == "data" and isinstance(value, torch.Tensor):
+            _set_tag(tensor, _simulated(value))
+        return None
+    if name == "device":
+        return func(*args) if simulated is None else simulated
+    if name == f"is_{session.type}":
+        return simulated is not None
+    if name == "is_cpu":
+        return simulated is None and func(*args)
+    result = func(*args)
+    if simulated is not None and isinstance(result, torch.Tensor):
+        _set_tag(result, simulated)
+    return result
+
+
+# --- the tensor methods the simulation answers itself ---------------------------------------------
+# Each takes (mode, func, args, kwargs) and returns the answer, or `NotImplemented` to treat the
+# call as an ordinary op.
+
+_Method = Callable[[_SimulationMode, Callable[..., Any], Sequence[Any], dict[str, Any]], Any]
+
+
+def _to_method(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    return _move(mode.session, func, args[0], args[1:], kwargs)
+
+
+def _move_to_current(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """`tensor.cuda()` (or `.xpu()`, `.mps()`) for the simulated type."""
+    session = mode.session
+    spec = kwargs.pop("device", args[1] if len(args) > 1 else None)
+    target = session.device(session.current) if spec is None else spec
+    return _move(session, torch.Tensor.to, args[0], (target,), kwargs)
+
+
+def _cpu(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    if _simulated(args[0]) is None:
+        return func(*args, **kwargs)
+    return torch.Tensor.to(args[0], _CPU, copy=True, **kwargs)
+
+
+def _get_device(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    simulated = _simulated(args[0])
+    return func(*args, **kwargs) if simulated is None else simulated.index
+
+
+def _numpy(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    simulated = _simulated(args[0])
+    if simulated is None:
+        return NotImplemented
+    raise TypeError(
+        f"can't convert {simulated} device type tensor to numpy. "
+        "Use Tensor.cpu() to copy the tensor to host memory first."
+    )
+
+
+def _pin_memory(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    if _simulated(args[0]) is not None:
+        return NotImplemented
+    return torch.Tensor.clone(args[0])  # the CPU build cannot pin; the copy is what callers get
+
+
+def _type(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 1 or kwargs or _simulated(args[0]) is None:
+        return NotImplemented
+    spelled = str(func(*args))  # "torch.FloatTensor" names "torch.cuda.FloatTensor" there
+    return spelled.replace("torch.", f"torch.{mode.session.type}.", 1)
+
+
+def _record_stream(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    return None if _simulated(args[0]) is not None else NotImplemented
+
+
+def _repr(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    if _simulated(args[0]) is None:
+        return NotImplemented
+    with mode:  # torch's printer reads `.device`: let it see the simulated one
+        text: str = torch._tensor_str._str(args[0], **kwargs)  # type: ignore[no-untyped-call]
+    return text
+
+
+_METHODS: dict[str, _Method] = {
+    "to": _to_method,
+    "cpu": _cpu,
+    "get_device": _get_device,
+    "numpy": _numpy,
+    "pin_memory": _pin_memory,
+    "type": _type,
+    "record_stream": _record_stream,
+    "__repr__": _repr,
+}
+
+
+# --- moves, factories and foreach ops -------------------------------------------------------------
+
+
+def _move(
+    session: _Session,
+    func: Callable[..., Any],
+    tensor: torch.Tensor,
+    rest: Sequence[Any],
+    kwargs: dict[str, Any],
+) -> Any:
+    """`tensor.to(...)` and its spellings: a copy on the CPU tagged with the simulated target."""
+    current = _simulated(tensor)
+    rest = list(rest)
+    if rest and isinstance(rest[0], torch.Tensor):
+        other = rest.pop(0)
+        kwargs = {"device": _device_of(other), "dtype": other.dtype, **kwargs}
+    spec = kwargs.pop("device", None)
+    if spec is None and rest and isinstance(rest[0], (str, torch.device, int)):
+        spec = rest.pop(0)
+    if spec is None:  # a dtype or memory-format change: stays where it is
+        result = func(tensor, *rest, **kwargs)
+        return _tag_results(result, current, {id(tensor)} if result is tensor else set())
+    target = session.resolve(spec)
+    if target is None:
+        real = torch.device(spec)
+        if current is None:
+            return func(tensor, real, *rest, **kwargs)
+        kwargs["copy"] = True
+        return func(tensor, real, *rest, **kwargs)
+    if target == current:
+        result = func(tensor, _CPU, *rest, **kwargs)
+        if result is not tensor:
+            _set_tag(result, target)
+        return result
+    kwargs["copy"] = True
+    result = func(tensor, _CPU, *rest, **kwargs)
+    _set_tag(result, target)
+    return result
+
+
+def _factory(
+    session: _Session, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """A call with `device=`: made on the CPU, tagged with the simulated device it names."""
+    spec = kwargs["device"]
+    if isinstance(spec, torch.Tensor):
+        return func(*args, **kwargs)
+    target = session.resolve(spec)
+    inputs = {id(tensor) for _, tensor in _operands(args, kwargs)}
+    if target is None:
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor) and _simulated(result) is not None:
+            return torch.Tensor.to(result, _CPU, copy=True)
+        return result
+    kwargs = {**kwargs, "device": _CPU}
+    result = func(*args, **kwargs)
+    if isinstance(result, torch.Tensor):
+        result = _fresh(result, inputs)
+    return _tag_results(result, target, set())
+
+
+def _foreach(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """`torch._foreach_*`: operands at the same list position must share a device."""
+    __tracebackhide__ = True
+    lists = [value for value in args if isinstance(value, (list, tuple))]
+    lists = [value for value in lists if value and isinstance(value[0], torch.Tensor)]
+    loose = [
+        (label, tensor)
+        for label, tensor in _operands(
+            [a for a in args if not isinstance(a, (list, tuple))], kwargs
+        )
+    ]
+    length = min((len(value) for value in lists), default=0)
+    devices: list[torch.device | None] = []
+    for position in range(length):
+        operands = [
+            (f"args[{number}][{position}]", value[position])
+            for number, value in enumerate(lists)
+            if isinstance(value[position], torch.Tensor)
+        ]
+        devices.append(_check(func, operands + loose, _never))
+    result = func(*args, **kwargs)
+    if isinstance(result, (list, tuple)):
+        inputs = {id(tensor) for value in lists for tensor in value}
+        for item, device in zip(result, devices, strict=False):
+            if isinstance(item, torch.Tensor) and id(item) not in inputs:
+                _set_tag(item, device)
+    return result
+
+
+def _torch_default_device() -> object:
+    """The device of `torch.set_default_device`/`with torch.device(...)`, if one is active.
+
+    torch keeps that mode below devicekit's on the stack, so factory calls reach the simulation
+    without a `device=`; the simulation applies the default itself.
+    """
+    for mode in reversed(_get_current_function_mode_stack()):  # type: ignore[no-untyped-call]
+        if isinstance(mode, DeviceContext):
+            return mode.device
+    return None
+
+
+def _never(label: str) -> bool:
+    return False
+
+
+@functools.cache
+def _exemption(name: str) -> Callable[[str], bool]:
+    if name in _INDEXING:
+        return lambda label: not label.startswith("args[0]")
+    return _never
