@@ -2,6 +2,9 @@
 
 Machines here are 2 cores and noisy: every figure is a median over repeats taken in one run, and
 comparisons are ratios between things measured side by side, never absolute thresholds.
+
+Every helper times batches of calls that last about `BATCH_S` seconds each. The smoke tests
+(`tests/test_benchmarks.py`) lower it, so that each benchmark runs end to end in moments.
 """
 
 from __future__ import annotations
@@ -11,13 +14,34 @@ import time
 import timeit
 from collections.abc import Callable, Sequence
 
+#: How long one timed batch of calls lasts, in seconds.
+BATCH_S = 0.02
 
-def median_us(function: Callable[[], object], *, repeat: int = 15, min_time: float = 0.02) -> float:
+
+def calls_per_batch(
+    function: Callable[[], object],
+    *,
+    seconds: float | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> int:
+    """How many calls of `function` last about `seconds` (default `BATCH_S`), at least one.
+
+    Calibrated on a tenth of that: the batch grows tenfold until it lasts `seconds / 10`.
+    """
+    target = BATCH_S if seconds is None else seconds
+    clock = timeit.Timer(function, timer=timer)
+    number = 1
+    while True:
+        elapsed = clock.timeit(number)
+        if elapsed >= target / 10:
+            return max(1, round(number * target / elapsed))
+        number *= 10
+
+
+def median_us(function: Callable[[], object], *, repeat: int = 15) -> float:
     """Median microseconds per call of `function` over `repeat` timed batches."""
-    timer = timeit.Timer(function)
-    number, _ = timer.autorange()
-    number = max(1, int(number * min_time / 0.2))
-    samples = timer.repeat(repeat=repeat, number=number)
+    number = calls_per_batch(function)
+    samples = timeit.Timer(function).repeat(repeat=repeat, number=number)
     return statistics.median(samples) / number * 1e6
 
 
@@ -27,23 +51,19 @@ def median_cpu_us(function: Callable[[], object], *, repeat: int = 5) -> float:
     Process CPU time is not inflated by busy neighbours on a shared machine, unlike wall time.
     """
     timer = timeit.Timer(function, timer=time.process_time)
-    number, _ = timer.autorange()
-    number = max(1, number // 10)
+    number = calls_per_batch(function, timer=time.process_time)
     return statistics.median(timer.repeat(repeat=repeat, number=number)) / number * 1e6
 
 
 def interleaved_median_us(
-    functions: dict[str, Callable[[], object]], *, repeat: int = 15, min_time: float = 0.02
+    functions: dict[str, Callable[[], object]], *, repeat: int = 15
 ) -> dict[str, float]:
     """Median microseconds per call of each function, timed in turns.
 
     Each round times every function once, so a burst of load from other processes hits all of
     them alike and the ratios between them stay meaningful on a shared, noisy machine.
     """
-    numbers = {}
-    for name, function in functions.items():
-        number, _ = timeit.Timer(function).autorange()
-        numbers[name] = max(1, int(number * min_time / 0.2))
+    numbers = {name: calls_per_batch(function) for name, function in functions.items()}
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeat):
         for name, function in functions.items():

@@ -16,13 +16,13 @@ import argparse
 import contextlib
 import statistics
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
 
 import devicekit
-from benchmarks._timing import format_table
+from benchmarks._timing import calls_per_batch, format_table
 
 
 def _ops() -> dict[str, Callable[[], object]]:
@@ -53,7 +53,7 @@ def measure(rounds: int) -> list[tuple[str, float, float, float, float]]:
     rows = []
     for name, op in _ops().items():
         # One batch size per op, from the bare op, so that every sample times the same work.
-        number = max(1, int(timeit.Timer(op).autorange()[0] / 10))
+        number = calls_per_batch(op)
         samples: dict[str, list[float]] = {setting: [] for setting in _settings()}
         for _ in range(rounds):
             # Interleaved sample by sample: a burst of load from other jobs hits all three.
@@ -100,10 +100,10 @@ def measure_blocks(rounds: int) -> list[tuple[str, float, float, float]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=41)
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     # One intra-op thread: on a shared 2-core machine torch's two threads wait for each other,
     # and a Linear forward jumped from 20 us to 20 ms in runs with the default thread count.
     torch.set_num_threads(1)

@@ -38,10 +38,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import devicekit
+from benchmarks import _timing
 from benchmarks._timing import format_table
 
-#: How long one batch runs, in seconds of process CPU time.
-BATCH_S = 0.002
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 
 
@@ -138,13 +137,9 @@ def batch_us(function: Callable[[], object], number: int) -> float:
 
 
 def calls_per_batch(function: Callable[[], object]) -> int:
-    """How many calls of `function` make a batch of about `BATCH_S` seconds."""
-    number = 10
-    while True:
-        seconds = batch_us(function, number) * number / 1e6
-        if seconds >= BATCH_S / 4:
-            return max(1, int(number * BATCH_S / seconds))
-        number *= 4
+    """How many calls of `function` make a batch of a tenth of `_timing.BATCH_S` (about 2 ms)
+    of process CPU time."""
+    return _timing.calls_per_batch(function, seconds=_timing.BATCH_S / 10, timer=time.process_time)
 
 
 def alternate(

@@ -1,6 +1,6 @@
 """What running under `simulated_devices` costs: the same code on `cpu` and on simulated `cuda:0`.
 
-Run: `python -m benchmarks.bench_simulate`.
+Run: `python -m benchmarks.bench_simulate [--rounds N]`.
 
 Each case is timed on plain CPU tensors with no simulation, and on the same tensors moved to a
 simulated `cuda:0` inside `simulated_devices("cuda", 1)`, interleaved round after round. Like the
@@ -10,8 +10,9 @@ which busy neighbours on the shared 2-core machines do not inflate; figures are 
 
 from __future__ import annotations
 
+import argparse
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,14 +44,17 @@ def cases(device: str) -> dict[str, Callable[[], object]]:
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    arguments = parser.parse_args(argv)
     torch.set_num_threads(1)
     plain = cases("cpu")
     simulation = devicekit.simulated_devices("cuda", 1)
     with simulation:
         simulated = cases("cuda:0")
     samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in plain}
-    for _ in range(5):
+    for _ in range(arguments.rounds):
         for name in plain:
             samples[name][0].append(median_cpu_us(plain[name], repeat=3))
             with simulation:

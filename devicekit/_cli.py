@@ -14,15 +14,10 @@ from typing import Any
 import torch
 
 from devicekit import _nvml
-from devicekit._discovery import (
-    DeviceInfo,
-    _gib,
-    accelerator_type,
-    as_device,
-    devices,
-    explain_best_device,
-)
+from devicekit._context import as_device
+from devicekit._discovery import DeviceInfo, _gib, accelerator_type, devices
 from devicekit._errors import DevicekitError
+from devicekit._resolve import explain_best_device
 
 __all__ = ["main", "print_report"]
 
@@ -175,6 +170,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _plot_problem(path: str) -> str | None:
     """Why `--plot path` could not be written, checked before minutes of measuring; else `None`."""
     try:
+        import matplotlib  # noqa: F401  (an optional dependency: the `plot` extra)
         from matplotlib.figure import Figure
     except ImportError:
         return (

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import devicekit
-from devicekit import _bench
+from devicekit import _bench, _cli
 from devicekit._bench import Measurement, crossovers, format_report, measure, overtakes_from
-from devicekit._cli import main
+from devicekit._cli import _print_bench_setting, main
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only a label here: nothing runs on it
@@ -141,40 +141,99 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_bench_cpu_only(
+def test_cli_bench_smoke(
     tiny_sizes: None,
-    fake_backend: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`devicekit bench` end to end at tiny sizes on a simulated GPU: every table well formed."""
+    pytest.importorskip("matplotlib")
+    if devicekit.accelerator_type() is not None:
+        pytest.skip("simulation is for machines without an accelerator")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    threads = torch.get_num_threads()
+    path = tmp_path / "curves.png"
+    with devicekit.simulated_devices("cuda", 1):
+        assert main(["bench", "--repeat", "2", "--cpu-threads", "1", "--plot", str(path)]) == 0
+    assert torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    assert "no accelerator" not in out
+    assert "The CPU runs each operation on 1 thread(s)" in out
+    assert "The machine is busy" not in out
+    for op, sizes in _bench.DEFAULT_SIZES.items():
+        table = out.split(f"\n{op}: {_bench.OPS[op]}\n")[1].split("\n\n")[0].splitlines()
+        assert table[0].split() == ["size", "cpu", "cuda:0", "cuda:0", "+", "transfer"]
+        assert [row.split()[0] for row in table[1:]] == [f"{size:,}" for size in sizes]
+        for row in table[1:]:
+            cells = re.findall(r"([\d,]+\.\d) (us|ms)", row)
+            assert len(cells) == 3, row
+            _, compute, total = (
+                float(v.replace(",", "")) * (1e3 if u == "ms" else 1) for v, u in cells
+            )
+            assert 0 < compute <= total + 0.05  # with the transfers, never less than without
+        assert re.search(
+            rf"^cuda:0 overtakes cpu for {op}: (from size [\d,]+|never, at the sizes measured) "
+            r"\(compute only\), (from size [\d,]+|never, at the sizes measured) counting "
+            r"transfers\.$",
+            out,
+            re.M,
+        )
+    assert out.rstrip().endswith(f"Plot written to {path}.")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_busy_machine_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    _print_bench_setting(2)
+    assert capsys.readouterr().out == (
+        f"The CPU runs each operation on 2 thread(s); this machine has {cores} core(s).\n"
+        f"The machine is busy (load average {float(cores):.1f} for {cores} cores): CPU timings "
+        "that jump to milliseconds mean other processes hold the cores the CPU's threads wait "
+        "for; rerun when it is idle, or with --cpu-threads 1.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        (
+            "missing/x.png",
+            "cannot write there (No such file or directory). Choose a writable path.",
+        ),
+        ("x.nope", "matplotlib cannot write .nope files. Use one of "),
+        (".", "cannot write there (Is a directory). Choose a writable path."),
+    ],
+    ids=["no-folder", "no-format", "folder"],
+)
+def test_cli_bench_checks_the_plot_path_before_measuring(
+    name: str,
+    problem: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     pytest.importorskip("matplotlib")
-    fake_backend(None)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    path = tmp_path / "curves.png"
-    assert main(["bench", "--repeat", "2", "--plot", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("devicekit bench: this machine has no accelerator that torch can use")
-    assert "measuring the CPU curve only." in out
-    assert f"The CPU runs each operation on {torch.get_num_threads()} thread(s)" in out
-    assert "The machine is busy" not in out
-    assert "matmul: matrix product a @ b" in out
-    assert "only the CPU curve is shown" in out
-    assert out.rstrip().endswith(f"Plot written to {path}.")
-    assert path.stat().st_size > 0
+    monkeypatch.setattr(_bench, "run", lambda **kwargs: pytest.fail("measured before checking"))
+    path = str(tmp_path / name)
+    assert main(["bench", "--plot", path]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"devicekit bench: error: --plot {path}: {problem}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check leaves no file behind
 
 
-def test_cli_bench_cpu_threads_and_busy_machine(
-    tiny_sizes: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_cli_bench_plot_check_keeps_an_existing_file(
+    tiny_sizes: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    threads = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
-    assert main(["bench", "--repeat", "2", "--cpu-threads", "1"]) == 0
-    out = capsys.readouterr().out
-    assert f"The CPU runs each operation on 1 thread(s); this machine has {cores} core(s)." in out
-    assert f"The machine is busy (load average {float(cores):.1f} for {cores} cores)" in out
-    assert torch.get_num_threads() == threads
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "old.png"
+    path.write_bytes(b"old")
+    assert _cli._plot_problem(str(path)) is None
+    assert path.read_bytes() == b"old"
 
 
 def test_cli_bench_plot_without_matplotlib(
@@ -196,27 +255,3 @@ def test_cli_bench_rejects_bad_repeat(capsys: pytest.CaptureFixture[str]) -> Non
         main(["bench", "--repeat", "0"])
     assert exit_info.value.code == 2
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
-
-
-def test_cli_bench_with_a_simulated_gpu(
-    tiny_sizes: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    pytest.importorskip("matplotlib")
-    if devicekit.accelerator_type() is not None:
-        pytest.skip("simulation is for machines without an accelerator")
-    path = tmp_path / "curves.png"
-    with devicekit.simulated_devices("cuda", 1):
-        assert main(["bench", "--repeat", "2", "--plot", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "no accelerator" not in out
-    assert "  size  cpu" not in out  # every table has the accelerator's columns
-    assert out.count("cuda:0 + transfer") == 2
-    for op in ("elementwise", "matmul"):
-        assert re.search(
-            rf"^cuda:0 overtakes cpu for {op}: (from size [\d,]+|never, at the sizes measured) "
-            r"\(compute only\), (from size [\d,]+|never, at the sizes measured) counting "
-            r"transfers\.$",
-            out,
-            re.M,
-        )
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

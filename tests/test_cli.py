@@ -54,7 +54,7 @@ def _devicekit(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     ("env", "args", "message"),
     [
         ({"DEVICEKIT_DEVICE": "warp_drive"}, (), "'warp_drive' is not a torch device type"),
-        ({"DEVICEKIT_DEVICE": "cpu:1"}, (), "cpu:1 is not available on this machine"),
+        ({"DEVICEKIT_DEVICE": "cpu:1"}, (), "DEVICEKIT_DEVICE='cpu:1'"),
         ({}, ("--device", "warp_drive:0"), "'warp_drive' is not a torch device type"),
         ({}, ("demo", "--device", "warp_drive"), "'warp_drive' is not a torch device type"),
     ],
