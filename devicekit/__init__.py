@@ -20,6 +20,7 @@ if _typing.TYPE_CHECKING:
         colocated,
     )
     from devicekit._context import (
+        as_device,
         carry_default_device,
         current_device,
         default_device,
@@ -27,10 +28,7 @@ if _typing.TYPE_CHECKING:
     from devicekit._discovery import (
         DeviceInfo,
         accelerator_type,
-        as_device,
-        best_device,
         devices,
-        explain_best_device,
         local_device,
     )
     from devicekit._errors import (
@@ -59,6 +57,10 @@ if _typing.TYPE_CHECKING:
         register_mover,
         to_device,
     )
+    from devicekit._resolve import (
+        best_device,
+        explain_best_device,
+    )
     from devicekit._simulate import (
         simulated_devices,
     )
@@ -74,16 +76,8 @@ if _typing.TYPE_CHECKING:
 # Where each public name lives; `__getattr__` imports it from there on first access.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "devicekit._colocate": ("colocate", "colocated"),
-    "devicekit._context": ("carry_default_device", "current_device", "default_device"),
-    "devicekit._discovery": (
-        "DeviceInfo",
-        "accelerator_type",
-        "as_device",
-        "best_device",
-        "devices",
-        "explain_best_device",
-        "local_device",
-    ),
+    "devicekit._context": ("as_device", "carry_default_device", "current_device", "default_device"),
+    "devicekit._discovery": ("DeviceInfo", "accelerator_type", "devices", "local_device"),
     "devicekit._errors": (
         "CrossDeviceError",
         "DevicekitError",
@@ -102,6 +96,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "devicekit._guard": ("GuardPolicy", "device_guard"),
     "devicekit._move": ("devices_of", "find_device", "register_mover", "to_device"),
+    "devicekit._resolve": ("best_device", "explain_best_device"),
     "devicekit._simulate": ("simulated_devices",),
     "devicekit._transfer_guard": ("TransferPolicy", "transfer_guard"),
     "devicekit._types": ("DeviceLike", "SupportsTo"),

@@ -17,10 +17,10 @@ import torch
 from typing_extensions import ParamSpec, TypeVarTuple, Unpack
 
 from devicekit._describe import user_call_site
-from devicekit._discovery import _as_device
 from devicekit._errors import CrossDeviceError
 from devicekit._guard import choose_device
 from devicekit._move import to_device
+from devicekit._resolve import resolve
 from devicekit._tree import render, walk
 from devicekit._types import DeviceLike
 
@@ -44,7 +44,7 @@ def _where(labelled: Iterable[tuple[str, object]]) -> dict[torch.device, list[st
 def _target(
     operation: str, labelled: list[tuple[str, object]], device: DeviceLike
 ) -> torch.device | None:
-    explicit = None if device is None else _as_device(device, check=True, operation=operation)
+    explicit = None if device is None else resolve(device, operation=operation)
     if explicit is not None:
         return explicit
     found = _where(labelled)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from devicekit._context import current_device, default_device
-from devicekit._discovery import as_device
+from devicekit._context import as_device, current_device, default_device
 from devicekit._errors import InvalidArgumentError
 from devicekit._guard import device_guard
 from devicekit._move import to_device

@@ -1,5 +1,7 @@
-"""Finding devices and naming them: `devices()`, `as_device()`, `best_device()`.
+"""Finding devices and parsing their names: `devices()`, `local_device()`, `parse()`.
 
+This module knows what the machine has and what a written device means. It does not decide
+what `None` or `"auto"` stand for: `devicekit._resolve` does, with one cache for `"auto"`.
 Nothing here initialises an accelerator: device counts come from `torch.accelerator` (which
 asks the driver, not a context), and memory figures for CUDA come from NVML until the user's own
 code has initialised CUDA, after which torch's exact figures are used.
@@ -10,30 +12,32 @@ from __future__ import annotations
 import os
 import platform
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from devicekit import _nvml
 from devicekit._errors import DeviceUnavailableError, InvalidDeviceSpecError
-from devicekit._types import DeviceLike
 
 __all__ = [
     "DeviceInfo",
     "accelerator_type",
-    "as_device",
-    "best_device",
+    "clear_simulated",
     "devices",
-    "explain_best_device",
     "local_device",
+    "parse",
+    "register_simulated",
+    "simulation_epoch",
 ]
 
-#: The environment variable that overrides what `"auto"` resolves to.
-ENV_DEVICE = "DEVICEKIT_DEVICE"
-
-_SPEC = re.compile(r"(?P<type>[a-z][a-z0-9_]*)(?::(?P<index>0|[1-9][0-9]*))?")
+# ASCII digits only (`re.ASCII`): CUDA and torchrun read "0" to "9", not "²" or U+FF10.
+_SPEC = re.compile(r"(?P<type>[a-z][a-z0-9_]*)(?::(?P<index>0|[1-9][0-9]*))?", re.ASCII)
+_INDEX = re.compile(r"[0-9]+", re.ASCII)
 # c10::DeviceIndex is an 8-bit integer: larger indices wrap around silently in torch.device.
 _MAX_INDEX = 127
+# The whitespace torchrun and shells may leave around a number; nothing else is stripped.
+_BLANKS = " \t\n\r"
 # Device types whose tensors carry no index (`torch.empty(1).device == device("cpu")`).
 _UNINDEXED = frozenset({"cpu", "meta"})
 _ACCEPTED_FORMS = (
@@ -87,8 +91,27 @@ class DeviceInfo:
         return " | ".join(parts)
 
 
-#: The devices `devicekit.simulated_devices` provides while it is active (it fills this list).
-_SIMULATED: list[DeviceInfo] = []
+#: The devices `devicekit.simulated_devices` provides while it is active, and a count of the
+#: changes made to them (what `"auto"` was resolved under). Set through `register_simulated`.
+_SIMULATED: tuple[DeviceInfo, ...] = ()
+_epoch = 0
+
+
+def register_simulated(infos: Iterable[DeviceInfo]) -> None:
+    """Make `devices()` list `infos` after the CPU, in place of the real accelerators."""
+    global _SIMULATED, _epoch
+    _SIMULATED = tuple(infos)
+    _epoch += 1
+
+
+def clear_simulated() -> None:
+    """Undo `register_simulated`: `devices()` lists the real accelerators again."""
+    register_simulated(())
+
+
+def simulation_epoch() -> int:
+    """A number that changes whenever the simulated devices change."""
+    return _epoch
 
 
 def _gib(size: int) -> str:
@@ -149,15 +172,42 @@ def _cpu_info() -> DeviceInfo:
     return DeviceInfo(torch.device("cpu"), "cpu", None, name, total, free)
 
 
+def _nvml_match(properties: object, known: list[_nvml.NvmlDevice]) -> _nvml.NvmlDevice | None:
+    """The NVML device that is the CUDA device with these properties: same PCI address or UUID.
+
+    A GPU in MIG mode is matched by its instance's UUID only: its PCI address is shared by the
+    instances, and its own memory figures are the whole GPU's.
+    """
+    address = tuple(
+        getattr(properties, field, None)
+        for field in ("pci_domain_id", "pci_bus_id", "pci_device_id")
+    )
+    if all(isinstance(part, int) for part in address):
+        for device in known:
+            if device.pci == address and not device.mig:
+                return device
+    uuid = str(getattr(properties, "uuid", "") or "")
+    if uuid:
+        for device in known:
+            if device.uuid.partition("-")[2] == uuid or device.uuid == uuid:
+                return device
+    return None
+
+
 def _accelerator_infos(device_type: str, count: int, initialize: bool) -> list[DeviceInfo]:
     module = getattr(torch, device_type, None)
     is_initialized = getattr(module, "is_initialized", None)
     exact = initialize or (callable(is_initialized) and bool(is_initialized()))
+    nvidia = device_type == "cuda" and torch.version.hip is None
     from_nvml = None
-    if device_type == "cuda" and torch.version.hip is None and not exact:
+    if nvidia and not exact:
+        # In CUDA's index order where that order is certain (`_nvml.visible_devices`).
         from_nvml = _nvml.visible_devices()
         if from_nvml is not None and len(from_nvml) != count:
-            from_nvml = None  # NVML and CUDA disagree (MIG, odd visibility): do not guess
+            from_nvml = None  # NVML and CUDA disagree (odd visibility): do not guess
+    # Once CUDA is initialised, NVML's free memory is matched by PCI address or UUID: asking
+    # `mem_get_info` instead would create a context on every GPU not yet in use.
+    known = (_nvml.all_devices() or []) if nvidia and exact else []
     infos = []
     for index in range(count):
         device = torch.device(device_type, index)
@@ -176,7 +226,10 @@ def _accelerator_infos(device_type: str, count: int, initialize: bool) -> list[D
             total = getattr(properties, "total_memory", None)
             if hasattr(properties, "major") and hasattr(properties, "minor"):
                 capability = (int(properties.major), int(properties.minor))
-            if hasattr(module, "mem_get_info"):
+            matched = _nvml_match(properties, known)
+            if matched is not None:
+                free, total = matched.free_memory, matched.total_memory
+            elif hasattr(module, "mem_get_info"):
                 free, total = (int(value) for value in module.mem_get_info(index))
         elif device_type == "mps":
             name = "Apple GPU (MPS)"
@@ -205,7 +258,7 @@ def devices(*, initialize: bool = False) -> list[DeviceInfo]:
     """
     infos = [_cpu_info()]
     if _SIMULATED:
-        return infos + _SIMULATED
+        return infos + list(_SIMULATED)
     device_type = accelerator_type()
     if device_type is not None:
         count = _accelerator_count(device_type)
@@ -221,9 +274,17 @@ def _available() -> tuple[torch.device, ...]:
     return tuple(found)
 
 
+def show(value: object) -> str:
+    """`repr(value)`, or a stand-in naming its type when its `__repr__` raises."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__qualname__} object with a failing __repr__>"
+
+
 def _where(operation: str, spec: object) -> str:
     """`as_device('cuda:x')`, or the operation alone when it already names the value."""
-    return operation if "=" in operation else f"{operation}({spec!r})"
+    return operation if "=" in operation else f"{operation}({show(spec)})"
 
 
 def _unavailable(operation: str, spec: object, device: torch.device) -> DeviceUnavailableError:
@@ -235,6 +296,17 @@ def _unavailable(operation: str, spec: object, device: torch.device) -> DeviceUn
         "to build the torch.device anyway.",
         device=device,
         available=available,
+    )
+
+
+def _single(operation: str, spec: object, device_type: str, index: int) -> DeviceUnavailableError:
+    """`cpu:1`: there is one `cpu` device, on any machine, so `check=False` cannot help."""
+    return DeviceUnavailableError(
+        f"{_where(operation, spec)}: there is only one {device_type} device ({device_type}, "
+        f"also written {device_type}:0), so {device_type}:{index} does not exist. "
+        f"Use {device_type!r}.",
+        device=torch.device(device_type, index),
+        available=_available(),
     )
 
 
@@ -255,17 +327,23 @@ def _invalid(operation: str, spec: object, problem: str) -> InvalidDeviceSpecErr
     )
 
 
+def _too_large(operation: str, spec: object, index: object) -> InvalidDeviceSpecError:
+    text = str(index)
+    shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+    return _invalid(operation, spec, f"device index {shown} is larger than {_MAX_INDEX}")
+
+
 def _normalize(
     operation: str, spec: object, device_type: str, index: int | None, check: bool
 ) -> torch.device:
+    if index is not None and index > _MAX_INDEX:
+        raise _too_large(operation, spec, index)
     if device_type in _UNINDEXED:
         if index not in (None, 0):
-            raise _unavailable(operation, spec, torch.device(device_type, index))
+            raise _single(operation, spec, device_type, index)
         return torch.device(device_type)
     if index is None:
         index = _current_index(device_type)
-    if index > _MAX_INDEX:
-        raise _invalid(operation, spec, f"device index {index} is larger than {_MAX_INDEX}")
     device = torch.device(device_type, index)
     if check and index >= _accelerator_count(device_type):
         raise _unavailable(operation, spec, device)
@@ -277,6 +355,8 @@ def _parse_string(operation: str, spec: str, check: bool) -> torch.device:
     if match is None:
         raise _invalid(operation, spec, "not a device spec")
     device_type, index_text = match["type"], match["index"]
+    if index_text is not None and len(index_text) > len(str(_MAX_INDEX)):
+        raise _too_large(operation, spec, index_text)  # before `int()`, which refuses 4301 digits
     index = None if index_text is None else int(index_text)
     if device_type in ("gpu", "accelerator"):
         found = accelerator_type()
@@ -290,43 +370,28 @@ def _parse_string(operation: str, spec: str, check: bool) -> torch.device:
     return _normalize(operation, spec, device_type, index, check)
 
 
-def as_device(spec: DeviceLike = None, *, check: bool = True) -> torch.device:
-    """Turn anything a user writes for a device into one normalised `torch.device`.
+def parse(spec: object, *, check: bool, operation: str) -> torch.device:
+    """Read a written device: a string other than `"auto"`, an accelerator index, a device.
 
-    Accelerator devices always come back indexed (`"cuda"` means the current CUDA device, so
-    `as_device("cuda") == as_device("cuda:0")` on a fresh process), and `cpu`/`meta` never
-    carry an index, matching the `.device` of tensors that live there.
+    `None` and `"auto"` are not device names but choices; `devicekit._resolve` makes them.
 
     Args:
-        spec: `"auto"` (see `best_device`), `"cpu"`, `"meta"`, `"cuda"`,
-            `"cuda:1"`, `"gpu"`/`"accelerator"` (this machine's accelerator type),
-            an `int` accelerator index, a `torch.device`, or `None` for the current
-            default device (see `devicekit.current_device`).
+        spec: The value to read.
         check: Verify that the device exists on this machine.
+        operation: What the user called, for messages (`"as_device"`, `"to_device"`).
 
     Raises:
-        InvalidDeviceSpecError: The spec is malformed (`"cuda:x"`, `"cuda:-1"`, `3.5`).
-        DeviceUnavailableError: The spec is well-formed but the device is not there
-            (`"cuda:7"` on a one-GPU machine), and `check` is true.
+        InvalidDeviceSpecError: `spec` is malformed or of another type.
+        DeviceUnavailableError: `spec` is well-formed but the device is not there.
 
     Example:
-        >>> import devicekit
-        >>> devicekit.as_device("cpu:0"), devicekit.as_device("meta")
-        (device(type='cpu'), device(type='meta'))
+        >>> from devicekit._discovery import parse
+        >>> parse("cpu:0", check=True, operation="as_device")
+        device(type='cpu')
     """
-    return _as_device(spec, check=check, operation="as_device")
-
-
-def _as_device(spec: object, *, check: bool, operation: str) -> torch.device:
-    if spec is None:
-        from devicekit._context import current_device
-
-        return current_device()
     if isinstance(spec, torch.device):
         return _normalize(operation, spec, spec.type, spec.index, check)
     if isinstance(spec, str):
-        if spec == "auto":
-            return best_device()
         return _parse_string(operation, spec, check)
     if isinstance(spec, int) and not isinstance(spec, bool):
         if spec < 0:
@@ -340,6 +405,27 @@ def _as_device(spec: object, *, check: bool, operation: str) -> torch.device:
     raise _invalid(operation, spec, f"got a {type(spec).__name__}")
 
 
+def read_index(text: str) -> int | None:
+    """The number in `text` (`LOCAL_RANK`, a `CUDA_VISIBLE_DEVICES` entry), or `None`.
+
+    Only ASCII digits count, as for torchrun and the CUDA runtime: `"²"` and a full-width
+    zero (U+FF10) are not numbers here, though `str.isdigit` says they are. Spaces, tabs and line
+    breaks around the digits are ignored; any other character makes the text no number.
+
+    Example:
+        >>> from devicekit._discovery import read_index
+        >>> read_index(" 3\\n"), read_index("²"), read_index("0\\x1f")
+        (3, None, None)
+    """
+    digits = text.strip(_BLANKS)
+    if _INDEX.fullmatch(digits) is None:
+        return None
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(_MAX_INDEX)):
+        return _MAX_INDEX + 1  # larger than any device index: `int()` of it may refuse
+    return int(digits)
+
+
 def local_device() -> torch.device:
     """The device this process should use under `torchrun`: accelerator `LOCAL_RANK`.
 
@@ -347,7 +433,7 @@ def local_device() -> torch.device:
     environment, the current accelerator index is used.
 
     Raises:
-        InvalidDeviceSpecError: `LOCAL_RANK` is not a non-negative integer.
+        InvalidDeviceSpecError: `LOCAL_RANK` is not a non-negative integer of ASCII digits.
         DeviceUnavailableError: `LOCAL_RANK` is not below the number of accelerators.
 
     Example:
@@ -361,78 +447,29 @@ def local_device() -> torch.device:
     text = os.environ.get("LOCAL_RANK")
     if text is None:
         return torch.device(device_type, _current_index(device_type))
-    if not text.strip().isdigit():
+    rank = read_index(text)
+    if rank is None:
         raise InvalidDeviceSpecError(
             f"local_device(): LOCAL_RANK={text!r} is not a non-negative integer. "
             "torchrun sets it for each process; unset it or set it to the local process index.",
             spec=text,
         )
-    rank, count = int(text), _accelerator_count(device_type)
+    count = _accelerator_count(device_type)
     if rank >= count:
-        available = _available()
+        shown = str(rank) if rank <= _MAX_INDEX else repr(text)
         raise DeviceUnavailableError(
-            f"local_device(): LOCAL_RANK={rank} but this machine has only {count} {device_type} "
+            f"local_device(): LOCAL_RANK={shown} but this machine has only {count} {device_type} "
             f"device(s) (indices 0 to {count - 1}). Start at most {count} processes per node "
             "(torchrun --nproc_per_node), or check CUDA_VISIBLE_DEVICES.",
-            device=torch.device(device_type, rank),
-            available=available,
+            device=torch.device(device_type, rank) if rank <= _MAX_INDEX else None,
+            available=_available(),
         )
     return torch.device(device_type, rank)
 
 
-def _under_distributed() -> bool:
+def under_distributed() -> bool:
+    """Whether this process runs under `torchrun` or an initialised `torch.distributed`."""
     if "LOCAL_RANK" in os.environ:
         return True
     distributed = torch.distributed
     return bool(distributed.is_available() and distributed.is_initialized())
-
-
-def explain_best_device() -> tuple[torch.device, str]:
-    """Resolve `"auto"` like `best_device`, and say which rule decided.
-
-    Example:
-        >>> import devicekit
-        >>> device, reason = devicekit.explain_best_device()
-        >>> isinstance(reason, str)
-        True
-    """
-    override = os.environ.get(ENV_DEVICE)
-    if override is not None and override != "auto":
-        where = f"best_device(): the environment variable {ENV_DEVICE}={override!r}"
-        device = _as_device(override, check=True, operation=where)
-        return device, f"the {ENV_DEVICE} environment variable is {override!r}"
-    device_type = accelerator_type()
-    if device_type is None:
-        return torch.device("cpu"), "no accelerator is available"
-    if _under_distributed():
-        return local_device(), "running under torchrun/torch.distributed: the LOCAL_RANK device"
-    infos = [info for info in devices() if info.type == device_type]
-    if not infos:
-        return torch.device("cpu"), f"{device_type} reports no devices"
-    if len(infos) == 1:
-        return infos[0].device, f"the only {device_type} device"
-    if any(info.free_memory is None for info in infos):
-        index = _current_index(device_type)
-        return torch.device(device_type, index), f"the current {device_type} device"
-    best = max(infos, key=lambda info: (info.free_memory or 0, -(info.index or 0)))
-    return best.device, f"the {device_type} device with the most free memory"
-
-
-def best_device() -> torch.device:
-    """The device `"auto"` means, by one documented priority.
-
-    1. The `DEVICEKIT_DEVICE` environment variable, validated like any spec.
-    2. Under `torchrun`/`torch.distributed`: the accelerator `LOCAL_RANK`.
-    3. The accelerator with the most free memory (the current one where memory is unknown).
-    4. `cpu`.
-
-    Raises:
-        InvalidDeviceSpecError: `DEVICEKIT_DEVICE` is malformed (the message names it).
-        DeviceUnavailableError: `DEVICEKIT_DEVICE` or `LOCAL_RANK` names a missing device.
-
-    Example:
-        >>> import devicekit
-        >>> devicekit.best_device().type in ("cpu", "cuda", "mps", "xpu")
-        True
-    """
-    return explain_best_device()[0]

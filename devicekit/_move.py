@@ -8,7 +8,6 @@ target, and containers holding only such tensors, come back as the very same obj
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Collection, Hashable
 from itertools import repeat
 from operator import is_not
@@ -16,9 +15,10 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from devicekit._context import current_device
 from devicekit._describe import describe_tensor
-from devicekit._discovery import _as_device
 from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
+from devicekit._resolve import CPU, META, resolve
 from devicekit._transfer import Coalesce, transfer_tensors
 from devicekit._tree import (
     _FLAT,
@@ -43,6 +43,7 @@ from devicekit._tree import (
     walk,
     with_values,
 )
+from devicekit._types import DeviceLike
 
 __all__ = ["devices_of", "find_device", "register_mover", "to_device"]
 
@@ -50,13 +51,12 @@ T = TypeVar("T")
 
 NonBlocking = bool | Literal["auto"]
 
-#: Device specs whose meaning never changes (they resolve to `cpu` or `meta`), resolved once.
-_TARGETS: dict[Any, torch.device] = {}
 _PLAIN = frozenset({torch.Tensor})  # tensor types `.to()` keeps as they are
 _STORAGE = torch.Tensor.untyped_storage
 _TO = torch.Tensor.to
-_META = torch.device("meta")
-_CPU = torch.device("cpu")
+# The resolver gives `cpu` and `meta` as these two objects, for quick `is` tests.
+_META = META
+_CPU = CPU
 
 
 #: `device.type` by device: reading `torch.device.type` costs about a microsecond each time.
@@ -71,18 +71,9 @@ def _type(device: torch.device) -> str:
         return kind
 
 
-def _target(device: Any) -> torch.device:
-    try:
-        return _TARGETS[device]
-    except (KeyError, TypeError):
-        pass
-    target = _as_device(device, check=True, operation="to_device")
-    if target in (_CPU, _META):  # one object each, for quick `is` tests; resolved once
-        target = _CPU if target == _CPU else _META
-        if device is not None:
-            with contextlib.suppress(TypeError):
-                _TARGETS[device] = target
-    return target
+def _target(device: DeviceLike) -> torch.device:
+    # `None` is the current default device; any other spec goes to the one resolver.
+    return current_device() if device is None else resolve(device, operation="to_device")
 
 
 def _root_name(obj: Any) -> str:
@@ -473,7 +464,7 @@ def _pending(
 
 def to_device(
     obj: T,
-    device: Any = None,
+    device: DeviceLike = None,
     *,
     non_blocking: NonBlocking = "auto",
     dtype: torch.dtype | None = None,

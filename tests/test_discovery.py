@@ -180,8 +180,11 @@ class TestEmulatedBackends:
         backend = fake_backend("cuda", [10 * GiB, 50 * GiB])
         assert devicekit.current_device() == torch.device("cuda", 1)
         backend.free_memory[0] = 79 * GiB  # memory moves; the process's device must not
-        assert devicekit.current_device() == torch.device("cuda", 1)
-        assert devicekit.best_device() == torch.device("cuda", 0)
+        cuda1 = torch.device("cuda", 1)
+        assert devicekit.current_device() == cuda1
+        assert devicekit.best_device() == cuda1
+        assert devicekit.as_device("auto") == cuda1
+        assert devicekit.default_device("auto").device == cuda1
 
 
 @given(st.one_of(st.text(), st.integers(), st.from_regex(r"[a-z]{1,6}(:-?[0-9]{1,4})?")))
