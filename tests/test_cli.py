@@ -90,7 +90,8 @@ def test_a_reader_that_stops_early_ends_the_report_quietly() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout is not None
+    assert child.stderr is not None
     child.stdout.close()  # the reader is gone before devicekit has imported torch
     errors = child.stderr.read().decode()
     child.stderr.close()
