@@ -246,6 +246,7 @@ class _Call:
     devices: list[torch.device]  # distinct, in order of appearance, 0-dim CPU tensors left out
     home: torch.device | None  # where an in-place or indexing op's destination lives
     site: CallSite | None
+    in_place: bool = False  # whether `home` must stay where it is (in-place ops, `out=`)
 
     @property
     def op(self) -> str:
@@ -274,7 +275,8 @@ def _called_at(site: CallSite | None) -> str:
 def _examine(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     operands = list(labelled_tensors(func, args, kwargs))
     home = None
-    if func in _INDEXING or _is_in_place(func, kwargs):
+    in_place = _is_in_place(func, kwargs)
+    if func in _INDEXING or in_place:
         destination = kwargs.get("out")
         if not isinstance(destination, torch.Tensor) and operands:
             destination = operands[0][1]
@@ -283,7 +285,7 @@ def _examine(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
     for _label, tensor in _relevant(func, operands, home):
         if tensor.device not in devices:
             devices.append(tensor.device)
-    return _Call(func, operands, devices, home, user_call_site())
+    return _Call(func, operands, devices, home, user_call_site(), in_place)
 
 
 def _relevant(
@@ -309,8 +311,10 @@ def _is_violation(call: _Call) -> bool:
 
 def _target(call: _Call, state: _GuardState) -> torch.device | None:
     """Where the op should run: `None` where that is ambiguous."""
-    if call.home is not None:
-        return call.home  # indexing, in-place and `out=` ops run where their destination lives
+    if call.home is not None and (call.in_place or call.home.type != "cpu"):
+        # In-place and `out=` ops run where their destination lives, and so does indexing a
+        # tensor on an accelerator; a CPU tensor indexed by an accelerator's index goes to it.
+        return call.home
     return choose_device(call.devices, state.target)
 
 
@@ -403,8 +407,18 @@ def _mixed(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         return func(*args, **kwargs)
     if state.policy == "error" or target is None:
         raise call.error(message)
+    moved: dict[int, torch.Tensor] = {}
+    for label, tensor in strays:
+        try:
+            moved[id(tensor)] = tensor.to(target)
+        except (RuntimeError, NotImplementedError) as error:
+            raise call.error(
+                f'{call.describe()}\ndevice_guard("move") cannot run it on {target}: moving '
+                f"{label} there failed ({type(error).__name__}: {error}).\n"
+                f"Fix: move the operands to one device yourself first, with "
+                f"`devicekit.to_device`."
+            ) from error
     _report(call, state, DeviceMoveWarning, message)
-    moved = {id(tensor): tensor.to(target) for _, tensor in strays}
     return func(*_replace(args, moved), **_replace(kwargs, moved))
 
 

@@ -306,11 +306,14 @@ class TestMove:
         x, y = torch.arange(3.0), torch.arange(3.0, device="meta")
         with device_guard("move", target="cpu"):
             assert (x + x).tolist() == [0.0, 2.0, 4.0]  # not mixed: nothing to move
-            with (
-                pytest.warns(DeviceMoveWarning, match=r"moved other to cpu"),
-                pytest.raises(NotImplementedError),  # meta tensors have no data to copy
-            ):
+            # meta tensors have no data to copy: a devicekit error, with torch's as its cause
+            with pytest.raises(
+                CrossDeviceError,
+                match=r'device_guard\("move"\) cannot run it on cpu: moving other there failed '
+                r"\(NotImplementedError: Cannot copy out of meta tensor",
+            ) as caught:
                 x + y
+        assert isinstance(caught.value.__cause__, NotImplementedError)
 
     def test_to_the_default_device(self) -> None:
         token = _context._ACTIVE.set(torch.device("meta"))
@@ -342,13 +345,31 @@ class TestMove:
             warnings.simplefilter("ignore", DeviceMoveWarning)
             assert torch.add(cpu(2), meta(2), out=None).device.type == "meta"
 
-    def test_indices_follow_the_indexed_tensor(self) -> None:
+    def test_a_cpu_tensor_indexed_by_an_accelerator_index_moves_to_the_index(self) -> None:
+        # Issue 18 item 7: the CPU tensor goes to the index's device, as for any other op
+        # (it used to try to copy the meta index to the CPU, a raw NotImplementedError).
+        with pytest.warns(DeviceMoveWarning, match=r"moved self to meta"), device_guard("move"):
+            result = cpu(5, 3)[index(1, 2, device="meta")]
+        assert (result.device.type, result.shape) == ("meta", (2, 3))
+
+    def test_indexing_an_accelerator_tensor_runs_where_it_lives(self) -> None:
+        with device_guard("move"):
+            result = meta(5, 3)[index(1, 2)]  # a CPU index is allowed, as on CUDA
+        assert (result.device.type, result.shape) == ("meta", (2, 3))
+
+    def test_an_in_place_index_that_cannot_be_moved_raises_a_devicekit_error(self) -> None:
+        destination = cpu(5)
         with (
-            pytest.warns(DeviceMoveWarning, match=r"moved key to cpu"),
-            device_guard("move", target="meta"),
-            pytest.raises(NotImplementedError),  # meta tensors have no data to copy
+            device_guard("move"),
+            pytest.raises(
+                CrossDeviceError,
+                match=r"(?s)Tensor.__setitem__ got tensors on different devices \(cpu, meta\).*"
+                r'device_guard\("move"\) cannot run it on cpu: moving key there failed',
+            ) as caught,
         ):
-            cpu(5, 3)[index(1, 2, device="meta")]
+            destination[index(1, 2, device="meta")] = 1.0
+        assert isinstance(caught.value.__cause__, NotImplementedError)
+        assert destination.tolist() == [1.0] * 5
 
     def test_once_per_call_site(self) -> None:
         with warnings.catch_warnings(record=True) as record, device_guard("move"):
