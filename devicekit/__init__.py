@@ -19,6 +19,9 @@ if _typing.TYPE_CHECKING:
         colocate,
         colocated,
     )
+    from devicekit._containers import (
+        register_mover,
+    )
     from devicekit._context import (
         as_device,
         carry_default_device,
@@ -52,10 +55,11 @@ if _typing.TYPE_CHECKING:
         device_guard,
     )
     from devicekit._move import (
+        to_device,
+    )
+    from devicekit._paths import (
         devices_of,
         find_device,
-        register_mover,
-        to_device,
     )
     from devicekit._resolve import (
         best_device,
@@ -76,6 +80,7 @@ if _typing.TYPE_CHECKING:
 # Where each public name lives; `__getattr__` imports it from there on first access.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "devicekit._colocate": ("colocate", "colocated"),
+    "devicekit._containers": ("register_mover",),
     "devicekit._context": ("as_device", "carry_default_device", "current_device", "default_device"),
     "devicekit._discovery": ("DeviceInfo", "accelerator_type", "devices", "local_device"),
     "devicekit._errors": (
@@ -95,7 +100,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "UnmovableError",
     ),
     "devicekit._guard": ("GuardPolicy", "device_guard"),
-    "devicekit._move": ("devices_of", "find_device", "register_mover", "to_device"),
+    "devicekit._move": ("to_device",),
+    "devicekit._paths": ("devices_of", "find_device"),
     "devicekit._resolve": ("best_device", "explain_best_device"),
     "devicekit._simulate": ("simulated_devices",),
     "devicekit._transfer_guard": ("TransferPolicy", "transfer_guard"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 import torch
@@ -20,8 +20,8 @@ from devicekit._describe import user_call_site
 from devicekit._errors import CrossDeviceError
 from devicekit._guard import choose_device
 from devicekit._move import to_device
+from devicekit._paths import devices_in
 from devicekit._resolve import resolve
-from devicekit._tree import render, walk
 from devicekit._types import DeviceLike
 
 __all__ = ["colocate", "colocated"]
@@ -31,30 +31,20 @@ R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
 
 
-def _where(labelled: Iterable[tuple[str, object]]) -> dict[torch.device, list[str]]:
-    """Each device met in the labelled objects, with the paths of the tensors on it."""
-    found: dict[torch.device, list[str]] = {}
-    for label, obj in labelled:
-        for value, where in walk(obj):
-            if isinstance(value, torch.Tensor):
-                found.setdefault(value.device, []).append(render(label, where))
-    return found
-
-
-def _target(
+def _choose_target(
     operation: str, labelled: list[tuple[str, object]], device: DeviceLike
 ) -> torch.device | None:
     explicit = None if device is None else resolve(device, operation=operation)
     if explicit is not None:
         return explicit
-    found = _where(labelled)
+    found = devices_in(labelled)
     target = choose_device(found, None)
     if target is None and found:
         raise _ambiguous(operation, found)
     return target
 
 
-def _ambiguous(operation: str, found: dict[torch.device, list[str]]) -> CrossDeviceError:
+def _ambiguous(operation: str, found: Mapping[torch.device, Sequence[str]]) -> CrossDeviceError:
     site = user_call_site()
     devices = ", ".join(str(device) for device in found)
     lines = [
@@ -101,7 +91,7 @@ def colocate(*objs: Unpack[Ts], device: DeviceLike = None) -> tuple[Unpack[Ts]]:
     """
     values: tuple[object, ...] = objs
     labelled = [(f"objs[{index}]", obj) for index, obj in enumerate(values)]
-    target = _target("colocate", labelled, device)
+    target = _choose_target("colocate", labelled, device)
     if target is None:
         return objs
     return tuple(to_device(obj, target) for obj in values)  # type: ignore[return-value]
@@ -146,7 +136,7 @@ def _colocated(function: Callable[P, R], *, device: DeviceLike) -> Callable[P, R
 
     def moved(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         labelled = _labels(signature, args, kwargs)
-        target = _target(f"@colocated {operation}", labelled, device)
+        target = _choose_target(f"@colocated {operation}", labelled, device)
         if target is None:
             return args, kwargs
         return to_device(args, target), to_device(kwargs, target)

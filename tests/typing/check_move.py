@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,6 +33,6 @@ assert_type(
     devicekit.to_device(OrderedDict(x=tensor), skip=callable), OrderedDict[str, torch.Tensor]
 )
 assert_type(devicekit.to_device(torch.nn.Linear(1, 1), "cpu"), torch.nn.Linear)
-assert_type(devicekit.devices_of(tensor), dict[torch.device, list[str]])
+assert_type(devicekit.devices_of(tensor), dict[torch.device, Sequence[str]])
 assert_type(devicekit.find_device(tensor), torch.device | None)
 devicekit.register_mover(Batch, lambda b: ({"inputs": b.inputs}, lambda m: Batch(**m)))
