@@ -132,7 +132,8 @@ class TestMig:
             40 * GiB,
         )
         assert instance.capability == (8, 0)  # the GPU's, where the instance reports none
-        assert instance.pci is None and not instance.mig
+        assert instance.pci is None
+        assert not instance.mig
 
 
 @pytest.mark.parametrize(
