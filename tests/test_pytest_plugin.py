@@ -40,8 +40,9 @@ BUGGY_MODEL = """
 
 @pytest.fixture(scope="module", autouse=True)
 def _simulation_imports_loaded() -> None:
-    """Load what entering a simulation imports before any in-process run: pytester forgets the
-    modules a run imported, and torch refuses to register some of its libraries twice."""
+    """Load what entering a simulation imports before any in-process run: pytester drops the
+    modules a run imported, and a second, fresh copy of a module that patched torch (or of a
+    torch library that registers itself) would not find the first copy's state."""
     import devicekit
 
     with devicekit.simulated_devices("xpu", 1):
