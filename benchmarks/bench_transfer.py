@@ -48,14 +48,18 @@ def _per_tensor(function: Callable[[], object], count: int, repeat: int) -> floa
 
 def _cpu_row(name: str, tensors: list[torch.Tensor], repeat: int) -> list[object]:
     count = len(tensors)
-    plan = _transfer._plan(tensors, on_cpu=True, source=None, limit=None)
-    buffer = torch.empty(plan.nbytes, dtype=torch.uint8)
+    packing_plan = _transfer._plan_packing(tensors, on_cpu=True, source=None, limit=None)
+    buffer = torch.empty(packing_plan.nbytes, dtype=torch.uint8)
     results = list(tensors)
     planning = _per_tensor(
-        lambda: _transfer._plan(tensors, on_cpu=True, source=None, limit=None), count, repeat
+        lambda: _transfer._plan_packing(tensors, on_cpu=True, source=None, limit=None),
+        count,
+        repeat,
     )
-    packing = _per_tensor(lambda: _transfer._pack(plan, tensors, buffer), count, repeat)
-    unpacking = _per_tensor(lambda: _transfer._unpack(plan, buffer, results, None), count, repeat)
+    packing = _per_tensor(lambda: _transfer._pack(packing_plan, tensors, buffer), count, repeat)
+    unpacking = _per_tensor(
+        lambda: _transfer._unpack(packing_plan, buffer, results, None), count, repeat
+    )
     dispatch = _per_tensor(lambda: [t.to("meta") for t in tensors], count, repeat)
     nbytes = sum(t.nbytes for t in tensors) // count
     total = planning + packing + unpacking

@@ -1,25 +1,33 @@
 """Moving nested batches and models between devices: `to_device`, `devices_of`, `find_device`.
 
-`to_device` walks the structure once (`devicekit._tree.collect`), moves the tensors that are
-not where they should be in one step (`_transfer_leaves`, the only place tensor data moves), and
-rebuilds the containers that hold moved tensors (`devicekit._tree.rebuild`). Tensors already on the
-target, and containers holding only such tensors, come back as the very same objects.
+`to_device` checks its arguments into one `TransferRequest`, walks the structure once
+(`devicekit._tree.collect`), hands every tensor it found to `devicekit._transfer.move_leaves` (the
+only place tensor data moves, and the one owner of `non_blocking`), and rebuilds the containers
+that hold moved tensors (`devicekit._tree.rebuild`). Tensors already on the target, and
+containers holding only such tensors, come back as the very same objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable
-from itertools import repeat
 from operator import is_not
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from devicekit._context import current_device
 from devicekit._describe import describe_tensor
-from devicekit._errors import MixedDevicesError, MoveError, UnmovableError
+from devicekit._errors import InvalidArgumentError, MixedDevicesError, MoveError, UnmovableError
 from devicekit._resolve import CPU, META, resolve
-from devicekit._transfer import Coalesce, transfer_tensors
+from devicekit._transfer import (
+    Coalesce,
+    NonBlocking,
+    TransferFailed,
+    TransferRequest,
+    cast_dtype,
+    copy_mode,
+    move_leaves,
+)
 from devicekit._tree import (
     _FLAT,
     _KIND,
@@ -49,26 +57,10 @@ __all__ = ["devices_of", "find_device", "register_mover", "to_device"]
 
 T = TypeVar("T")
 
-NonBlocking = bool | Literal["auto"]
-
 _PLAIN = frozenset({torch.Tensor})  # tensor types `.to()` keeps as they are
-_STORAGE = torch.Tensor.untyped_storage
-_TO = torch.Tensor.to
 # The resolver gives `cpu` and `meta` as these two objects, for quick `is` tests.
 _META = META
 _CPU = CPU
-
-
-#: `device.type` by device: reading `torch.device.type` costs about a microsecond each time.
-_TYPES: dict[torch.device, str] = {}
-
-
-def _type(device: torch.device) -> str:
-    try:
-        return _TYPES[device]
-    except KeyError:
-        kind = _TYPES[device] = device.type
-        return kind
 
 
 def _target(device: DeviceLike) -> torch.device:
@@ -80,10 +72,24 @@ def _root_name(obj: Any) -> str:
     return "model" if isinstance(obj, torch.nn.Module) else "batch"
 
 
+#: The most characters of an original error that a message quotes (see `_cause`).
+_CAUSE_CHARS = 200
+
+
 def _cause(error: BaseException) -> str:
-    """`OutOfMemoryError: CUDA out of memory`: the first line, without a trailing full stop."""
+    """`OutOfMemoryError: CUDA out of memory`: the first line, without a trailing full stop,
+    cut to the whole sentences that fit in `_CAUSE_CHARS` (torch's dispatcher errors list every
+    backend on one line); the whole error stays attached as `__cause__`."""
     lines = str(error).strip().splitlines()
-    text = lines[0].rstrip(".!") if lines else ""  # torch's dispatcher lists go on for pages
+    text = lines[0].rstrip(".!") if lines else ""
+    if len(text) > _CAUSE_CHARS:
+        sentences = text.split(". ")
+        kept = sentences[0]
+        for sentence in sentences[1:]:
+            if len(kept) + 2 + len(sentence) > _CAUSE_CHARS:
+                break
+            kept = f"{kept}. {sentence}"
+        text = kept if len(kept) <= _CAUSE_CHARS else kept[: _CAUSE_CHARS - 3].rstrip() + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -97,246 +103,61 @@ def _format_bytes(nbytes: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The transfer step
-
-
-class _TransferFailed(Exception):
-    """One tensor failed to move; `to_device` turns this into a `MoveError` with its path."""
-
-    def __init__(self, tensor: torch.Tensor, nbytes: int, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.tensor = tensor
-        self.nbytes = nbytes
-        self.cause = cause
-
-
-def _plan(
-    source: torch.device, target: torch.device, pinned: bool, non_blocking: NonBlocking
-) -> tuple[bool, torch.device | None]:
-    """The safe asynchrony policy for one copy: `(non_blocking, device to synchronise after)`.
-
-    Copies to the host, and to or from MPS, may be issued asynchronously but are always waited for
-    (one event per accelerator) before `to_device` returns, so a returned tensor never changes
-    under the caller. Host-to-accelerator copies are asynchronous from pinned memory only (under
-    `"auto"`), and accelerator-to-accelerator copies are asynchronous (stream-ordered).
-    """
-    to, source_type = _type(target), _type(source)
-    if to == "meta" or source_type == "meta" or source == target:
-        return False, None
-    asynchronous = non_blocking is not False
-    if to == "cpu" or source_type == "mps" or to == "mps":
-        accelerator = target if source_type == "cpu" else source
-        return asynchronous, (accelerator if asynchronous else None)
-    if source_type == "cpu":
-        return (pinned if non_blocking == "auto" else asynchronous), None
-    return asynchronous, None
-
-
-def _synchronize(devices: Collection[torch.device]) -> None:
-    """Wait for the copies queued so far on each device's current stream: one event each."""
-    for device in devices:
-        event = torch.Event(device=device)
-        event.record(torch.accelerator.current_stream(device))
-        event.synchronize()
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
-    """`dtype` for floating-point and complex tensors, like `Module.to(dtype)`; else `None`."""
-    if dtype is None or not (tensor.is_floating_point() or tensor.is_complex()):
-        return None
-    return dtype
-
-
-def _rewrap(original: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-    """Keep an `nn.Parameter` one (its `.to()` returns a plain tensor, as a leaf)."""
-    if type(original) is torch.nn.Parameter and type(moved) is not torch.nn.Parameter:
-        return torch.nn.Parameter(moved, requires_grad=original.requires_grad)
-    return moved
-
-
-def _copy_each(
-    tensors: list[torch.Tensor],
-    device: torch.device,
-    non_blocking: NonBlocking,
-    dtype: torch.dtype | None,
-    sync: set[torch.device],
-) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    append = out.append
-    try:
-        to = _type(device)
-        if to == "meta" and dtype is None:
-            try:
-                out = [tensor.to(device) for tensor in tensors]
-            except Exception:  # find which one failed
-                out = []
-                append = out.append
-                for tensor in tensors:
-                    append(tensor.to(device))
-        else:
-            for tensor in tensors:
-                source = tensor.device
-                pinned = (
-                    non_blocking == "auto"
-                    and to not in ("cpu", "meta")
-                    and _type(source) == "cpu"
-                    and tensor.is_pinned()
-                )
-                asynchronous, wait_for = _plan(source, device, pinned, non_blocking)
-                append(tensor.to(device, _cast(tensor, dtype), asynchronous))
-                if wait_for is not None:
-                    sync.add(wait_for)
-    except Exception as error:
-        failed = tensors[len(out)]
-        raise _TransferFailed(failed, failed.nbytes, error) from error
-    if not set(map(type, tensors)) <= _PLAIN:
-        out = [_rewrap(t, m) for t, m in zip(tensors, out, strict=True)]
-    return out
-
-
-def _span(tensor: torch.Tensor) -> tuple[int, int]:
-    """The elements of its storage a tensor reaches: `[start, stop)`."""
-    start = int(tensor.storage_offset())
-    if tensor.numel() == 0:
-        return start, start
-    extent = sum(
-        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-    )
-    return start, start + int(extent) + 1
-
-
-def _shares_cleanly(members: list[torch.Tensor]) -> bool:
-    """Whether views of one storage can be moved as one span and re-viewed on the target."""
-    first = members[0]
-    return all(
-        type(t) in LEAF_TYPES
-        and t.layout is torch.strided
-        and t.dtype is first.dtype
-        and not t.requires_grad
-        and not t.is_conj()
-        and not t.is_neg()
-        and not t.is_quantized
-        and type(t) in (torch.Tensor, torch.nn.Parameter)
-        for t in members
-    )
-
-
-def _copy_views(
-    members: list[torch.Tensor],
-    device: torch.device,
-    non_blocking: NonBlocking,
-    dtype: torch.dtype | None,
-    sync: set[torch.device],
-) -> list[torch.Tensor]:
-    """Move distinct tensors sharing one storage as one copy of the span they use."""
-    spans = [_span(t) for t in members if t.numel() > 0]
-    first = members[0]
-    if not spans:
-        return _copy_each(members, device, non_blocking, dtype, sync)
-    low = min(start for start, _ in spans)
-    high = max(stop for _, stop in spans)
-    flat = first.as_strided((high - low,), (1,), low)
-    [moved] = _copy_each([flat], device, non_blocking, dtype, sync)
-    out = []
-    for tensor in members:
-        offset = max(tensor.storage_offset() - low, 0)
-        view = moved.as_strided(tensor.shape, tensor.stride(), offset)
-        out.append(_rewrap(tensor, view))
-    return out
-
-
-def _transfer_leaves(
-    tensors: list[torch.Tensor],
-    device: torch.device,
-    *,
-    non_blocking: NonBlocking = "auto",
-    dtype: torch.dtype | None = None,
-    coalesce: Coalesce = "auto",
-) -> list[torch.Tensor]:
-    """Move tensors to `device`; the only place where `to_device` moves tensor data.
-
-    `tensors` are the tensors that need a copy or a cast, in walk order; the same tensor may
-    appear more than once and then comes back as one moved tensor. Tensors sharing a storage
-    (views, tied or loaded weights) are moved as one copy of the part of the storage they use and
-    come back as views of one moved storage, with the same strides and relative offsets. Views
-    that cannot be re-viewed safely (different dtypes over one storage, autograd history,
-    conjugate or quantized views) are moved one by one. Copies follow the `_plan` policy and the
-    host-bound ones are waited for before returning.
-
-    Tensors that share no storage with another go through `devicekit._transfer.transfer_tensors`,
-    which coalesces the small ones between host and accelerator (`coalesce`) and hands the rest
-    to `_copy_each`.
-
-    Raises:
-        _TransferFailed: A copy failed; `to_device` re-raises it as `MoveError` with a path.
-    """
-    try:
-        storages: list[object] = list(map(_STORAGE, tensors))
-    except Exception:  # sparse, nested or wrapper-subclass tensors have no storage to share
-        storages = [_storage_or_self(t) for t in tensors]
-    keys = list(map(id, storages))  # `storages` keeps every storage alive: ids stay unique
-    sync: set[torch.device] = set()
-
-    def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:
-        return _copy_each(rest, device, non_blocking, dtype, sync)
-
-    # Coalescing only pays between host and accelerator: skip its planning for `meta` targets.
-    direct = coalesce is False or (coalesce is not True and _type(device) == "meta")
-
-    def transfer(distinct: list[torch.Tensor]) -> list[torch.Tensor]:
-        if direct:
-            return alone(distinct)
-        return transfer_tensors(
-            distinct, device, dtype=dtype, non_blocking=non_blocking, coalesce=coalesce, alone=alone
-        )
-
-    if len(set(keys)) == len(keys):
-        out = transfer(tensors)
-    else:
-        groups: dict[int, list[int]] = {}
-        for position, key in enumerate(keys):
-            groups.setdefault(key, []).append(position)
-        result: list[torch.Tensor | None] = [None] * len(tensors)
-        singles: list[torch.Tensor] = []  # one distinct tensor per storage: moved together
-        for positions in groups.values():
-            distinct = list({id(tensors[p]): tensors[p] for p in positions}.values())
-            if len(distinct) == 1:
-                singles.append(distinct[0])
-                continue
-            if _shares_cleanly(distinct):
-                moved = _copy_views(distinct, device, non_blocking, dtype, sync)
-            else:
-                moved = _copy_each(distinct, device, non_blocking, dtype, sync)
-            by_id = {id(t): m for t, m in zip(distinct, moved, strict=True)}
-            for position in positions:
-                result[position] = by_id[id(tensors[position])]
-        by_id = {id(t): m for t, m in zip(singles, transfer(singles), strict=True)}
-        for position, tensor in enumerate(tensors):
-            if result[position] is None:
-                result[position] = by_id[id(tensor)]
-        out = result  # type: ignore[assignment]
-    if sync:
-        _synchronize(sync)
-    return out
-
-
-def _storage_or_self(tensor: torch.Tensor) -> object:
-    try:
-        return tensor.untyped_storage()
-    except Exception:
-        return tensor
-
-
-# ---------------------------------------------------------------------------------------------
 # to_device
 
 
-def _argument_error(message: str, device: torch.device | None) -> MoveError:
-    return MoveError(message, path=None, nbytes=None, device=device)
+#: Requests already checked, by `(target, non_blocking, dtype, coalesce)`: most programs use one
+#: or two, and a hit costs less than checking the arguments again.
+_REQUESTS: dict[tuple[Any, ...], TransferRequest] = {}
+
+
+def _request(target: torch.device, non_blocking: Any, dtype: Any, coalesce: Any) -> TransferRequest:
+    """The checked `TransferRequest` for these arguments of `to_device`.
+
+    Raises:
+        InvalidArgumentError: `non_blocking`, `coalesce` or `dtype` is not a value
+            `to_device` accepts.
+    """
+    key = (target, non_blocking, dtype, coalesce)
+    try:
+        request = _REQUESTS[key]
+    except (KeyError, TypeError):  # unhashable arguments are checked (and refused) below
+        pass
+    else:  # `1 == True` and `0 == False` hash alike: the very objects must match
+        if request.non_blocking is non_blocking and request.coalesce is coalesce:
+            return request
+    for name, value in (("non_blocking", non_blocking), ("coalesce", coalesce)):
+        if value != "auto" and value is not True and value is not False:
+            raise InvalidArgumentError(
+                f"to_device({target}, {name}={value!r}): expected 'auto', True or False, got "
+                f"{_described(value)}. Pass {name}='auto' (the default) or a bool."
+            )
+    if dtype is not None and not (
+        isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
+    ):
+        raise InvalidArgumentError(
+            f"to_device({target}, dtype={dtype!r}): expected a floating-point or complex "
+            "torch.dtype (only such tensors are cast, as Module.to does), got "
+            f"{dtype if isinstance(dtype, torch.dtype) else _described(dtype)}. Pass e.g. "
+            "dtype=torch.float16, and cast integer tensors "
+            "yourself, e.g. batch['ids'].to(torch.int32)."
+        )
+    request = TransferRequest(target, non_blocking, dtype, coalesce)
+    if len(_REQUESTS) >= 64:
+        _REQUESTS.clear()
+    _REQUESTS[key] = request
+    return request
+
+
+def _described(value: object) -> str:
+    """`'yes' (a str)`: a value and its type, for messages about arguments."""
+    kind = type(value).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"{value!r} ({article} {kind})"
 
 
 def _skip_arguments(
-    skip: Callable[[Any], bool] | Collection[Hashable] | None,
+    skip: Callable[[Any], bool] | Collection[Hashable] | None, target: torch.device
 ) -> tuple[Callable[[Any], bool] | None, frozenset[Hashable] | None]:
     if skip is None:
         return None, None
@@ -346,62 +167,64 @@ def _skip_arguments(
         return skip, None
     try:
         return None, frozenset(skip)
-    except TypeError:
-        raise _argument_error(
-            f"to_device(skip={skip!r}): expected a predicate (a function of the value) or a "
-            "collection of mapping keys, such as skip={'meta', 'text'}.",
-            None,
-        ) from None
+    except TypeError as error:
+        raise InvalidArgumentError(
+            f"to_device({target}, skip={skip!r}): expected a predicate (a function of the "
+            "value) or a collection of hashable mapping keys, got "
+            f"{_described(skip)}. Pass e.g. "
+            "skip={'meta', 'text'} or skip=lambda value: isinstance(value, str)."
+        ) from error
 
 
 class _Mover:
     """One `to_device` call: the arguments, and how to report an error with a path."""
 
-    __slots__ = ("dtype", "non_blocking", "root", "target")
+    __slots__ = ("request", "root", "target")
 
-    def __init__(
-        self,
-        root: Any,
-        target: torch.device,
-        non_blocking: NonBlocking,
-        dtype: torch.dtype | None,
-    ) -> None:
+    def __init__(self, root: Any, request: TransferRequest) -> None:
         self.root = root
-        self.target = target
-        self.non_blocking = non_blocking
-        self.dtype = dtype
+        self.request = request
+        self.target = request.target
 
     def path(self, obj: Any) -> str:
         return render(_root_name(self.root), path_of(self.root, obj))
 
-    def failed(self, failure: _TransferFailed) -> MoveError:
-        tensor, cause = failure.tensor, failure.cause
+    def failed(self, failure: TransferFailed) -> MoveError:
+        tensor, cause, target = failure.tensor, failure.cause, self.target
         path = self.path(tensor)
         if isinstance(cause, torch.OutOfMemoryError):
-            fix = f"Free memory on {self.target}, or move a smaller batch."
+            fix = f"Free memory on {target}, or move a smaller batch."
         elif tensor.is_meta:
             fix = "Meta tensors hold no data: create this tensor on a real device instead."
+        elif tensor.is_quantized:
+            fix = (
+                f"torch has no quantized kernels for {target}: dequantize it first "
+                f"({path}.dequantize()), or leave it where it is with skip=. The original "
+                "error is attached as __cause__."
+            )
         else:
             fix = "The original error is attached as __cause__."
+        size = "" if failure.nbytes is None else f", {_format_bytes(failure.nbytes)}"
         return MoveError(
-            f"to_device({self.target}): moving {path} ({describe_tensor(tensor)}, "
-            f"{_format_bytes(failure.nbytes)}) to {self.target} failed with "
-            f"{_cause(cause)}. {fix}",
+            f"to_device({target}): moving {path} ({describe_tensor(tensor)}{size}) to {target} "
+            f"failed with {_cause(cause)}. {fix}",
             path=path,
             nbytes=failure.nbytes,
-            device=self.target,
+            device=target,
         )
 
     def call(self, obj: Any, kind: int) -> Any:
         """Move a module (in place, `Module.to`) or an object with its own `.to()`."""
+        request = self.request
         try:
             if kind == MODULE:
-                asynchronous = self.non_blocking is True and _type(self.target) not in (
-                    "cpu",
-                    "mps",
-                )
-                return obj.to(device=self.target, dtype=self.dtype, non_blocking=asynchronous)
+                asynchronous, _ = copy_mode(None, request)
+                return obj.to(device=self.target, dtype=request.dtype, non_blocking=asynchronous)
+            if request.dtype is not None:
+                self.check_cast(obj)
             moved = obj.to(self.target)
+        except UnmovableError:
+            raise
         except Exception as error:
             path = self.path(obj)
             nbytes = None
@@ -418,14 +241,19 @@ class _Mover:
             ) from error
         return obj if moved is None else moved
 
-    def unmovable(self, obj: Any, problem: str, cause: BaseException | None) -> UnmovableError:
+    def unmovable(
+        self, obj: Any, problem: str, cause: BaseException | None, *, fix: str | None = None
+    ) -> UnmovableError:
         path = self.path(obj)
         name = type(obj).__name__
         detail = "" if cause is None else f" ({_cause(cause)})"
+        if fix is None:
+            fix = (
+                f"Teach devicekit to rebuild it with devicekit.register_mover({name}, fn), "
+                "or give it a .to(device) method."
+            )
         return UnmovableError(
-            f"to_device({self.target}): {path} (of type {name}) {problem}{detail}. "
-            f"Teach devicekit to rebuild it with devicekit.register_mover({name}, fn), "
-            "or give it a .to(device) method.",
+            f"to_device({self.target}): {path} (of type {name}) {problem}{detail}. {fix}",
             path=path,
             obj=obj,
         )
@@ -448,18 +276,32 @@ class _Mover:
                     obj=obj,
                 )
 
+    def check_cast(self, obj: Any) -> None:
+        """With `dtype=`: refuse a `.to()` object holding tensors that `dtype` would cast.
 
-def _pending(
-    leaves: list[torch.Tensor], target: torch.device, dtype: torch.dtype | None
-) -> list[torch.Tensor]:
-    """The leaves that need a copy or a cast."""
-    if dtype is None:
-        if target is _CPU:  # `_target` gives these two as one object each
-            return [t for t in leaves if not t.is_cpu]
-        if target is _META:
-            return [t for t in leaves if not t.is_meta]
-        return [t for t in leaves if t.device != target]
-    return [t for t in leaves if t.device != target or _cast(t, dtype) not in (None, t.dtype)]
+        devicekit calls such an object's `.to(device)` and cannot know how its `.to` casts
+        (`TensorDict.to(dtype)` casts integer tensors too), so it neither casts nor passes the
+        dtype on, and says so rather than leaving the tensors uncast.
+        """
+        dtype = self.request.dtype
+        for value, where in walk(obj):
+            if isinstance(value, torch.Tensor) and cast_dtype(value, dtype) not in (
+                None,
+                value.dtype,
+            ):
+                path = self.path(obj)
+                inside = render(path, where)
+                name = type(obj).__name__
+                raise UnmovableError(
+                    f"to_device({self.target}, dtype={dtype}): {path} ({name}) moves with its "
+                    f"own .to(), which devicekit calls as .to({self.target}) and cannot ask to "
+                    f"cast only floating-point and complex tensors, and it holds {inside} "
+                    f"({describe_tensor(value)}), which dtype={dtype} would cast. Cast it "
+                    "with its own method first, if that casts as you mean, or leave it out with "
+                    "skip= and move it in a call of its own.",
+                    path=inside,
+                    obj=obj,
+                )
 
 
 def to_device(
@@ -499,12 +341,14 @@ def to_device(
             changes afterwards. `True` makes every copy asynchronous and `False` every copy
             blocking, with the same guarantee for copies to the host.
         dtype: Cast floating-point and complex tensors (and modules, as `Module.to(dtype)`
-            does) to this floating-point or complex dtype; other tensors keep theirs.
+            does) to this floating-point or complex dtype; other tensors keep theirs. Objects
+            with their own `.to()` are moved with `.to(device)` only: one holding tensors that
+            `dtype` would cast raises `UnmovableError` rather than staying uncast.
         skip: Leave some values untouched: a predicate called with every value (`True` skips
             it, and everything inside it), or a collection of mapping keys (and dataclass field
             names) skipped at any depth.
-        strict: Raise `UnmovableError` for an object devicekit cannot rebuild that holds tensors,
-            instead of returning it as is.
+        strict: `True` raises `UnmovableError` for an object devicekit cannot rebuild that
+            holds tensors, instead of returning it as is.
         coalesce: `"auto"` packs small tensors going between host and accelerator into one
             buffer and moves it with one copy (see the Fast transfers docs); the results are
             the same as per-tensor copies, as views of one buffer that do not overlap. `True`
@@ -517,9 +361,12 @@ def to_device(
     Raises:
         MoveError: A tensor, module or `.to()` call failed (out of memory, a meta tensor has no
             data); the message names its path, size and the target, and the original error is
-            the `__cause__`. Also raised for an invalid `dtype`, `non_blocking` or `skip`.
-        UnmovableError: A container could not be rebuilt from its moved contents, or, with
-            `strict=True`, an object devicekit cannot rebuild holds tensors.
+            the `__cause__`.
+        UnmovableError: A container could not be rebuilt from its moved contents; with
+            `strict=True`, an object devicekit cannot rebuild holds tensors; or, with `dtype`,
+            an object with its own `.to()` holds tensors that `dtype` would cast.
+        InvalidArgumentError: `non_blocking`, `coalesce`, `dtype`, `skip` or `strict` has a
+            value `to_device` does not take; the message names it, what was given and the fix.
         InvalidDeviceSpecError: `device` is malformed.
         DeviceUnavailableError: `device` is not on this machine.
 
@@ -533,26 +380,8 @@ def to_device(
         True
     """
     target = _target(device)
-    if non_blocking != "auto" and non_blocking is not True and non_blocking is not False:
-        raise _argument_error(
-            f"to_device({target}, non_blocking={non_blocking!r}): expected 'auto', True or False.",
-            target,
-        )
-    if coalesce != "auto" and coalesce is not True and coalesce is not False:
-        raise _argument_error(
-            f"to_device({target}, coalesce={coalesce!r}): expected 'auto', True or False.",
-            target,
-        )
-    if dtype is not None and not (
-        isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
-    ):
-        raise _argument_error(
-            f"to_device({target}, dtype={dtype!r}): dtype must be a floating-point or complex "
-            "torch.dtype (only such tensors are cast, as Module.to does). Cast integer tensors "
-            "yourself, e.g. batch['ids'].to(torch.int32).",
-            target,
-        )
-    if skip is None and not strict:
+    request = _request(target, non_blocking, dtype, coalesce)
+    if skip is None and strict is False:
         kind = _KIND.get(type(obj))
         if kind in _FLAT:  # the common batch: dicts, lists and tuples of tensors
             batch: Any = obj
@@ -568,35 +397,35 @@ def to_device(
                     leaves = None
             if leaves is not None:
                 plain = not flat or types <= _PLAIN
-                return _move_simple(
-                    obj, kind, leaves, flat, plain, target, non_blocking, dtype, coalesce
-                )
+                return _move_simple(obj, kind, leaves, request, flat=flat, plain=plain)
         elif kind in (NAMEDTUPLE, DATACLASS):
             try:
                 leaves = flatten_simple(obj)
             except NotSimple:
                 pass
             else:
-                return _move_simple(
-                    obj, kind, leaves, False, True, target, non_blocking, dtype, coalesce
-                )
+                return _move_simple(obj, kind, leaves, request, flat=False, plain=True)
         elif kind == TENSOR:
             tensor: Any = obj
             plain = type(tensor) is torch.Tensor
-            return _move_simple(
-                obj, kind, [tensor], False, plain, target, non_blocking, dtype, coalesce
-            )
+            return _move_simple(obj, kind, [tensor], request, flat=False, plain=plain)
         predicate, keys = None, None
     else:
-        predicate, keys = _skip_arguments(skip)
+        if strict is not False and strict is not True:
+            raise InvalidArgumentError(
+                f"to_device({target}, strict={strict!r}): expected True or False, got "
+                f"{_described(strict)}. Pass strict=True to be told about objects devicekit "
+                "cannot rebuild that hold tensors."
+            )
+        predicate, keys = _skip_arguments(skip, target)
         if predicate is not None and predicate(obj):
             return obj
     kind = classify(type(obj))
     if kind <= OPAQUE:
         if strict and kind != ATOM:
-            _Mover(obj, target, non_blocking, dtype).check_opaque(obj)
+            _Mover(obj, request).check_opaque(obj)
         return obj
-    mover = _Mover(obj, target, non_blocking, dtype)
+    mover = _Mover(obj, request)
     found = None
     if kind == TENSOR:
         leaves = [obj]
@@ -610,10 +439,8 @@ def to_device(
         )
         leaves = found.leaves
     try:
-        moved = _move_leaves(
-            leaves, target, non_blocking, dtype, coalesce, set(map(type, leaves)) <= _PLAIN
-        )
-    except _TransferFailed as failure:
+        moved = move_leaves(leaves, request, plain=set(map(type, leaves)) <= _PLAIN)
+    except TransferFailed as failure:
         raise mover.failed(failure) from failure.cause
     if found is None:
         return moved[0]  # type: ignore[return-value]
@@ -626,20 +453,18 @@ def _move_simple(
     obj: T,
     kind: int,
     leaves: list[torch.Tensor],
+    request: TransferRequest,
+    *,
     flat: bool,
     plain: bool,
-    target: torch.device,
-    non_blocking: NonBlocking,
-    dtype: torch.dtype | None,
-    coalesce: Coalesce,
 ) -> T:
     """`to_device` for a lone tensor, or a tree of plain containers that `flatten_simple`
     walked into `leaves`; `flat`: `obj` is a dict, list or tuple of nothing but tensors, and
-    `leaves` are its values."""
+    `leaves` are its values; `plain`: every leaf is exactly a `torch.Tensor`."""
     try:
-        moved = _move_leaves(leaves, target, non_blocking, dtype, coalesce, plain)
-    except _TransferFailed as failure:
-        raise _Mover(obj, target, non_blocking, dtype).failed(failure) from failure.cause
+        moved = move_leaves(leaves, request, plain=plain)
+    except TransferFailed as failure:
+        raise _Mover(obj, request).failed(failure) from failure.cause
     if moved is leaves:
         return obj
     if kind == TENSOR:
@@ -648,7 +473,7 @@ def _move_simple(
         try:
             return rebuild_simple(obj, moved)  # type: ignore[no-any-return]
         except RecursionError:  # called close to Python's recursion limit: no recursion then
-            mover = _Mover(obj, target, non_blocking, dtype)
+            mover = _Mover(obj, request)
             found = collect(obj, kind, skip=None, skip_keys=None, on_opaque=None)
             by_id = dict(zip(map(id, leaves), moved, strict=True))
             in_order = [by_id[id(t)] for t in found.leaves]
@@ -656,45 +481,6 @@ def _move_simple(
     if not any(map(is_not, moved, leaves)):  # all on `meta` already
         return obj
     return with_values(obj, kind, moved)  # type: ignore[no-any-return]
-
-
-def _move_leaves(
-    leaves: list[torch.Tensor],
-    target: torch.device,
-    non_blocking: NonBlocking,
-    dtype: torch.dtype | None,
-    coalesce: Coalesce,
-    plain: bool,
-) -> list[torch.Tensor]:
-    """Every leaf moved, in order; a leaf already in place is itself, and `leaves` itself comes
-    back when none moved. `plain`: all leaves are exactly `torch.Tensor`.
-
-    Raises:
-        _TransferFailed: A copy failed.
-    """
-    if plain and dtype is None and coalesce is not True and target is _META:
-        # The common dispatch-only case, checked in C loops: every tensor alone on its storage
-        # (storages hash by identity). `.to()` returns a tensor already on `meta` as itself,
-        # so no tensor needs checking first.
-        try:
-            alone_on_storage = len(set(map(_STORAGE, leaves))) == len(leaves)
-        except Exception:  # sparse, nested or wrapper-subclass tensors have no storage
-            alone_on_storage = False
-        if alone_on_storage:
-            try:
-                return list(map(_TO, leaves, repeat(target)))
-            except Exception:  # the general path below names the failing tensor
-                pass
-    pending = _pending(leaves, target, dtype)
-    if not pending:
-        return leaves
-    moved = _transfer_leaves(
-        pending, target, non_blocking=non_blocking, dtype=dtype, coalesce=coalesce
-    )
-    if len(pending) == len(leaves):
-        return moved
-    by_id = dict(zip(map(id, pending), moved, strict=True))
-    return [by_id.get(id(t), t) for t in leaves]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,3 +220,63 @@ def test_weight_norm_parametrization_moves() -> None:
     assert {p.device for p in layer.parameters()} == {device}
     assert layer.weight.device == device
     assert layer(to_device(torch.randn(5, 3), device)).shape == (5, 2)
+
+
+# --- dtype= and objects with their own .to() ----------------------------------------------------
+
+
+def test_tensordict_with_dtype_is_refused_rather_than_left_uncast() -> None:
+    """`TensorDict.to(dtype)` casts integer tensors too, unlike `to_device`'s `dtype=`: devicekit
+    cannot ask it for floating-point tensors only, so it says so instead of returning float32."""
+    tensordict = import_or_skip("tensordict")
+    data = tensordict.TensorDict(
+        {"obs": torch.ones(4, 3), "action": torch.zeros(4, dtype=torch.long)}, batch_size=[4]
+    )
+    with pytest.raises(devicekit.UnmovableError) as caught:
+        to_device({"data": data}, "cpu", dtype=torch.float64)
+    assert str(caught.value) == (
+        "to_device(cpu, dtype=torch.float64): batch['data'] (TensorDict) moves with its own "
+        ".to(), which devicekit calls as .to(cpu) and cannot ask to cast only floating-point and "
+        "complex tensors, and it holds batch['data']['obs'] (f32[4,3] @ cpu), which "
+        "dtype=torch.float64 would cast. Cast it with its own method first, if that casts as "
+        "you mean, or leave it out with skip= and move it in a call of its own."
+    )
+    assert caught.value.path == "batch['data']['obs']"
+    assert caught.value.obj is data
+    assert data["obs"].dtype == torch.float32  # nothing was changed
+
+
+def test_tensordict_already_in_the_dtype_or_skipped_moves_with_dtype() -> None:
+    tensordict = import_or_skip("tensordict")
+    data = tensordict.TensorDict(
+        {"obs": torch.ones(4, 3, dtype=torch.float64), "action": torch.zeros(4, dtype=torch.long)},
+        batch_size=[4],
+    )
+    moved = to_device({"data": data, "x": torch.ones(2)}, "meta", dtype=torch.float64)
+    assert moved["data"]["obs"].device == META
+    assert moved["data"]["action"].dtype == torch.long  # not cast: as to_device's own tensors
+    assert moved["x"].dtype == torch.float64
+    single = tensordict.TensorDict({"obs": torch.ones(2)}, batch_size=[2])
+    kept = to_device(
+        {"data": single, "x": torch.ones(2)}, "cpu", dtype=torch.float64, skip={"data"}
+    )
+    assert kept["data"] is single
+    assert kept["x"].dtype == torch.float64
+
+
+def test_batch_encoding_of_integer_ids_moves_with_dtype() -> None:
+    """Nothing in it would be cast, so there is nothing to refuse."""
+    transformers = import_or_skip("transformers")
+    encoding = transformers.BatchEncoding({"input_ids": torch.ones(1, 3, dtype=torch.long)})
+    moved = to_device({"enc": encoding, "x": torch.ones(1)}, "meta", dtype=torch.float16)
+    assert moved["enc"]["input_ids"].device == META
+    assert moved["enc"]["input_ids"].dtype == torch.long
+    assert moved["x"].dtype == torch.float16
+
+
+def test_module_takes_dtype_as_module_to_does() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Embedding(3, 2))
+    model.register_buffer("steps", torch.zeros(1, dtype=torch.long))
+    assert to_device({"model": model}, "cpu", dtype=torch.float64)["model"] is model
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.steps.dtype == torch.long  # integer buffers keep theirs, as with Module.to

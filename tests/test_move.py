@@ -443,14 +443,73 @@ def test_dtype_casts_floating_and_complex_only() -> None:
     assert complex_moved["f"].dtype == torch.complex128
 
 
-def test_dtype_must_be_floating() -> None:
-    with pytest.raises(devicekit.MoveError, match=r"dtype=torch.int64\): dtype must be a"):
-        devicekit.to_device(torch.ones(1), "cpu", dtype=torch.int64)
-
-
-def test_non_blocking_must_be_auto_or_bool() -> None:
-    with pytest.raises(devicekit.MoveError, match=r"non_blocking='yes'\): expected 'auto'"):
-        devicekit.to_device(torch.ones(1), "cpu", non_blocking="yes")  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"dtype": torch.int64},
+            "to_device(cpu, dtype=torch.int64): expected a floating-point or complex torch.dtype "
+            "(only such tensors are cast, as Module.to does), got torch.int64. Pass e.g. "
+            "dtype=torch.float16, and cast integer tensors yourself, e.g. "
+            "batch['ids'].to(torch.int32).",
+        ),
+        (
+            {"dtype": "float16"},
+            "to_device(cpu, dtype='float16'): expected a floating-point or complex torch.dtype "
+            "(only such tensors are cast, as Module.to does), got 'float16' (a str). Pass e.g. "
+            "dtype=torch.float16, and cast integer tensors yourself, e.g. "
+            "batch['ids'].to(torch.int32).",
+        ),
+        (
+            {"non_blocking": "yes"},
+            "to_device(cpu, non_blocking='yes'): expected 'auto', True or False, got 'yes' "
+            "(a str). Pass non_blocking='auto' (the default) or a bool.",
+        ),
+        (
+            {"non_blocking": 1},  # equal to True, and hashed alike: still refused
+            "to_device(cpu, non_blocking=1): expected 'auto', True or False, got 1 (an int). "
+            "Pass non_blocking='auto' (the default) or a bool.",
+        ),
+        (
+            {"non_blocking": []},
+            "to_device(cpu, non_blocking=[]): expected 'auto', True or False, got [] (a list). "
+            "Pass non_blocking='auto' (the default) or a bool.",
+        ),
+        (
+            {"coalesce": 0},
+            "to_device(cpu, coalesce=0): expected 'auto', True or False, got 0 (an int). "
+            "Pass coalesce='auto' (the default) or a bool.",
+        ),
+        (
+            {"skip": 3},
+            "to_device(cpu, skip=3): expected a predicate (a function of the value) or a "
+            "collection of hashable mapping keys, got 3 (an int). Pass e.g. "
+            "skip={'meta', 'text'} or skip=lambda value: isinstance(value, str).",
+        ),
+        (
+            {"skip": [["nested"]]},
+            "to_device(cpu, skip=[['nested']]): expected a predicate (a function of the value) "
+            "or a collection of hashable mapping keys, got [['nested']] (a list). Pass e.g. "
+            "skip={'meta', 'text'} or skip=lambda value: isinstance(value, str).",
+        ),
+        (
+            {"strict": "yes"},
+            "to_device(cpu, strict='yes'): expected True or False, got 'yes' (a str). Pass "
+            "strict=True to be told about objects devicekit cannot rebuild that hold tensors.",
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) and len(value) < 20 else None,
+)
+def test_bad_arguments_are_invalid_argument_errors(options: dict[str, Any], message: str) -> None:
+    for batch in (torch.ones(1), {"x": torch.ones(1)}, [Batch(torch.ones(1))]):
+        for _ in range(2):  # the second call meets the checked arguments' cache
+            with pytest.raises(devicekit.InvalidArgumentError) as caught:
+                devicekit.to_device(batch, "cpu", **options)
+            assert str(caught.value) == message
+            assert isinstance(caught.value, ValueError)
+    devicekit.to_device(torch.ones(1), "cpu", non_blocking=True, coalesce=False)  # cached
+    with pytest.raises(devicekit.InvalidArgumentError):  # 1 == True, 0 == False: not the cache's
+        devicekit.to_device(torch.ones(1), "cpu", non_blocking=1, coalesce=0)  # type: ignore[arg-type]
 
 
 def test_skip_keys_at_any_depth() -> None:
@@ -472,9 +531,19 @@ def test_skip_predicate() -> None:
     assert devicekit.to_device(keep, "meta", skip=lambda value: True) is keep
 
 
-def test_skip_must_be_a_predicate_or_keys() -> None:
-    with pytest.raises(devicekit.MoveError, match=r"skip=3\): expected a predicate"):
-        devicekit.to_device(torch.ones(1), "meta", skip=3)  # type: ignore[arg-type]
+def test_the_checked_arguments_are_one_request_reused() -> None:
+    devicekit.to_device(torch.ones(1), "meta", non_blocking=False, dtype=torch.float16)
+    request = _move._REQUESTS[(META, False, torch.float16, "auto")]
+    assert (request.target, request.non_blocking, request.dtype, request.coalesce) == (
+        META,
+        False,
+        torch.float16,
+        "auto",
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.dtype = None  # type: ignore[misc]
+    devicekit.to_device({"x": torch.ones(1)}, "meta", non_blocking=False, dtype=torch.float16)
+    assert _move._REQUESTS[(META, False, torch.float16, "auto")] is request
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -531,12 +600,36 @@ def test_failing_dispatch_names_the_tensor_in_a_flat_batch() -> None:
         quantized = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
     with pytest.raises(devicekit.MoveError) as caught:
         devicekit.to_device({"a": torch.ones(1), "q": quantized}, "meta")
-    message = str(caught.value)
-    assert message.startswith(
-        "to_device(meta): moving batch['q'] (quint8[2] @ cpu, 2 bytes) to meta"
+    assert str(caught.value) == (
+        "to_device(meta): moving batch['q'] (quint8[2] @ cpu, 2 bytes) to meta failed with "
+        "NotImplementedError: Could not run 'aten::empty_quantized' with arguments from the "
+        "'QuantizedMeta' backend. torch has no quantized kernels for meta: dequantize it first "
+        "(batch['q'].dequantize()), or leave it where it is with skip=. The original error is "
+        "attached as __cause__."
     )
-    assert "\n" not in message
-    assert isinstance(caught.value.__cause__, NotImplementedError)
+    assert (caught.value.path, caught.value.nbytes) == ("batch['q']", 2)
+    cause = caught.value.__cause__
+    assert isinstance(cause, NotImplementedError)
+    assert "QuantizedMeta" in str(cause)
+    assert len(str(cause)) > 1000  # the whole backend list, there
+
+
+def test_long_causes_are_cut_to_whole_sentences() -> None:
+    oom = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB "
+        "of which 1.25 MiB is free. Including non-PyTorch memory, this process has 79.14 GiB "
+        "memory in use. Of the allocated memory 78.00 GiB is allocated by PyTorch."
+    )
+    assert _move._cause(oom) == (
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+        "capacity of 79.15 GiB of which 1.25 MiB is free. Including non-PyTorch memory, this "
+        "process has 79.14 GiB memory in use"
+    )
+    assert _move._cause(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 197 + "..."
+    assert _move._cause(RuntimeError("short. Two sentences.")) == (
+        "RuntimeError: short. Two sentences"
+    )
+    assert _move._cause(ValueError()) == "ValueError"
 
 
 def test_failing_to_call_is_a_move_error() -> None:
@@ -599,35 +692,7 @@ def test_find_device_on_mixed_devices() -> None:
     assert caught.value.devices[META] == ["batch['m']"]
 
 
-# --- the asynchrony policy -----------------------------------------------------------------------
-
-CUDA0 = torch.device("cuda", 0)
-CUDA1 = torch.device("cuda", 1)
-MPS = torch.device("mps", 0)
-
-
-@pytest.mark.parametrize(
-    ("source", "target", "pinned", "mode", "expected"),
-    [
-        (CPU, CUDA0, True, "auto", (True, None)),
-        (CPU, CUDA0, False, "auto", (False, None)),
-        (CPU, CUDA0, False, True, (True, None)),
-        (CPU, CUDA0, True, False, (False, None)),
-        (CUDA0, CUDA1, False, "auto", (True, None)),
-        (CUDA0, CUDA1, False, False, (False, None)),
-        (CUDA0, CPU, False, "auto", (True, CUDA0)),
-        (CUDA0, CPU, False, True, (True, CUDA0)),
-        (CUDA0, CPU, False, False, (False, None)),
-        (CPU, MPS, True, "auto", (True, MPS)),
-        (MPS, CPU, False, "auto", (True, MPS)),
-        (CPU, META, False, True, (False, None)),
-        (CUDA0, CUDA0, False, True, (False, None)),
-    ],
-)
-def test_plan(
-    source: torch.device, target: torch.device, pinned: bool, mode: Any, expected: Any
-) -> None:
-    assert _move._plan(source, target, pinned, mode) == expected
+# --- on CUDA (the asynchrony policy is tested in test_transfer.py) -------------------------------
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

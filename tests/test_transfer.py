@@ -8,8 +8,9 @@ an accelerator (the "copy" is a `clone()`), so the packing and unpacking are che
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 import devicekit
 from devicekit import _transfer
-from devicekit._transfer import COALESCE_MAX_BYTES, transfer_tensors
+from devicekit._transfer import COALESCE_MAX_BYTES, TransferRequest, copy_mode, transfer_tensors
 
 CPU = torch.device("cpu")
 META = torch.device("meta")
@@ -146,15 +147,17 @@ def assert_isolated(inputs: list[torch.Tensor], results: list[torch.Tensor]) -> 
             assert torch.equal(old, new)
 
 
+def move(inputs: list[torch.Tensor], target: torch.device, **options: Any) -> list[torch.Tensor]:
+    """`transfer_tensors` with a request built from `options`."""
+    return transfer_tensors(inputs, TransferRequest(target, **options))
+
+
 def emulated(
-    mode: Literal["to_accelerator", "to_host"],
-    inputs: list[torch.Tensor],
-    *args: object,
-    **kwargs: object,
+    mode: Literal["to_accelerator", "to_host"], inputs: list[torch.Tensor], **options: Any
 ) -> list[torch.Tensor]:
     """`transfer_tensors` from cpu to cpu, as if one side were an accelerator."""
     with _transfer._emulating(mode):
-        return transfer_tensors(inputs, *args, **kwargs)  # type: ignore[arg-type]
+        return move(inputs, CPU, **options)
 
 
 def coalesced(results: list[torch.Tensor]) -> int:
@@ -168,7 +171,7 @@ def coalesced(results: list[torch.Tensor]) -> int:
 def test_coalesced_matches_per_tensor(
     mode: Literal["to_accelerator", "to_host"], inputs: list[torch.Tensor]
 ) -> None:
-    results = emulated(mode, inputs, CPU, coalesce=True)
+    results = emulated(mode, inputs, coalesce=True)
     assert_like_per_tensor(inputs, results)
     assert_isolated(inputs, results)
 
@@ -179,14 +182,14 @@ def test_dtype_casts_floating_point_and_complex_only(
     inputs: list[torch.Tensor], dtype: torch.dtype
 ) -> None:
     inputs = [t for t in inputs if not t.is_complex()]  # complex to real warns, as torch does
-    results = emulated("to_accelerator", inputs, CPU, dtype=dtype, coalesce=True)
+    results = emulated("to_accelerator", inputs, dtype=dtype, coalesce=True)
     assert_like_per_tensor(inputs, results, dtype)
 
 
 @settings(max_examples=40)
 @given(inputs=tensor_lists())
 def test_meta_layouts_match_per_tensor(inputs: list[torch.Tensor]) -> None:
-    results = transfer_tensors(inputs, META, coalesce=True)
+    results = move(inputs, META, coalesce=True)
     for tensor, result in zip(inputs, results, strict=True):
         assert result.device == META
         assert result.dtype == tensor.dtype
@@ -202,11 +205,11 @@ def test_small_tensors_are_coalesced_and_the_rest_go_alone() -> None:
     parameter = torch.nn.Parameter(torch.ones(3), requires_grad=False)
     sparse = torch.tensor(1.0).to_sparse()  # 0-dim: its strides look contiguous
     inputs = [*small, *rare, large, transposed, grad, parameter, sparse]
-    results = emulated("to_accelerator", inputs, CPU)
+    results = emulated("to_accelerator", inputs)
     for result in results[:7]:
         assert result._base is not None
     assert results[7:] == inputs[7:]  # alone: `.to(cpu)` returns the tensor itself
-    plan = _transfer._plan(inputs, on_cpu=True, source=None, limit=COALESCE_MAX_BYTES)
+    plan = _transfer._plan_packing(inputs, on_cpu=True, source=None, limit=COALESCE_MAX_BYTES)
     assert [(g.shape, g.indices) for g in plan.groups] == [
         (torch.Size([4, 8]), [0, 1, 2, 3, 4]),
         (None, [5]),
@@ -219,47 +222,42 @@ def test_small_tensors_are_coalesced_and_the_rest_go_alone() -> None:
 
 def test_auto_coalesces_only_between_host_and_accelerator() -> None:
     inputs = [torch.ones(2), torch.zeros(2)]
-    assert coalesced(transfer_tensors(inputs, META)) == 0  # meta is no accelerator
-    assert coalesced(transfer_tensors(inputs, META, coalesce=True)) == 2
-    assert coalesced(transfer_tensors(inputs, META, coalesce=False)) == 0
-    assert transfer_tensors(inputs, CPU) == inputs  # nothing moves, nothing copies
+    assert coalesced(move(inputs, META)) == 0  # meta is no accelerator
+    assert coalesced(move(inputs, META, coalesce=True)) == 2
+    assert coalesced(move(inputs, META, coalesce=False)) == 0
+    assert move(inputs, CPU) == inputs  # nothing moves, nothing copies
 
 
 def test_auto_leaves_a_single_small_tensor_alone() -> None:
     inputs = [torch.ones(2), torch.zeros(COALESCE_MAX_BYTES)]
-    assert coalesced(emulated("to_accelerator", inputs, CPU)) == 0
-    assert coalesced(emulated("to_accelerator", inputs, CPU, coalesce=True)) == 2
+    assert coalesced(emulated("to_accelerator", inputs)) == 0
+    assert coalesced(emulated("to_accelerator", inputs, coalesce=True)) == 2
 
 
-def test_alone_moves_the_rest_in_order() -> None:
-    seen: list[list[torch.Tensor]] = []
-
-    def alone(rest: list[torch.Tensor]) -> list[torch.Tensor]:
-        seen.append(rest)
-        return [tensor.to(META) for tensor in rest]
-
+def test_the_rest_go_one_by_one_in_their_places() -> None:
     large, transposed = torch.zeros(COALESCE_MAX_BYTES), torch.ones(3, 4).t()
     inputs = [torch.ones(2), large, torch.zeros(2), transposed]
-    results = emulated("to_accelerator", inputs, CPU, alone=alone)
-    assert len(seen) == 1
-    assert seen[0][0] is large
-    assert seen[0][1] is transposed
-    assert [r.device for r in results] == [CPU, META, CPU, META]
+    results = emulated("to_accelerator", inputs, dtype=torch.float64)
     assert coalesced([results[0], results[2]]) == 2
+    assert results[1]._base is None  # alone: its own `.to()`, cast on the way
+    assert results[3].stride() == transposed.stride() == (1, 4)  # `.to()` keeps them
+    assert [r.dtype for r in results] == [torch.float64] * 4
+    assert [r.tolist() for r in results] == [t.tolist() for t in inputs]
 
 
 def test_tensors_already_on_the_target_stay_themselves() -> None:
     on_meta = torch.empty(3, device=META)
     inputs = [torch.ones(2), on_meta, torch.zeros(2)]
-    results = transfer_tensors(inputs, META, coalesce=True)
+    results = move(inputs, META, coalesce=True)
     assert results[1] is on_meta
     assert coalesced(results) == 2
 
 
 def test_copies_to_the_host_come_from_one_accelerator_only() -> None:
     inputs = [torch.empty(2, device=META), torch.ones(2)]
-    assert _transfer._crossing(inputs, CPU, "auto") is None
-    plan = _transfer._plan(inputs, on_cpu=False, source=torch.device("cuda:0"), limit=None)
+    assert _transfer._crossing(inputs, TransferRequest(CPU)) is None
+    cuda = torch.device("cuda:0")
+    plan = _transfer._plan_packing(inputs, on_cpu=False, source=cuda, limit=None)
     assert plan.groups == []
     assert plan.alone == [0, 1]
 
@@ -272,9 +270,136 @@ def test_an_error_on_the_coalesced_path_falls_back_to_per_tensor(
 
     monkeypatch.setattr(_transfer, "_to_accelerator", out_of_memory)
     inputs = [torch.ones(2), torch.zeros(2)]
-    results = transfer_tensors(inputs, META, coalesce=True)
+    results = move(inputs, META, coalesce=True)
     assert coalesced(results) == 0
     assert [r.device for r in results] == [META, META]
+
+
+def quantized(values: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated
+        return torch.quantize_per_tensor(values, 0.5, 0, torch.quint8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_and_other_special_dtypes_go_alone(
+    mode: Literal["to_accelerator", "to_host"],
+) -> None:
+    """Their dtypes cannot be reinterpreted as bytes (`dtype.is_signed` raises for them)."""
+    special = [quantized(torch.arange(4.0)), quantized(torch.ones(2, 2))]
+    inputs = [*special, torch.ones(3), torch.zeros(3), torch.arange(3)]
+    results = emulated(mode, inputs, coalesce=True)
+    assert results[:2] == special  # alone: `.to(cpu)` returns each itself
+    assert coalesced(results[2:]) == 3
+    plan = _transfer._plan_packing(inputs, on_cpu=True, source=None, limit=None)
+    assert plan.alone == [0, 1]
+    for dtype in (torch.quint8, torch.qint32, torch.bits8, torch.bits16):
+        assert _transfer._carrier(dtype) is None
+
+
+def test_quantized_tensors_in_a_batch_to_a_simulated_accelerator() -> None:
+    """Once a raw `RuntimeError: isSignedType not supported for quantized types`."""
+    with devicekit.simulated_devices("cuda", 1):
+        batch = {"q": quantized(torch.arange(4.0)), "x": torch.ones(3), "y": torch.zeros(3)}
+        moved = devicekit.to_device(batch, "cuda:0")
+        assert [t.device.type for t in moved.values()] == ["cuda"] * 3
+        assert moved["q"].is_quantized
+        assert coalesced([moved["x"], moved["y"]]) == 2
+        back = devicekit.to_device(moved, "cpu")
+    assert torch.equal(back["q"].dequantize(), torch.arange(4.0))
+
+
+# --- The asynchrony policy: `copy_mode` ---------------------------------------------------------
+
+CUDA0 = torch.device("cuda", 0)
+CUDA1 = torch.device("cuda", 1)
+MPS = torch.device("mps", 0)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "pinned", "mode", "expected"),
+    [
+        (CPU, CUDA0, True, "auto", (True, None)),
+        (CPU, CUDA0, False, "auto", (False, None)),
+        (CPU, CUDA0, False, True, (True, None)),
+        (CPU, CUDA0, True, False, (False, None)),
+        (CUDA0, CUDA1, False, "auto", (True, None)),
+        (CUDA0, CUDA1, False, False, (False, None)),
+        (CUDA0, CPU, False, "auto", (True, CUDA0)),
+        (CUDA0, CPU, False, True, (True, CUDA0)),
+        (CUDA0, CPU, False, False, (False, None)),
+        (CPU, MPS, True, "auto", (True, MPS)),
+        (MPS, CPU, False, "auto", (True, MPS)),
+        (CPU, META, False, True, (False, None)),
+        (CUDA0, CUDA0, False, True, (False, None)),
+        # `None`: a module's tensors, moved by `Module.to`, which cannot be waited for
+        (None, CUDA0, False, True, (True, None)),
+        (None, CUDA0, False, "auto", (False, None)),
+        (None, CPU, False, True, (False, None)),
+        (None, MPS, False, True, (False, None)),
+        (None, META, False, True, (False, None)),
+    ],
+)
+def test_copy_mode(
+    source: torch.device | None,
+    target: torch.device,
+    pinned: bool,
+    mode: bool | Literal["auto"],
+    expected: tuple[bool, torch.device | None],
+) -> None:
+    assert copy_mode(source, TransferRequest(target, mode), pinned=pinned) == expected
+
+
+class Spy:
+    """Records every `copy_mode` question and answers as `copy_mode` does."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, torch.device | None, bool]] = []
+
+    def __call__(
+        self, source: torch.device | None, request: TransferRequest, *, pinned: bool = False
+    ) -> tuple[bool, torch.device | None]:
+        self.asked.append((request.target_type, source, pinned))
+        return copy_mode(source, request, pinned=pinned)
+
+
+def test_every_copy_asks_copy_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-tensor, coalesced both ways, and modules: one function decides `non_blocking`."""
+    from devicekit import _move
+
+    spy = Spy()
+    monkeypatch.setattr(_transfer, "copy_mode", spy)
+    monkeypatch.setattr(_move, "copy_mode", spy)
+    with devicekit.simulated_devices("cuda", 1):
+        cuda = torch.device("cuda:0")
+        small = [torch.ones(4) for _ in range(3)]
+        large = torch.zeros(COALESCE_MAX_BYTES)
+        there = devicekit.to_device([*small, large], cuda)
+        assert ("cuda", CPU, True) in spy.asked  # the staging buffer, pinned
+        assert ("cuda", CPU, False) in spy.asked  # the large tensor, pageable
+        spy.asked.clear()
+        devicekit.to_device(there[:3], "cpu")  # views of one buffer: one span copy
+        assert spy.asked == [("cpu", cuda, False)]
+        spy.asked.clear()
+        devicekit.to_device([torch.ones(4, device=cuda) for _ in range(3)], "cpu")
+        assert spy.asked == [("cpu", cuda, True)]  # coalesced to the host, pinned memory
+        spy.asked.clear()
+        devicekit.to_device(torch.nn.Linear(2, 2), cuda, non_blocking=True)
+        assert spy.asked == [("cuda", None, False)]
+
+
+@pytest.mark.parametrize("mode", ["auto", True, False])
+def test_copies_to_the_host_are_waited_for_unless_blocking(
+    mode: bool | Literal["auto"], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waited: list[list[torch.device]] = []
+    monkeypatch.setattr(_transfer, "_synchronize", lambda devices: waited.append(list(devices)))
+    with devicekit.simulated_devices("cuda", 1):
+        cuda = torch.device("cuda:0")
+        alone = [torch.ones(4, device=cuda)]
+        transfer_tensors(alone, TransferRequest(CPU, mode))  # per tensor
+        transfer_tensors(alone * 2, TransferRequest(CPU, mode, coalesce=True))  # coalesced
+    assert waited == ([] if mode is False else [[cuda], [cuda]])
 
 
 # --- Through `to_device` ----------------------------------------------------------------------
@@ -405,10 +530,12 @@ def test_coalescing_is_no_cross_device_op_for_the_guards() -> None:
 
 
 def test_to_device_rejects_an_unknown_coalesce_value() -> None:
-    with pytest.raises(
-        devicekit.MoveError, match=r"coalesce='yes'\): expected 'auto', True or False"
-    ):
+    with pytest.raises(devicekit.InvalidArgumentError) as caught:
         devicekit.to_device({"x": torch.ones(2)}, "meta", coalesce="yes")  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "to_device(meta, coalesce='yes'): expected 'auto', True or False, got 'yes' (a str). "
+        "Pass coalesce='auto' (the default) or a bool."
+    )
 
 
 class FakeEvent:
@@ -438,13 +565,13 @@ def test_staging_waits_for_the_copy_in_flight_before_reuse() -> None:
 
 def test_the_staging_buffer_is_shared_and_sized_to_the_largest_batch() -> None:
     _transfer._STAGING.clear()
-    emulated("to_accelerator", [torch.ones(100) for _ in range(4)], CPU)
+    emulated("to_accelerator", [torch.ones(100) for _ in range(4)])
     buffer = _transfer._STAGING._buffer
     assert buffer is not None
     assert buffer.numel() == _transfer._MIN_STAGING
-    emulated("to_accelerator", [torch.ones(10) for _ in range(4)], CPU)
+    emulated("to_accelerator", [torch.ones(10) for _ in range(4)])
     assert _transfer._STAGING._buffer is buffer
-    emulated("to_accelerator", [torch.ones(100_000) for _ in range(4)], CPU, coalesce=True)
+    emulated("to_accelerator", [torch.ones(100_000) for _ in range(4)], coalesce=True)
     assert _transfer._STAGING._buffer is not None
     assert _transfer._STAGING._buffer.numel() == 2**21  # 1.6 MB, rounded up to a power of two
 
@@ -456,7 +583,7 @@ def test_back_to_back_calls_from_threads_never_mix_batches() -> None:
         try:
             for step in range(30):
                 inputs = [torch.full((16,), float(seed * 1000 + step + i)) for i in range(8)]
-                results = transfer_tensors(inputs, CPU)
+                results = move(inputs, CPU)
                 assert coalesced(results) == 8
                 assert all(torch.equal(a, b) for a, b in zip(inputs, results, strict=True))
         except BaseException as error:  # reported by the main thread
@@ -492,7 +619,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @given(inputs=tensor_lists())
 def test_cuda_round_trip_matches_per_tensor(non_blocking: bool, inputs: list[torch.Tensor]) -> None:
     cuda = torch.device("cuda:0")
-    there = transfer_tensors(inputs, cuda, coalesce=True, non_blocking=non_blocking)
+    there = move(inputs, cuda, coalesce=True, non_blocking=non_blocking)
     expected = [t.to(cuda) for t in inputs]
     for result, reference in zip(there, expected, strict=True):
         assert (result.shape, result.stride(), result.dtype) == (
@@ -500,7 +627,7 @@ def test_cuda_round_trip_matches_per_tensor(non_blocking: bool, inputs: list[tor
             reference.stride(),
             reference.dtype,
         )
-    back = transfer_tensors(there, CPU, coalesce=True)
+    back = move(there, CPU, coalesce=True)
     assert_like_per_tensor(inputs, back)
     assert_isolated(inputs, back)
 
@@ -511,7 +638,7 @@ def test_cuda_back_to_back_batches_are_never_corrupted() -> None:
     batches = []
     for step in range(50):
         inputs = [torch.full((256,), float(step * 100 + i)) for i in range(64)]
-        batches.append((inputs, transfer_tensors(inputs, cuda, non_blocking=True)))
+        batches.append((inputs, move(inputs, cuda, non_blocking=True)))
         for tensor in inputs:
             tensor.fill_(-1.0)  # the caller reuses its buffers right away
     for step, (_, results) in enumerate(batches):
