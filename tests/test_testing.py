@@ -97,7 +97,7 @@ def test_awkward_tensors_are_drawn(layout: str) -> None:
     assert found.cpu().tolist() == dense.tolist()
 
 
-def test_awkward_layouts_are_exactly_the_listed_ones() -> None:
+def test_every_awkward_layout_is_checked_above() -> None:
     assert set(testing._LAYOUTS) - {"contiguous"} <= set(AWKWARD)
 
 
