@@ -8,8 +8,10 @@ import torch
 
 __all__ = ["DeviceLike", "SupportsTo", "T"]
 
-#: Everything `devicekit.as_device` accepts: `"auto"`, `"cpu"`, `"cuda:1"`, `"gpu"`,
-#: an accelerator index, a `torch.device`, or `None` for the current default device.
+#: Everything `devicekit.as_device` accepts, and the type of every public `device` parameter:
+#: a spec string (`"auto"`, `"cpu"`, `"cuda:1"`, `"gpu"`), an accelerator index, a
+#: `torch.device`, or `None` for the current default device. Floats, bytes and other values are
+#: type errors (and `InvalidDeviceSpecError`s at run time); `devicekit._resolve.resolve` reads them.
 DeviceLike: TypeAlias = str | int | torch.device | None
 
 T = TypeVar("T")
