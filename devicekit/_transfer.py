@@ -384,7 +384,7 @@ def _copy_each(
                 source = tensor.device
                 pinned = pins and _type(source) == "cpu" and tensor.is_pinned()
                 asynchronous, wait_for = copy_mode(source, request, pinned=pinned)
-                append(tensor.to(target, cast_dtype(tensor, dtype), asynchronous))
+                append(tensor.to(target, cast_dtype(tensor, dtype), non_blocking=asynchronous))
                 if wait_for is not None:
                     waits.add(wait_for)
     except Exception as error:

@@ -737,7 +737,7 @@ def test_coalesce_reaches_the_transfer(batch: dict[str, Any]) -> None:
 
 
 def test_storage_objects_are_kept_by_torch() -> None:
-    """The fast path of `_transfer_leaves` compares storage ids without holding the storages."""
+    """`devicekit._transfer` groups views by storage object: torch keeps one per storage."""
     import gc
 
     base = torch.arange(4.0)

@@ -350,6 +350,39 @@ def test_copy_mode(
     assert copy_mode(source, TransferRequest(target, mode), pinned=pinned) == expected
 
 
+DEVICES = [CPU, META, CUDA0, CUDA1, MPS, torch.device("xpu", 0)]
+
+
+@given(
+    source=st.sampled_from([None, *DEVICES]),
+    target=st.sampled_from(DEVICES),
+    mode=st.sampled_from(["auto", True, False]),
+    pinned=st.booleans(),
+)
+def test_copy_mode_never_leaves_a_copy_that_can_change_under_the_caller(
+    source: torch.device | None,
+    target: torch.device,
+    mode: bool | Literal["auto"],
+    pinned: bool,
+) -> None:
+    asynchronous, wait_for = copy_mode(source, TransferRequest(target, mode), pinned=pinned)
+    if mode is False or "meta" in (target.type, getattr(source, "type", None)):
+        assert (asynchronous, wait_for) == (False, None)
+    if source is None:  # `Module.to` cannot be waited for: never asynchronous where it must be
+        assert wait_for is None
+        assert not asynchronous or (mode is True and target.type in ("cuda", "xpu"))
+        return
+    host_bound = target.type in ("cpu", "mps") or source.type == "mps"
+    if asynchronous and host_bound:
+        assert wait_for in (source, target)
+        assert wait_for is not None
+        assert wait_for.type != "cpu"
+    if not asynchronous:
+        assert wait_for is None
+    if mode == "auto" and source.type == "cpu" and target.type in ("cuda", "xpu"):
+        assert asynchronous is pinned  # pageable memory: blocking under "auto"
+
+
 class Spy:
     """Records every `copy_mode` question and answers as `copy_mode` does."""
 
