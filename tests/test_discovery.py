@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 import devicekit
 from devicekit import DeviceUnavailableError, InvalidDeviceSpecError, _nvml, _resolve
 from devicekit._cli import main
-from devicekit._discovery import read_index
+from devicekit._discovery import parse, read_index
 from tests.fakes import FakeBackend, FakeGpu, FakeNvml
 
 GiB = 2**30
@@ -461,3 +464,56 @@ def test_any_environment_gives_a_device_or_a_devicekit_error(
             else:
                 assert isinstance(device, torch.device)
                 assert device.type in ("cpu", "meta") or device.index is not None
+
+
+# --- the layering: `_discovery` parses, `_resolve` decides, `_context` answers `None` ------------
+
+
+def test_discovery_and_resolve_do_not_import_the_default_device_module() -> None:
+    code = (
+        "import sys, devicekit._resolve, devicekit._discovery; "
+        "print(sorted(m for m in sys.modules if m.startswith('devicekit.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(
+        ["devicekit._discovery", "devicekit._errors", "devicekit._nvml", "devicekit._resolve"]
+    )
+
+
+@pytest.mark.parametrize("spec", [None, "auto"])
+def test_parse_reads_names_and_leaves_choices_to_the_resolver(spec: str | None) -> None:
+    with pytest.raises(InvalidDeviceSpecError):
+        parse(spec, check=True, operation="parse")
+
+
+SPECS = (
+    st.text(max_size=12)
+    | st.integers(-3, 2**70)
+    | st.from_regex(r"(cpu|meta|cuda|gpu|auto)(:[0-9]{1,25})?", fullmatch=True)
+    | st.sampled_from([torch.device("cpu"), torch.device("meta"), torch.device("cpu", 0)])
+)
+
+
+def _outcome(call: Callable[[], torch.device]) -> object:
+    try:
+        return call()
+    except (InvalidDeviceSpecError, DeviceUnavailableError) as error:
+        return type(error), str(error)
+
+
+@given(spec=SPECS, check=st.booleans())
+@example(spec="cpu:0", check=True)
+@example(spec="auto", check=False)
+@example(spec="cpu:99999999999999999999", check=True)
+def test_the_resolver_answers_as_parsing_does_and_its_cache_changes_nothing(
+    spec: object, check: bool
+) -> None:
+    first = _outcome(lambda: _resolve.resolve(spec, operation="as_device", check=check))
+    again = _outcome(lambda: _resolve.resolve(spec, operation="as_device", check=check))
+    assert first == again
+    if spec == "auto":
+        assert first == devicekit.best_device()
+    else:
+        assert first == _outcome(lambda: parse(spec, check=check, operation="as_device"))
+    if first in (torch.device("cpu"), torch.device("meta")):
+        assert first is _resolve.CPU or first is _resolve.META
