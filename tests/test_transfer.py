@@ -7,9 +7,11 @@ an accelerator (the "copy" is a `clone()`), so the packing and unpacking are che
 
 from __future__ import annotations
 
+import ast
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -677,3 +679,16 @@ def test_cuda_back_to_back_batches_are_never_corrupted() -> None:
     for step, (_, results) in enumerate(batches):
         for i, result in enumerate(results):
             assert torch.equal(result.cpu(), torch.full((256,), float(step * 100 + i)))
+
+
+def test_data_flows_one_way_the_transfer_imports_nothing_of_devicekit() -> None:
+    """`_move` decides what to move and calls `_transfer`; `_transfer` never calls back up."""
+    tree = ast.parse(Path(_transfer.__file__).read_text(encoding="utf-8"))
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name and name.startswith("devicekit")}
+    assert "torch" in imported
