@@ -283,10 +283,7 @@ def _dataclass_snapshot(obj: Any) -> tuple[Any, ...]:
         missing = [name for name in FIELDS[type(obj)] if not hasattr(obj, name)]
         if not missing:
             raise
-        raise AttributeError(
-            f"its field {missing[0]!r} was never set (a field with init=False gets a value "
-            "only when the class sets one; set it, e.g. to None, in __post_init__)"
-        ) from error
+        raise AttributeError(f"its field {missing[0]!r} was never set") from error
 
 
 def _dataclass_pairs(obj: Any, snapshot: tuple[Any, ...]) -> Iterable[tuple[Any, Any]]:
@@ -699,7 +696,7 @@ def register_mover(cls: type[Any], fn: MoverFunction) -> None:
     if not callable(fn):
         raise UnmovableError(
             f"register_mover({cls.__name__}, {fn!r}): expected a function "
-            f"fn(obj) -> (children, rebuild), got a {type(fn).__name__}.",
+            f"fn(obj) -> (children, rebuild), got an object of type {type(fn).__name__}.",
             path=None,
             obj=fn,
         )

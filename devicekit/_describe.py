@@ -53,8 +53,18 @@ def describe_tensor(tensor: torch.Tensor, device: torch.device | None = None) ->
         'i64[2,3] @ meta'
     """
     dtype = _DTYPES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch.")
-    shape = ",".join(str(size) for size in tensor.shape)
+    try:
+        shape = ",".join(str(size) for size in tensor.shape)
+    except Exception:  # a nested tensor of the strided layout has no one shape
+        shape = f"nested, {_components(tensor)}"
     return f"{dtype}[{shape}] @ {tensor.device if device is None else device}"
+
+
+def _components(tensor: torch.Tensor) -> str:
+    try:
+        return f"{tensor.size(0)} tensors"
+    except Exception:
+        return "? tensors"
 
 
 # Where users reach torch's functions, most specific first: `torch.nn.functional.conv2d` is the

@@ -17,7 +17,7 @@ import torch
 
 from devicekit._context import current_device
 from devicekit._describe import describe_tensor
-from devicekit._errors import InvalidArgumentError, MixedDevicesError, MoveError, UnmovableError
+from devicekit._errors import InvalidArgumentError, MoveError, UnmovableError
 from devicekit._resolve import CPU, META, resolve
 from devicekit._transfer import (
     Coalesce,
@@ -35,6 +35,7 @@ from devicekit._tree import (
     DATACLASS,
     DICT,
     LEAF_TYPES,
+    LIST,
     MODULE,
     NAMEDTUPLE,
     OPAQUE,
@@ -48,12 +49,13 @@ from devicekit._tree import (
     rebuild_simple,
     register_mover,
     render,
+    skips,
     walk,
     with_values,
 )
 from devicekit._types import DeviceLike
 
-__all__ = ["devices_of", "find_device", "register_mover", "to_device"]
+__all__ = ["register_mover", "to_device"]
 
 T = TypeVar("T")
 
@@ -384,20 +386,23 @@ def to_device(
     if skip is None and strict is False:
         kind = _KIND.get(type(obj))
         if kind in _FLAT:  # the common batch: dicts, lists and tuples of tensors
+            # One read of its contents, walked and rebuilt: another thread may change `obj`.
             batch: Any = obj
+            batch = dict(batch) if kind == DICT else list(batch) if kind == LIST else batch
             values = batch.values() if kind == DICT else batch
             types = set(map(type, values))
             flat = types <= LEAF_TYPES  # one level: no walk at all
             if flat:
-                leaves = list(values)
+                leaves = batch if kind == LIST else list(values)
             else:
                 try:
-                    leaves = flatten_simple(obj)
+                    leaves = flatten_simple(batch)
                 except NotSimple:
                     leaves = None
             if leaves is not None:
                 plain = not flat or types <= _PLAIN
-                return _move_simple(obj, kind, leaves, request, flat=flat, plain=plain)
+                moved_batch = _move_simple(batch, kind, leaves, request, flat=flat, plain=plain)
+                return obj if moved_batch is batch else moved_batch
         elif kind in (NAMEDTUPLE, DATACLASS):
             try:
                 leaves = flatten_simple(obj)
@@ -418,7 +423,7 @@ def to_device(
                 "cannot rebuild that hold tensors."
             )
         predicate, keys = _skip_arguments(skip, target)
-        if predicate is not None and predicate(obj):
+        if predicate is not None and skips(predicate, obj, _Mover(obj, request).unmovable):
             return obj
     kind = classify(type(obj))
     if kind <= OPAQUE:
@@ -436,6 +441,7 @@ def to_device(
             skip=predicate,
             skip_keys=keys,
             on_opaque=mover.check_opaque if strict else None,
+            unmovable=mover.unmovable,
         )
         leaves = found.leaves
     try:
@@ -471,67 +477,21 @@ def _move_simple(
         return moved[0]  # type: ignore[return-value]
     if not flat:
         try:
-            return rebuild_simple(obj, moved)  # type: ignore[no-any-return]
-        except RecursionError:  # called close to Python's recursion limit: no recursion then
+            return rebuild_simple(obj, leaves, moved)  # type: ignore[no-any-return]
+        except NotSimple:  # changed by another thread meanwhile, or close to the recursion limit
             mover = _Mover(obj, request)
-            found = collect(obj, kind, skip=None, skip_keys=None, on_opaque=None)
+            found = collect(
+                obj, kind, skip=None, skip_keys=None, on_opaque=None, unmovable=mover.unmovable
+            )
             by_id = dict(zip(map(id, leaves), moved, strict=True))
+            new = [t for t in found.leaves if id(t) not in by_id]  # put in meanwhile
+            if new:
+                try:
+                    by_id.update(zip(map(id, new), move_leaves(new, request, plain=False)))  # noqa: B905
+                except TransferFailed as failure:
+                    raise mover.failed(failure) from failure.cause
             in_order = [by_id[id(t)] for t in found.leaves]
             return rebuild(found, in_order, mover.call, mover.unmovable)  # type: ignore[no-any-return]
     if not any(map(is_not, moved, leaves)):  # all on `meta` already
         return obj
     return with_values(obj, kind, moved)  # type: ignore[no-any-return]
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding devices
-
-
-def devices_of(obj: Any) -> dict[torch.device, list[str]]:
-    """Where the tensors in `obj` are: each device mapped to the paths of the tensors on it.
-
-    Looks through everything `to_device` moves, and into modules (parameters and buffers) and
-    the attributes of `.to()` objects. Devices come in the order they are first met.
-
-    Example:
-        >>> import torch, devicekit
-        >>> devicekit.devices_of({"x": torch.ones(2), "y": [torch.zeros(1, device="meta")]})
-        {device(type='cpu'): ["batch['x']"], device(type='meta'): ["batch['y'][0]"]}
-    """
-    found: dict[torch.device, list[str]] = {}
-    name = _root_name(obj)
-    for value, where in walk(obj):
-        if isinstance(value, torch.Tensor):
-            found.setdefault(value.device, []).append(render(name, where))
-    return found
-
-
-def find_device(obj: Any) -> torch.device | None:
-    """The one device all tensors in `obj` are on, or `None` when it holds no tensor.
-
-    Raises:
-        MixedDevicesError: The tensors are on several devices; the message lists the paths of
-            the tensors on each.
-
-    Example:
-        >>> import torch, devicekit
-        >>> devicekit.find_device({"x": torch.ones(2), "y": (torch.zeros(1),)})
-        device(type='cpu')
-    """
-    if type(obj) in LEAF_TYPES:
-        return obj.device  # type: ignore[no-any-return]
-    found = devices_of(obj)
-    if len(found) <= 1:
-        return next(iter(found), None)
-    listed = "; ".join(f"{device}: {_listing(paths)}" for device, paths in found.items())
-    raise MixedDevicesError(
-        f"find_device(): the tensors are on {len(found)} devices ({listed}). Move them to one "
-        "device first, e.g. devicekit.to_device(batch, device).",
-        devices=found,
-    )
-
-
-def _listing(paths: list[str], limit: int = 3) -> str:
-    shown = ", ".join(paths[:limit])
-    more = len(paths) - limit
-    return shown if more <= 0 else f"{shown} and {more} more"

@@ -58,7 +58,9 @@ def render(root_name: str, where: Where) -> str:
     return root_name + "".join(reversed(steps))
 
 
-def _labelled(obj: Any, kind: int, *, look_inside: bool) -> tuple[Callable[[Any], str], list[Any]]:
+def _labelled(
+    obj: Any, kind: int, *, look_inside: bool
+) -> tuple[Callable[[Any], str], Iterable[tuple[Any, Any]]]:
     """How the keys of `obj`'s children read in a path, and its `(key, child)` pairs.
 
     A container that cannot be taken apart has no children here: reporting never raises.
@@ -73,7 +75,7 @@ def _labelled(obj: Any, kind: int, *, look_inside: bool) -> tuple[Callable[[Any]
                     raise
                 names = FIELDS[type(obj)]  # a field never set: the others
                 return _attribute, [(n, getattr(obj, n)) for n in names if hasattr(obj, n)]
-            return found.step, list(found.labelled(obj, snapshot))
+            return found.step, found.labelled(obj, snapshot)
         if kind == MODULE:
             return _attribute, [*obj.named_parameters(), *obj.named_buffers()]
         if kind == TO and isinstance(obj, Mapping):
@@ -86,7 +88,10 @@ def _labelled(obj: Any, kind: int, *, look_inside: bool) -> tuple[Callable[[Any]
 
 
 def _attributes(obj: Any) -> list[tuple[str, Any]]:
-    found = list(getattr(obj, "__dict__", {}).items())
+    try:
+        found = list(getattr(obj, "__dict__", {}).items())
+    except Exception:  # no __dict__, and a __getattr__ that raises more than AttributeError
+        found = []
     for cls in type(obj).__mro__:
         names = cls.__dict__.get("__slots__", ())
         for name in (names,) if isinstance(names, str) else names:
@@ -129,7 +134,7 @@ def walk(
             continue
         seen.add(id(obj))
         step, pairs = _labelled(obj, kind, look_inside=look_inside)
-        stack.extend((value, (at, step, key)) for key, value in reversed(pairs))
+        stack.extend((value, (at, step, key)) for key, value in reversed(list(pairs)))
 
 
 def path_of(root: Any, target: Any) -> Where:
@@ -138,6 +143,27 @@ def path_of(root: Any, target: Any) -> Where:
         if value is target:
             return where
     return None
+
+
+class _Steps:
+    """The paths a walk met, as a tree: node `i` is `keys[i]`, read with `steps[i]`, under node
+    `parents[i]` (`-1` for a root, whose key is its name). Plain lists of integers and shared
+    objects: a million nodes make no work for the garbage collector."""
+
+    __slots__ = ("keys", "parents", "steps")
+
+    def __init__(self) -> None:
+        self.parents: list[int] = []
+        self.steps: list[Callable[[Any], str]] = []
+        self.keys: list[Any] = []
+
+    def render(self, node: int) -> str:
+        parts = []
+        parents, steps, keys = self.parents, self.steps, self.keys
+        while node >= 0:
+            parts.append(steps[node](keys[node]))
+            node = parents[node]
+        return "".join(reversed(parts))
 
 
 class Paths(Sequence[str]):
@@ -154,13 +180,14 @@ class Paths(Sequence[str]):
         ("batch['y'][0]", 2, True)
     """
 
-    __slots__ = ("_wheres",)
+    __slots__ = ("_nodes", "_steps")
 
-    def __init__(self, wheres: list[Where]) -> None:
-        self._wheres = wheres
+    def __init__(self, steps: _Steps, nodes: list[int]) -> None:
+        self._steps = steps
+        self._nodes = nodes
 
     def __len__(self) -> int:
-        return len(self._wheres)
+        return len(self._nodes)
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -170,11 +197,11 @@ class Paths(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
         if isinstance(index, slice):
-            return [render("", where) for where in self._wheres[index]]
-        return render("", self._wheres[index])
+            return [self._steps.render(node) for node in self._nodes[index]]
+        return self._steps.render(self._nodes[index])
 
     def __iter__(self) -> Iterator[str]:
-        return (render("", where) for where in self._wheres)
+        return map(self._steps.render, self._nodes)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence) and not isinstance(other, str):
@@ -191,37 +218,48 @@ def devices_in(labelled: Iterable[tuple[str, object]]) -> dict[torch.device, Pat
     """Each device met in the labelled objects, with the paths of the tensors on it.
 
     Walks like `walk` (tensors in their order, each container once), inlined: this is
-    `devices_of`'s, `find_device`'s and `colocate`'s one pass over everything.
+    `devices_of`'s, `find_device`'s and `colocate`'s one pass over everything. A container's
+    children are gone through in order, with an explicit stack of the unfinished ones, so a
+    tensor is recorded when met, as one node of the paths' tree.
     """
-    found: dict[torch.device, list[Where]] = {}
+    tree = _Steps()
+    parents, steps, keys = tree.parents, tree.steps, tree.keys
+    found: dict[torch.device, list[int]] = {}
     seen: set[int] = set()
-    stack: list[tuple[Any, Where]] = [
-        (obj, (None, _name, label)) for label, obj in reversed(list(labelled))
-    ]
     leaf_types, known = LEAF_TYPES, KIND_OF
-    pop, extend = stack.pop, stack.extend
-    while stack:
-        obj, at = pop()
-        tp = type(obj)
-        if tp in leaf_types:
-            device = obj.device
-            wheres = found.get(device)
-            if wheres is None:
-                wheres = found[device] = []
-            wheres.append(at)
-            continue
-        kind = known.get(tp)
-        if kind is None:
-            kind = _kind(tp)
-        if kind <= OPAQUE or id(obj) in seen:
-            continue
-        if kind == TENSOR:  # a tensor type met just now
-            found.setdefault(obj.device, []).append(at)
-            continue
-        seen.add(id(obj))
-        step, pairs = _labelled(obj, kind, look_inside=False)
-        extend((value, (at, step, key)) for key, value in reversed(pairs))
-    return {device: Paths(wheres) for device, wheres in found.items()}
+    stack: list[tuple[int, Callable[[Any], str], Iterator[tuple[Any, Any]]]] = []
+    for label, root in labelled:
+        # The root, as the one child of a node with no parent.
+        stack.append((-1, _name, iter([(label, root)])))
+        while stack:
+            parent, step, pairs = stack[-1]
+            for key, value in pairs:
+                tp = type(value)
+                kind = TENSOR if tp in leaf_types else known.get(tp)
+                if kind is None:
+                    kind = _kind(tp)
+                if kind <= OPAQUE:
+                    continue
+                node = len(keys)
+                parents.append(parent)
+                steps.append(step)
+                keys.append(key)
+                if kind == TENSOR:
+                    device = value.device
+                    nodes = found.get(device)
+                    if nodes is None:
+                        nodes = found[device] = []
+                    nodes.append(node)
+                    continue
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+                child_step, children = _labelled(value, kind, look_inside=False)
+                stack.append((node, child_step, iter(children)))
+                break
+            else:
+                stack.pop()
+    return {device: Paths(tree, nodes) for device, nodes in found.items()}
 
 
 def _root_name(obj: Any) -> str:

@@ -56,7 +56,7 @@ from devicekit._containers import (
     with_values,
 )
 from devicekit._paths import path_of, render, walk
-from devicekit._walk import Collected, collect, rebuild
+from devicekit._walk import Collected, collect, rebuild, skips
 
 __all__ = [
     "ATOM",
@@ -82,6 +82,7 @@ __all__ = [
     "rebuild_simple",
     "register_mover",
     "render",
+    "skips",
     "walk",
     "with_values",
 ]

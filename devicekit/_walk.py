@@ -35,6 +35,7 @@ from devicekit._containers import (
     LEAF_TYPES,
     LIST,
     OPAQUE,
+    REGISTERED,
     SIMPLE_TYPES,
     STRICT_SIMPLE_TYPES,
     TENSOR,
@@ -47,7 +48,7 @@ from devicekit._containers import (
 )
 from devicekit._errors import UnmovableError
 
-__all__ = ["Collected", "Unmovable", "collect", "rebuild"]
+__all__ = ["Collected", "Unmovable", "collect", "rebuild", "skips"]
 
 #: How a walker reports a value it cannot handle: `unmovable(obj, problem, cause, fix=...)`
 #: makes the error, with the value's path (the caller knows the root).
@@ -114,17 +115,17 @@ def collect(
     known = KIND_OF
 
     def skipped(key: Any, child: Any, parent_kind: int) -> bool:
+        if skip is not None and skips(skip, child, unmovable):
+            return True
         try:
-            return (skip is not None and bool(skip(child))) or (
-                skip_keys is not None and parent_kind in _KEYED and key in skip_keys
-            )
-        except Exception as error:
+            return skip_keys is not None and parent_kind in _KEYED and key in skip_keys
+        except Exception as error:  # a key whose __eq__ raises
             raise unmovable(
                 child,
-                f"made skip= raise (at key {key!r})",
+                "is under a key that cannot be compared with the keys in skip=",
                 error,
-                fix="Make skip return True or False for every value, or pass keys that compare "
-                "without raising.",
+                fix="Give the key a __eq__ that returns False for other types, or skip with a "
+                "predicate instead.",
             ) from error
 
     stack: list[tuple[int, Iterator[tuple[Any, Any]], list[Any]]] = []
@@ -152,7 +153,8 @@ def collect(
                             try:
                                 classify(tp)
                             except UnmovableError as error:
-                                raise unmovable(obj, _TAKEN_APART, error) from error
+                                child = next(v for v in values if type(v) is tp)
+                                raise _uninspectable(child, error, unmovable) from error.__cause__
             else:
                 types = None
             if types is not None and types <= leaf_types:  # only tensors: a slice of `leaves`
@@ -209,7 +211,7 @@ def collect(
                     try:
                         child_kind = classify(tp)
                     except UnmovableError as error:
-                        raise unmovable(child, _TAKEN_APART, error) from error
+                        raise _uninspectable(child, error, unmovable) from error.__cause__
                 if not fast and skipped(key, child, kinds[number]):
                     continue
                 if child_kind <= OPAQUE:
@@ -235,11 +237,48 @@ def collect(
             break
 
 
+def skips(skip: Callable[[Any], bool], obj: Any, unmovable: Unmovable) -> bool:
+    """`skip(obj)`; what it raises becomes `UnmovableError` with `obj`'s path."""
+    try:
+        return bool(skip(obj))
+    except Exception as error:
+        raise unmovable(
+            obj,
+            "made the skip= predicate raise",
+            error,
+            fix="Make skip return True or False for every value it is called with.",
+        ) from error
+
+
 def _take_apart(obj: Any, kind: int, unmovable: Unmovable) -> Any:
     try:
         return entry(kind).snapshot(obj)
     except Exception as error:
-        raise unmovable(obj, _TAKEN_APART, error) from error
+        fix = None
+        if kind == DATACLASS and isinstance(error, AttributeError):
+            fix = (
+                "Give every field a value: a field with init=False needs one set by the class "
+                "(e.g. None, in __post_init__)."
+            )
+        elif kind == REGISTERED:
+            name = type(obj).__name__
+            fix = (
+                f"Fix the function registered for {name}: fn(obj) must return (children, "
+                "rebuild), children a mapping of names to values."
+            )
+        raise unmovable(obj, _TAKEN_APART, error, fix=fix) from error
+
+
+def _uninspectable(obj: Any, error: UnmovableError, unmovable: Unmovable) -> UnmovableError:
+    """`classify` failed on `obj`'s type (a metaclass whose `__getattr__` raises)."""
+    name = type(obj).__name__
+    return unmovable(
+        obj,
+        "is of a type whose attributes cannot be looked up",
+        error.__cause__,
+        fix=f"Make the __getattr__ of {name}'s metaclass raise AttributeError for names it "
+        "does not define, or leave the value out with skip=.",
+    )
 
 
 _UNSET: Any = object()

@@ -393,13 +393,19 @@ def test_nesting_within_the_fast_paths_depth_is_walked_either_way() -> None:
 
 
 def test_called_close_to_the_recursion_limit() -> None:
-    """However little of Python's recursion limit is left to it, `to_device` either works or
-    raises `RecursionError` before doing anything (as any Python call would), never halfway."""
+    """However little of Python's recursion limit is left to it, `to_device` either gives the
+    whole result or raises `RecursionError` before doing anything, as any Python call would:
+    never a half-moved batch, never another error. Once there is room enough, more room never
+    hurts, and fewer frames than the batch has levels are enough: the fast path's recursion gives
+    way to the general walk, which needs none."""
+    depth = 40  # 80 containers: within the fast path's depth
     nested: Any = torch.ones(1)
-    for _ in range(40):  # 80 containers: within the fast path's depth
+    for _ in range(depth):
         nested = {"k": [nested]}
 
-    def move_at(headroom: int) -> Any:
+    def move_with(headroom: int) -> Any:
+        """`to_device(nested, "meta")`, called with `headroom` frames left before the limit."""
+
         def descend(left: int) -> Any:
             if left > headroom:
                 return descend(left - 1)
@@ -408,18 +414,21 @@ def test_called_close_to_the_recursion_limit() -> None:
         return descend(sys.getrecursionlimit() - len(inspect.stack(0)))
 
     worked = []
-    for headroom in range(1, 200):  # every frame: the fast walk and its rebuild differ by one
+    refused = []
+    for headroom in range(1, 6 * depth):
         try:
-            moved = move_at(headroom)
+            moved = move_with(headroom)
         except RecursionError:
-            assert headroom < 30, headroom  # the general path needs only a few frames
+            refused.append(headroom)
             continue
-        for _ in range(40):
+        for _ in range(depth):
+            assert type(moved) is dict
             moved = moved["k"][0]
-        assert moved.is_meta
+        assert moved.is_meta  # the whole batch moved, never part of it
         worked.append(headroom)
-    assert worked
-    assert worked[0] < 80 < worked[-1]
+    assert worked == list(range(worked[0], 6 * depth))  # more room never hurts
+    assert refused == list(range(1, worked[0]))
+    assert worked[0] < 2 * depth  # fewer frames than levels: no recursion over the batch
 
 
 # --- options -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ the same tensor appears twice and views of one storage appear together.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict, defaultdict, deque
+from collections import ChainMap, OrderedDict, defaultdict, deque
 from typing import Any
 
 import torch
@@ -79,6 +79,9 @@ def batches(
             st.builds(Record, children, children),
             st.builds(Snapshot, children),
             st.lists(children, max_size=3).map(lambda items: deque(items, maxlen=5)),
+            st.lists(st.dictionaries(KEYS, children, max_size=2), min_size=1, max_size=3).map(
+                lambda maps: ChainMap(*maps)
+            ),
         )
 
     tree = st.recursive(leaf, containers, max_leaves=10)
@@ -95,6 +98,8 @@ def signature(value: Any) -> Any:
         ]
     if isinstance(value, deque):
         return (deque, value.maxlen), [signature(item) for item in value]
+    if isinstance(value, ChainMap):  # every map, shadowed ones included
+        return ChainMap, [signature(item) for item in value.maps]
     if dataclasses.is_dataclass(value):
         fields = dataclasses.fields(value)
         return type(value), [signature(getattr(value, f.name)) for f in fields]
@@ -113,6 +118,8 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
             found.append(item)
         elif isinstance(item, dict):
             stack.extend(reversed(list(item.values())))
+        elif isinstance(item, ChainMap):
+            stack.extend(reversed(item.maps))
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
             stack.extend(reversed([getattr(item, f.name) for f in dataclasses.fields(item)]))
         elif isinstance(item, list | tuple | deque):
@@ -126,6 +133,8 @@ def snapshot(value: Any) -> Any:
         return id(value), value.device, value.dtype
     if isinstance(value, dict):
         return id(value), [(key, id(item), snapshot(item)) for key, item in value.items()]
+    if isinstance(value, ChainMap):
+        return id(value), [(id(item), snapshot(item)) for item in value.maps]
     if dataclasses.is_dataclass(value):
         items = [getattr(value, f.name) for f in dataclasses.fields(value)]
         return id(value), [(id(item), snapshot(item)) for item in items]
