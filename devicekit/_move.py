@@ -29,11 +29,11 @@ from devicekit._transfer import (
     move_leaves,
 )
 from devicekit._tree import (
-    _FLAT,
-    _KIND,
     ATOM,
     DATACLASS,
     DICT,
+    FLAT,
+    KIND_OF,
     LEAF_TYPES,
     LIST,
     MODULE,
@@ -384,8 +384,8 @@ def to_device(
     target = _target(device)
     request = _request(target, non_blocking, dtype, coalesce)
     if skip is None and strict is False:
-        kind = _KIND.get(type(obj))
-        if kind in _FLAT:  # the common batch: dicts, lists and tuples of tensors
+        kind = KIND_OF.get(type(obj))
+        if kind in FLAT:  # the common batch: dicts, lists and tuples of tensors
             # One read of its contents, walked and rebuilt: another thread may change `obj`.
             batch: Any = obj
             batch = dict(batch) if kind == DICT else list(batch) if kind == LIST else batch

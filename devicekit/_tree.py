@@ -62,6 +62,8 @@ __all__ = [
     "ATOM",
     "DATACLASS",
     "DICT",
+    "FLAT",
+    "KIND_OF",
     "LEAF_TYPES",
     "LIST",
     "MODULE",
@@ -87,9 +89,7 @@ __all__ = [
     "with_values",
 ]
 
-# The names `devicekit._move` and the tests know these by.
-_FLAT = FLAT
-_KIND = KIND_OF
+# The names the tests know these by.
 _MOVERS = MOVERS
 _reset_caches = reset_caches
 

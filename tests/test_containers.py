@@ -136,7 +136,7 @@ def test_the_hot_loops_name_kinds_of_the_table() -> None:
         (_tree.DATACLASS, "dataclass"),
     ]:
         assert _containers.entry(code).name == name
-    assert tuple(_containers.entry(code).name for code in _tree._FLAT) == ("dict", "list", "tuple")
+    assert tuple(_containers.entry(code).name for code in _tree.FLAT) == ("dict", "list", "tuple")
 
 
 # --- ChainMap (issue 18, item 15) ----------------------------------------------------------------
@@ -247,8 +247,8 @@ def registered() -> Iterator[None]:
     devicekit.register_mover(ByRaising, _raise_key_error)
     yield
     for cls in (ByNone, ByList, ByRaising):
-        del _tree._MOVERS[cls]
-    _tree._reset_caches()
+        del _containers.MOVERS[cls]
+    _containers.reset_caches()
 
 
 CASES: list[tuple[str, Callable[[], Any], dict[str, Any], str, type[BaseException], str]] = [
