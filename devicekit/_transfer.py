@@ -66,7 +66,6 @@ Coalesce: TypeAlias = bool | Literal["auto"]
 COALESCE_MAX_BYTES = 64 * 1024
 
 _HOST = torch.device("cpu")
-_META = torch.device("meta")
 _STORAGE = torch.Tensor.untyped_storage
 _TO = torch.Tensor.to
 
