@@ -388,7 +388,7 @@ def to_device(
         if kind in FLAT:  # the common batch: dicts, lists and tuples of tensors
             # One read of its contents, walked and rebuilt: another thread may change `obj`.
             batch: Any = obj
-            batch = dict(batch) if kind == DICT else list(batch) if kind == LIST else batch
+            batch = batch.copy() if kind == DICT else list(batch) if kind == LIST else batch
             values = batch.values() if kind == DICT else batch
             types = set(map(type, values))
             flat = types <= LEAF_TYPES  # one level: no walk at all

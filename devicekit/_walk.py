@@ -108,6 +108,8 @@ def collect(
         found.index,
     )
     leaves_append, leaves_extend = leaves.append, leaves.extend
+    objs_append, kinds_append = objs.append, kinds.append
+    snapshots_append, slots_of_append = snapshots.append, slots_of.append
     order_append = found.order.append
     fast = skip is None and skip_keys is None
     simple = SIMPLE_TYPES if on_opaque is None else STRICT_SIMPLE_TYPES
@@ -135,15 +137,21 @@ def collect(
         # Register `obj`, a container (or module or .to() object) met for the first time.
         number = len(objs)
         index[id(obj)] = number
-        objs.append(obj)
-        kinds.append(kind)
+        objs_append(obj)
+        kinds_append(kind)
         items: Iterator[tuple[Any, Any]] | None = None
         slots: list[Any] = []
-        if kind in (DICT, LIST, TUPLE):
-            # One read of the contents: later changes by another thread do not mix in.
-            snapshot = dict(obj) if kind == DICT else list(obj) if kind == LIST else obj
-            snapshots.append(snapshot)
+        # One read of a container's contents: later changes by another thread do not mix in.
+        if kind == DICT and len(obj) < 4:  # the most common small container
+            snapshot = obj.copy()
+            snapshots_append(snapshot)
+            slots_of_append(slots)
+            items = iter(snapshot.items())
+        elif kind == DICT or kind == LIST or kind == TUPLE:  # noqa: SIM109  (no tuple built)
+            snapshot = obj.copy() if kind == DICT else list(obj) if kind == LIST else obj
+            snapshots_append(snapshot)
             values = snapshot.values() if kind == DICT else snapshot
+            types = None
             if fast and len(snapshot) > 3:
                 # Decide for all values at once when they are all tensors or atoms.
                 types = set(map(type, values))
@@ -155,39 +163,37 @@ def collect(
                             except UnmovableError as error:
                                 child = next(v for v in values if type(v) is tp)
                                 raise _uninspectable(child, error, unmovable) from error.__cause__
-            else:
-                types = None
             if types is not None and types <= leaf_types:  # only tensors: a slice of `leaves`
                 start = len(leaves)
                 leaves_extend(values)
-                slots_of.append((start, len(leaves)))
+                slots_of_append((start, len(leaves)))
             elif types is not None and types <= simple:  # tensors and atoms: tensors get slots
                 start = len(leaves)
                 pairs = snapshot.items() if kind == DICT else enumerate(snapshot)
                 slots = [(key, value) for key, value in pairs if type(value) in leaf_types]
                 leaves_extend([value for _, value in slots])
                 slots = [(key, value, start + i) for i, (key, value) in enumerate(slots)]
-                slots_of.append(slots)
+                slots_of_append(slots)
             else:
-                slots_of.append(slots)
+                slots_of_append(slots)
                 items = iter(snapshot.items()) if kind == DICT else enumerate(snapshot)
         elif kind < FIRST_CONTAINER:  # module or .to() object: called in phase 3
             found.calls += 1
-            snapshots.append(None)
-            slots_of.append(None)
+            snapshots_append(None)
+            slots_of_append(None)
         elif kind == DATACLASS:
             tp = type(obj)
             try:
                 snapshot = GETTERS[tp](obj)
             except Exception:
                 snapshot = _take_apart(obj, kind, unmovable)
-            snapshots.append(snapshot)
-            slots_of.append(slots)
+            snapshots_append(snapshot)
+            slots_of_append(slots)
             items = zip(FIELDS[tp], snapshot)  # noqa: B905  (one value per field)
         else:
             snapshot = _take_apart(obj, kind, unmovable)
-            snapshots.append(snapshot)
-            slots_of.append(slots)
+            snapshots_append(snapshot)
+            slots_of_append(slots)
             items = iter(entry(kind).pairs(obj, snapshot))
         if items is None:
             order_append(number)
@@ -282,6 +288,10 @@ def _uninspectable(obj: Any, error: UnmovableError, unmovable: Unmovable) -> Unm
 
 
 _UNSET: Any = object()
+#: Each container kind's `build`, by code: looked up once per rebuilt container.
+_BUILD: dict[int, Callable[[Any, Any, Any], Any]] = {
+    code: entry(code).build for code in range(FIRST_CONTAINER, REGISTERED + 1)
+}
 
 
 class _Rebuild:
@@ -295,6 +305,8 @@ class _Rebuild:
         unmovable: Unmovable,
     ) -> None:
         self.found = found
+        self.objs, self.kinds, self.slots = found.objs, found.kinds, found.slots
+        self.snapshots, self.leaves = found.snapshots, found.leaves
         self.moved = moved
         self.call = call
         self.unmovable = unmovable
@@ -313,17 +325,18 @@ class _Rebuild:
 
     def finish(self, number: int) -> None:
         """Build container `number` from its snapshot (or fill its shell), or call a module."""
-        found, results = self.found, self.results
-        obj, kind, slots = found.objs[number], found.kinds[number], found.slots[number]
+        results = self.results
+        obj, kind, slots = self.objs[number], self.kinds[number], self.slots[number]
         if kind < FIRST_CONTAINER:
             results[number] = self.call(obj, kind)
             return
-        snapshot = found.snapshots[number]
+        snapshot = self.snapshots[number]
         moved = self.moved
         if type(slots) is tuple:  # nothing but tensors
             start, stop = slots
             values = moved[start:stop]
-            if moved is found.leaves or not any(map(is_not, values, found.leaves[start:stop])):
+            leaves = self.leaves
+            if moved is leaves or not any(map(is_not, values, leaves[start:stop])):
                 changes = []
             elif number in self.shells:
                 changes = list(zip(keys_of(snapshot, kind), values, strict=True))
@@ -341,19 +354,28 @@ class _Rebuild:
                         new = self.child(child, ~where)
                 if new is not child:
                     changes.append((key, new))
-        if number in self.shells:  # a mutable container in a cycle: fill its shell
+        shells = self.shells
+        if shells and number in shells:  # a mutable container in a cycle: fill its shell
             fill = entry(kind).fill
             assert fill is not None  # only mutable kinds get shells
             self._guarded(obj, fill, results[number], snapshot, changes)
-            self.shells.discard(number)
+            shells.discard(number)
         elif results[number] is not _UNSET:  # built meanwhile, through a cycle
             return
         elif not changes:
             results[number] = obj
-        elif kind in (DICT, LIST):  # the snapshot is a private copy: it is filled
-            results[number] = entry(kind).build(obj, snapshot, changes)
+        elif kind == DICT:  # the snapshot is a private copy: it becomes the result
+            snapshot.update(changes)
+            results[number] = snapshot
         else:
-            results[number] = self._guarded(obj, entry(kind).build, obj, snapshot, changes)
+            try:
+                results[number] = _BUILD[kind](obj, snapshot, changes)
+            except UnmovableError:
+                raise
+            except Exception as error:
+                raise self.unmovable(
+                    obj, "could not be rebuilt from its moved contents", error
+                ) from error
 
     def _guarded(self, obj: Any, how: Callable[..., Any], *args: Any) -> Any:
         """`how(*args)`, a step of rebuilding `obj`; what it raises becomes `UnmovableError`."""
@@ -368,11 +390,12 @@ class _Rebuild:
 
     def child(self, child: Any, number: int) -> Any:
         """The result of a container child not finished yet: `child` is an ancestor (a cycle)."""
-        if self.unchanged is None:
-            self.unchanged = self._unchanged()
-        if number in self.unchanged:
-            self.results[number] = child
-            return child
+        if not self._holds_moved(number):  # else it changes: no need to look further
+            if self.unchanged is None:
+                self.unchanged = self._unchanged()
+            if number in self.unchanged:
+                self.results[number] = child
+                return child
         kind = self.found.kinds[number]
         if kind >= FIRST_CONTAINER and shellable(kind):
             make_shell = entry(kind).shell
@@ -383,6 +406,16 @@ class _Rebuild:
             return shell
         self.force(number)
         return self.results[number]
+
+    def _holds_moved(self, number: int) -> bool:
+        """Whether container `number` itself holds a tensor that moved."""
+        slots, moved, leaves = self.slots[number], self.moved, self.leaves
+        if moved is leaves or slots is None:
+            return False
+        if type(slots) is tuple:
+            start, stop = slots
+            return any(map(is_not, moved[start:stop], leaves[start:stop]))
+        return any(where >= 0 and moved[where] is not child for _, child, where in slots)
 
     def force(self, number: int) -> None:
         """Finish an immutable container out of turn, and first the immutable containers it
@@ -418,6 +451,13 @@ class _Rebuild:
         reached: they come back as themselves, cycles and all."""
         found, moved = self.found, self.moved
         count = len(found.objs)
+        calls_kept = all(
+            self.results[number] is found.objs[number]
+            for number in range(count)
+            if found.kinds[number] < FIRST_CONTAINER
+        )
+        if calls_kept and (moved is found.leaves or not any(map(is_not, moved, found.leaves))):
+            return set(range(count))  # nothing moved at all: everything stays as it is
         parents: list[list[int]] = [[] for _ in range(count)]
         changed: list[int] = []
         nothing_moved = moved is found.leaves
