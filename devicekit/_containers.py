@@ -53,23 +53,23 @@ TO = 4  # any other object with a callable .to()
 FIRST_CONTAINER = 5
 
 
-def _item(key: Any) -> str:
+def item_step(key: Any) -> str:
     return f"[{key!r}]"
 
 
-def _index(key: Any) -> str:
+def index_step(key: Any) -> str:
     return f"[{key}]"
 
 
-def _attribute(key: Any) -> str:
+def attribute_step(key: Any) -> str:
     return f".{key}"
 
 
-def _member(key: Any) -> str:
+def member_step(key: Any) -> str:
     return f"{{{key}}}"
 
 
-def _map(key: Any) -> str:
+def maps_step(key: Any) -> str:
     return f".maps[{key}]"
 
 
@@ -373,7 +373,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_dataclass,
         shell=_dataclass_shell,
         fill=_fill_dataclass,
-        step=_attribute,
+        step=attribute_step,
         keyed=True,
     ),
     Kind(
@@ -384,7 +384,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_dict,
         shell=lambda obj, snapshot: snapshot,
         fill=_fill_dict,
-        step=_item,
+        step=item_step,
         keyed=True,
     ),
     Kind(  # OrderedDict, defaultdict, ...: type, factory and order kept
@@ -395,7 +395,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_dict_subclass,
         shell=lambda obj, snapshot: _emptied(obj),
         fill=_fill_dict_subclass,
-        step=_item,
+        step=item_step,
         keyed=True,
     ),
     Kind(  # its maps, each moved as what it is, shadowed ones included
@@ -406,7 +406,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_chain_map,
         shell=lambda obj, snapshot: copy.copy(obj),
         fill=_fill_chain_map,
-        step=_map,
+        step=maps_step,
     ),
     Kind(  # any other Mapping that can be built from a dict
         "mapping",
@@ -414,7 +414,7 @@ CONTAINERS: tuple[Kind, ...] = (
         snapshot=lambda obj: list(obj.items()),
         pairs=lambda obj, snapshot: iter(snapshot),
         build=_build_mapping,
-        step=_item,
+        step=item_step,
         keyed=True,
     ),
     Kind(
@@ -425,7 +425,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_list,
         shell=lambda obj, snapshot: snapshot,
         fill=_fill_list,
-        step=_index,
+        step=index_step,
     ),
     Kind(
         "list subclass",
@@ -435,7 +435,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_refilled,
         shell=lambda obj, snapshot: copy.copy(obj),
         fill=_refill,
-        step=_index,
+        step=index_step,
     ),
     Kind(
         "tuple",
@@ -443,7 +443,7 @@ CONTAINERS: tuple[Kind, ...] = (
         snapshot=lambda obj: obj,
         pairs=_enumerated,
         build=_build_tuple,
-        step=_index,
+        step=index_step,
     ),
     Kind(
         "namedtuple",
@@ -451,7 +451,7 @@ CONTAINERS: tuple[Kind, ...] = (
         snapshot=lambda obj: obj,
         pairs=_enumerated,
         build=_build_namedtuple,
-        step=_attribute,
+        step=attribute_step,
         labelled=lambda obj, snapshot: zip(obj._fields, snapshot),  # noqa: B905
     ),
     Kind(  # torch.return_types
@@ -460,7 +460,7 @@ CONTAINERS: tuple[Kind, ...] = (
         snapshot=lambda obj: obj,
         pairs=_enumerated,
         build=_build_from_items,
-        step=_index,
+        step=index_step,
     ),
     Kind(
         "tuple subclass",
@@ -468,7 +468,7 @@ CONTAINERS: tuple[Kind, ...] = (
         snapshot=lambda obj: obj,
         pairs=_enumerated,
         build=_build_from_items,
-        step=_index,
+        step=index_step,
     ),
     Kind(  # maxlen kept
         "deque",
@@ -478,7 +478,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_refilled,
         shell=lambda obj, snapshot: _emptied(obj),
         fill=_refill,
-        step=_index,
+        step=index_step,
     ),
     Kind(
         "set",
@@ -488,7 +488,7 @@ CONTAINERS: tuple[Kind, ...] = (
         build=_build_refilled,
         shell=lambda obj, snapshot: _emptied(obj),
         fill=_refill,
-        step=_member,
+        step=member_step,
     ),
     Kind(
         "frozenset",
@@ -496,7 +496,7 @@ CONTAINERS: tuple[Kind, ...] = (
         snapshot=list,
         pairs=_enumerated,
         build=_build_from_items,
-        step=_member,
+        step=member_step,
     ),
 )
 for _number, _kind in enumerate(CONTAINERS, FIRST_CONTAINER):
@@ -523,7 +523,7 @@ _BY_CODE[REGISTERED] = Kind(
     snapshot=_registered_snapshot,
     pairs=lambda obj, snapshot: iter(snapshot[0].items()),
     build=_build_registered,
-    step=_attribute,
+    step=attribute_step,
 )
 #: Kinds whose values are checked all at once (when there are enough), and rebuilt from a slice.
 FLAT = (DICT, LIST, TUPLE)

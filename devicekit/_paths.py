@@ -25,8 +25,10 @@ from devicekit._containers import (
     OPAQUE,
     TENSOR,
     TO,
+    attribute_step,
     classify,
     entry,
+    item_step,
 )
 from devicekit._errors import MixedDevicesError
 
@@ -39,14 +41,6 @@ Where = tuple[Any, Callable[[Any], str], Any] | None
 
 def _name(key: Any) -> str:
     return str(key)
-
-
-def _attribute(key: Any) -> str:
-    return f".{key}"
-
-
-def _item(key: Any) -> str:
-    return f"[{key!r}]"
 
 
 def render(root_name: str, where: Where) -> str:
@@ -74,17 +68,17 @@ def _labelled(
                 if kind != DATACLASS:
                     raise
                 names = FIELDS[type(obj)]  # a field never set: the others
-                return _attribute, [(n, getattr(obj, n)) for n in names if hasattr(obj, n)]
+                return attribute_step, [(n, getattr(obj, n)) for n in names if hasattr(obj, n)]
             return found.step, found.labelled(obj, snapshot)
         if kind == MODULE:
-            return _attribute, [*obj.named_parameters(), *obj.named_buffers()]
+            return attribute_step, [*obj.named_parameters(), *obj.named_buffers()]
         if kind == TO and isinstance(obj, Mapping):
-            return _item, list(obj.items())
+            return item_step, list(obj.items())
         if kind == TO or (kind == OPAQUE and look_inside):
-            return _attribute, _attributes(obj)
+            return attribute_step, _attributes(obj)
     except Exception:
         pass
-    return _attribute, []
+    return attribute_step, []
 
 
 def _attributes(obj: Any) -> list[tuple[str, Any]]:
