@@ -301,6 +301,10 @@ def _op(
         return func(*args, **kwargs)
     exempt = _exemption(name) if method else _never
     device = _check(func, operands, exempt, (args, kwargs))
+    if device is not None and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        from devicekit._simulate_autocast import wrap  # CUDA's autocast policy, op by op
+
+        func = wrap(func, name)
     result = func(*args, **kwargs)
     if device is None:
         return result
