@@ -10,7 +10,7 @@ import inspect
 import linecache
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -23,6 +23,7 @@ __all__ = [
     "labelled_tensors",
     "op_name",
     "op_name_at",
+    "torch_sentence",
     "user_call_site",
 ]
 
@@ -58,6 +59,19 @@ def describe_tensor(tensor: torch.Tensor, device: torch.device | None = None) ->
     except Exception:  # a nested tensor of the strided layout has no one shape
         shape = f"nested, {_components(tensor)}"
     return f"{dtype}[{shape}] @ {tensor.device if device is None else device}"
+
+
+def torch_sentence(devices: Sequence[torch.device]) -> str:
+    """torch's own sentence for operands on different devices, which programs and test suites
+    match (`"Expected all tensors to be on the same device"`): devicekit's messages about
+    mixed devices start with it and add their detail after it.
+
+    Example:
+        >>> torch_sentence([torch.device("cuda", 0), torch.device("cpu")])
+        'Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!'
+    """  # noqa: E501
+    found = " and ".join(str(device) for device in devices[:2])
+    return f"Expected all tensors to be on the same device, but found at least two devices, {found}!"
 
 
 def _components(tensor: torch.Tensor) -> str:

@@ -11,6 +11,7 @@ call to one named handler; the patches of `torch.cuda` and friends are in `_simu
 from __future__ import annotations
 
 import functools
+import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext, _device_constructors
 
-from devicekit._describe import describe_tensor, labelled_tensors, op_name_at, user_call_site
+from devicekit._describe import (
+    describe_tensor,
+    labelled_tensors,
+    op_name_at,
+    torch_sentence,
+    user_call_site,
+)
 from devicekit._errors import CrossDeviceError, SimulationError
 
 __all__ = ["_Session", "_SimulationMode", "_simulated"]
@@ -28,10 +35,14 @@ __all__ = ["_Session", "_SimulationMode", "_simulated"]
 #: The attribute that tags a CPU tensor with its simulated device.
 _TAG = "_devicekit_simulated_device"
 _CPU = torch.device("cpu")
+_Uninitialized = torch.nn.parameter.UninitializedTensorMixin
 
 
 # Ops that take their index argument (position 1) as a CPU tensor on CUDA too.
 _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_"})
+# torch's own arguments of a jagged nested tensor's view that never live with its data: a
+# `meta` dummy and CPU-held sequence lengths.
+_NESTED_AUXILIARY = frozenset({"args[2]", "args[5]", "args[6]", "dummy", "min_seqlen", "max_seqlen"})
 # Ops that copy from their source operand to wherever `self` is: never a violation.
 _TRANSFERS = frozenset({"copy_", "new_tensor", "set_"})
 # Questions about tensors, not computations: torch answers them across devices too.
@@ -47,12 +58,23 @@ class _Session:
 
     type: str
     count: int
-    current: int = 0
     saved: list[tuple[object, str, object]] = field(default_factory=list)
+    #: The current device index of each thread, as CUDA keeps it (a new thread starts on 0).
+    threads: threading.local = field(default_factory=threading.local, repr=False)
     #: The `simulated_devices` object that entered it, its mode, and the thread's mode users.
     owner: object = None
     mode: TorchFunctionMode | None = None
     users: Any = None
+
+    @property
+    def current(self) -> int:
+        """The calling thread's current device index (`torch.cuda.set_device` sets it)."""
+        current: int = getattr(self.threads, "current", 0)
+        return current
+
+    @current.setter
+    def current(self, index: int) -> None:
+        self.threads.current = index
 
     def device(self, index: int) -> torch.device:
         return torch.device(self.type, index)
@@ -80,6 +102,25 @@ class _Session:
 
 
 _active: _Session | None = None
+_subclasses_enabled = torch._C._is_torch_function_enabled
+_DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__  # type: ignore[attr-defined]
+#: Whether each type that overrides `__torch_function__` does more than torch's default.
+_CUSTOM: dict[type, bool] = {}
+#: Marks the copies `pin_memory` made while simulating: they answer `is_pinned()` with True.
+_PINNED = "_devicekit_pinned"
+
+
+def _defers(kinds: Sequence[type]) -> bool:
+    """Whether one of `kinds` has a `__torch_function__` of its own (not torch's default)."""
+    for kind in kinds:
+        custom = _CUSTOM.get(kind)
+        if custom is None:
+            method = getattr(kind, "__torch_function__", None)
+            custom = getattr(method, "__func__", method) is not _DEFAULT_TORCH_FUNCTION
+            _CUSTOM[kind] = custom
+        if custom:
+            return True
+    return False
 
 
 def _simulated(tensor: torch.Tensor) -> torch.device | None:
@@ -131,8 +172,11 @@ def _operands(args: Sequence[object], kwargs: dict[str, object]) -> list[tuple[s
 
 
 def _counts(tensor: torch.Tensor) -> bool:
-    """Whether a tensor takes part in the device check (0-dim CPU tensors mix freely)."""
-    return _simulated(tensor) is not None or tensor.dim() > 0 or tensor.device.type != "cpu"
+    """Whether a tensor takes part in the device check (0-dim CPU tensors mix freely, and a
+    lazy module's uninitialized parameters have no data to mix)."""
+    if _simulated(tensor) is not None or tensor.device.type != "cpu":
+        return True
+    return not isinstance(tensor, _Uninitialized) and tensor.dim() > 0
 
 
 def _cross_device_error(
@@ -157,7 +201,7 @@ def _cross_device_error(
         if device not in devices:
             devices.append(device)
     listed = " and ".join(str(device) for device in devices)
-    lines = [f"{op}: expected all tensors on one device, but found {listed}."]
+    lines = [torch_sentence(devices), f"{op}: expected all tensors on one device, but found {listed}."]
     described = tuple((label, describe_tensor(t, _device_of(t))) for label, t in operands)
     lines.extend(f"  {label}: {text}" for label, text in described)
     if site is not None:
@@ -170,9 +214,14 @@ def _cross_device_error(
     )
     session = _active
     if session is not None:
+        simulated = (
+            f"Device {session.type}:0 is"
+            if session.count == 1
+            else f"Devices {session.type}:0 to {session.type}:{session.count - 1} are"
+        )
         lines.append(
-            f"(Devices {session.type}:0 to {session.type}:{session.count - 1} are simulated "
-            "on the CPU by devicekit.simulated_devices; real hardware raises here too.)"
+            f"({simulated} simulated on the CPU by devicekit.simulated_devices; real hardware "
+            "raises here too.)"
         )
     return CrossDeviceError(
         "\n".join(lines),
@@ -265,11 +314,21 @@ class _SimulationMode(TorchFunctionMode):
         if session is not _active:
             return func(*args, **kwargs)
         if kwargs.get("pin_memory"):  # nothing to pin on a CPU build; the copy is the same
-            kwargs = {**kwargs, "pin_memory": False}
+            made = self.__torch_function__(func, types_, args, {**kwargs, "pin_memory": False})
+            if isinstance(made, torch.Tensor) and _simulated(made) is None:
+                made.__dict__[_PINNED] = True
+            return made
+        if types_ and _subclasses_enabled() and _defers(types_):
+            # An operand's type overrides `__torch_function__` (a tensor subclass, TensorDict):
+            # let it run first, with this mode still on the stack, so that the torch calls it
+            # makes (its `super()` call included) are simulated and checked here in turn.
+            return NotImplemented
         if type(func) is types.MethodWrapperType:
             return _attribute(session, func, args)
         name = getattr(func, "__name__", "")
         if name in _QUERIES:
+            if name == "_parse_to":  # `Module.to(0)`: an index names the simulated type
+                args, kwargs = _indices_named(session, args, kwargs)
             return func(*args, **kwargs)
         method = bool(args) and isinstance(args[0], torch.Tensor)
         if method:
@@ -283,7 +342,9 @@ class _SimulationMode(TorchFunctionMode):
             if default is not None and session.resolve(default) is not None:
                 kwargs = {**kwargs, "device": default}
         if "device" in kwargs:
-            return _factory(session, func, args, kwargs)
+            if kwargs["device"] is not None:
+                return _factory(session, func, args, kwargs)
+            kwargs = {key: value for key, value in kwargs.items() if key != "device"}
         if name.startswith("_foreach_"):
             return _foreach(func, args, kwargs)
         return _op(func, name, method, args, kwargs)
@@ -297,6 +358,8 @@ def _op(
     operands = _operands(args, kwargs)
     if method and name in _TRANSFERS:
         operands = operands[:1]
+    elif name == "__setitem__" and len(args) > 2 and _copies_value(args[1], args[2]):
+        operands = [(label, tensor) for label, tensor in operands if label != "args[2]"]
     if not operands:
         return func(*args, **kwargs)
     exempt = _exemption(name) if method else _never
@@ -309,6 +372,35 @@ def _op(
     if device is None:
         return result
     return _tag_results(result, device, {id(tensor) for _, tensor in operands})
+
+
+def _copies_value(key: object, value: object) -> bool:
+    """Whether `tensor[key] = value` copies `value` from wherever it lives, as CUDA does: a
+    0-dim tensor always, any tensor where `key` holds no index tensors (a view, then `copy_`)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.dim() == 0:
+        return True
+    parts = key if isinstance(key, tuple) else (key,)
+    return not any(isinstance(part, (torch.Tensor, list)) for part in parts)
+
+
+def _indices_named(
+    session: _Session, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[Sequence[Any], dict[str, Any]]:
+    """`Module.to(0)`'s arguments with a bare device index spelled as a simulated device (torch
+    would ask the accelerator there is none of for its type)."""
+
+    def named(value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return session.resolve(value)
+        return value
+
+    if args:
+        args = (named(args[0]), *args[1:])
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": named(kwargs["device"])}
+    return args, kwargs
 
 
 def _attribute(session: _Session, func: Any, args: Sequence[Any]) -> Any:
@@ -390,9 +482,46 @@ def _numpy(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[s
 def _pin_memory(
     mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
 ) -> Any:
-    if _simulated(args[0]) is not None:
-        return NotImplemented
-    return torch.Tensor.clone(args[0])  # the CPU build cannot pin; the copy is what callers get
+    return pinned_copy(args[0])
+
+
+def pinned_copy(tensor: torch.Tensor, device: object = None) -> torch.Tensor:
+    """`Tensor.pin_memory` while simulating: a copy that answers `is_pinned()` with True (a
+    CPU build has no pinned memory), refused for a simulated tensor as CUDA refuses it.
+
+    Patched onto `torch.Tensor` for the simulation, so that it also runs in threads without
+    the mode (a DataLoader's pin-memory thread).
+    """
+    simulated = _simulated(tensor)
+    if simulated is not None:
+        raise RuntimeError(
+            f"cannot pin '{torch.Tensor.type(tensor)}' only dense CPU tensors can be pinned "
+            f"(the tensor is on the simulated {simulated})"
+        )
+    if tensor.__dict__.get(_PINNED):
+        return tensor
+    copy = torch.Tensor.clone(tensor)
+    copy.__dict__[_PINNED] = True
+    return copy
+
+
+def _is_pinned(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    return bool(args[0].__dict__.get(_PINNED))
+
+
+def _is_shared(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """CUDA memory counts as shared (torch.multiprocessing sends it by handle)."""
+    return True if _simulated(args[0]) is not None else NotImplemented
+
+
+def _share_memory(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    return args[0] if _simulated(args[0]) is not None else NotImplemented
 
 
 def _type(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -422,6 +551,10 @@ _METHODS: dict[str, _Method] = {
     "get_device": _get_device,
     "numpy": _numpy,
     "pin_memory": _pin_memory,
+    "is_pinned": _is_pinned,
+    "is_shared": _is_shared,
+    "share_memory_": _share_memory,
+    "__array__": _numpy,
     "type": _type,
     "record_stream": _record_stream,
     "__repr__": _repr,
@@ -538,4 +671,62 @@ def _never(label: str) -> bool:
 def _exemption(name: str) -> Callable[[str], bool]:
     if name in _INDEXING:
         return lambda label: not label.startswith("args[0]")
+    if name == "_nested_view_from_jagged":
+        return _NESTED_AUXILIARY.__contains__
     return _never
+
+
+# --- torch entry points below the mode ------------------------------------------------------------
+# Calls that make a new tensor object without passing torch's function modes: the simulation
+# replaces them while it is active (`_simulate_patches` installs these with the rest).
+
+
+def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
+    """The replacements that carry tags across calls the mode does not see."""
+    as_subclass = torch._C.TensorBase.as_subclass
+    make_wrapper = torch._C.TensorBase._make_wrapper_subclass
+    from torch._functorch import vmap  # imported by torch itself already
+
+    add_batch_dim, remove_batch_dim = vmap._add_batch_dim, vmap._remove_batch_dim
+
+    def as_subclass_keeping_tag(tensor: torch.Tensor, cls: type) -> torch.Tensor:
+        made = as_subclass(tensor, cls)
+        _set_tag(made, _simulated(tensor))
+        return made
+
+    def make_wrapper_subclass(cls: type, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`_make_wrapper_subclass(cls, ..., device="cuda:1")`: a CPU wrapper tagged `cuda:1`."""
+        positional = len(args) > _WRAPPER_DEVICE
+        spec = args[_WRAPPER_DEVICE] if positional else kwargs.get("device")
+        target = session.resolve(spec) if _active is session else None
+        if target is None:
+            return make_wrapper(cls, *args, **kwargs)
+        if positional:
+            args = (*args[:_WRAPPER_DEVICE], _CPU, *args[_WRAPPER_DEVICE + 1 :])
+        else:
+            kwargs = {**kwargs, "device": _CPU}
+        made: torch.Tensor = make_wrapper(cls, *args, **kwargs)
+        _set_tag(made, target)
+        return made
+
+    def batched(tensor: torch.Tensor, *args: Any) -> torch.Tensor:
+        made: torch.Tensor = add_batch_dim(tensor, *args)
+        _set_tag(made, _simulated(tensor))
+        return made
+
+    def unbatched(tensor: torch.Tensor, *args: Any) -> torch.Tensor:
+        made: torch.Tensor = remove_batch_dim(tensor, *args)
+        _set_tag(made, _simulated(tensor))
+        return made
+
+    return {
+        (torch.Tensor, "as_subclass"): as_subclass_keeping_tag,
+        (torch.Tensor, "_make_wrapper_subclass"): staticmethod(make_wrapper_subclass),
+        (torch.Tensor, "pin_memory"): pinned_copy,
+        (vmap, "_add_batch_dim"): batched,
+        (vmap, "_remove_batch_dim"): unbatched,
+    }
+
+
+#: Where `device` sits among `_make_wrapper_subclass`'s positional arguments after `cls`.
+_WRAPPER_DEVICE = 6

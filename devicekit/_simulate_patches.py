@@ -151,9 +151,8 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
             patches[(module, name)] = value
     if kind == "cuda":
         patches[(torch.backends.cudnn, "is_acceptable")] = lambda tensor: False
-    # DataLoader(pin_memory=True) pins in its own thread, where the mode is not active: the
-    # CPU build cannot pin, and a plain copy is what the simulated device needs.
-    patches[(torch.Tensor, "pin_memory")] = _pinned_copy
+    # Pinning (also in a DataLoader's pin-memory thread), subclasses, vmap: `_simulate_mode`.
+    patches.update(_simulate_mode.tensor_patches(session))
     for cls in (torch.nn.Parameter, torch.nn.Buffer):
         patches[(cls, "__new__")] = staticmethod(_keeping_tag(cls.__dict__["__new__"]))
     return {
