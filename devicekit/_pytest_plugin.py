@@ -9,15 +9,22 @@ Options (and their ini equivalents):
 
 - `--devicekit-strict` (`devicekit_strict = true`): every test runs under
   `devicekit.device_guard("error")`.
-- `--devicekit-simulate=cuda:2` (`devicekit_simulate = cuda:2`): every test runs under
-  `devicekit.simulated_devices("cuda", 2)`; on a machine that really has CUDA, the real
-  devices are used instead. Any value that names no simulation (`cpu`, `meta`, `tpu:2`,
-  `cuda:17`) is a usage error before any test runs: CI never passes having tested nothing.
+- `--devicekit-simulate=cuda:2` (`devicekit_simulate = cuda:2`): the whole run is simulated.
+  `devicekit.simulated_devices("cuda", 2)` is entered as the session starts, before the root
+  `conftest.py` and the test modules are imported, so import-time checks
+  (`skipif(not torch.cuda.is_available())`, `unittest.skipUnless`, device lists built at import)
+  see the simulated devices, and it is left when the session ends. Threads and child processes
+  the tests start are simulated too. On a machine that really has CUDA, the real devices are
+  used instead. Any value that names no simulation (`cpu`, `meta`, `tpu:2`, `cuda:17`) is a
+  usage error before any test runs: CI never passes having tested nothing.
 
-Markers: `@pytest.mark.device_guard(policy)`, `@pytest.mark.simulated_devices("cuda", 2)`,
-`@pytest.mark.requires_device("cuda", count=2)`. Fixtures: `device` (each available device in
-turn, simulated ones included) and `strict_devices`. A marker with arguments it cannot use
-fails the marked test at setup, with a message that says how to write it.
+Markers: `@pytest.mark.device_guard(policy)`, `@pytest.mark.simulated_devices("cuda", 2)`
+(the test runs under these simulated devices; inside a run-wide simulation of the same devices
+it joins it, of others it pauses it), `@pytest.mark.no_simulation` (the test runs with the
+run-wide simulation paused, on the real machine), `@pytest.mark.requires_device("cuda",
+count=2)`. Fixtures: `device` (each available device in turn, simulated ones included) and
+`strict_devices`. A marker with arguments it cannot use fails the marked test at setup, with a
+message that says how to write it.
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ import pytest
 _SIMULATE_SPEC = re.compile(r"(?P<type>[a-z]+)(?::(?P<count>[0-9]+))?")
 _SIMULATION = pytest.StashKey[contextlib.ExitStack]()
 _SETTING = pytest.StashKey["tuple[str, int] | None"]()
+_RUN = pytest.StashKey[contextlib.ExitStack]()
 _MARKERS = (
     "device_guard(policy='error'): run the test under devicekit.device_guard(policy).",
     "simulated_devices(type='cuda', count=2): run the test under "
     "devicekit.simulated_devices(type, count); on a machine that has them, on the real devices.",
     "requires_device(type, count=1): skip the test unless the machine (or the active "
     "simulation) has at least count devices of that type.",
+    "no_simulation: run the test with the run-wide simulation of --devicekit-simulate paused "
+    "(for tests of real-only behaviour).",
 )
 
 
@@ -53,13 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--devicekit-simulate",
         metavar="TYPE:COUNT",
         default=None,
-        help="Run every test under devicekit.simulated_devices(TYPE, COUNT), e.g. cuda:2.",
+        help="Simulate TYPE:COUNT devices (e.g. cuda:2) for the whole run, from collection on.",
     )
     parser.addini(
         "devicekit_strict", "Run every test under devicekit.device_guard('error').", type="bool"
     )
     parser.addini(
-        "devicekit_simulate", "Run every test under simulated devices, e.g. cuda:2.", default=""
+        "devicekit_simulate",
+        "Simulate TYPE:COUNT devices (e.g. cuda:2) for the whole run, from collection on.",
+        default="",
     )
 
 
@@ -106,7 +118,10 @@ def _in_range(count: str, most: int) -> bool:
 
 
 def _read_simulate(config: pytest.Config) -> tuple[str, int] | None:
-    option = config.getoption("devicekit_simulate")
+    # Read before `config.option` is filled in (`pytest_load_initial_conftests`) too.
+    option = getattr(config.known_args_namespace, "devicekit_simulate", None)
+    if option is None:
+        option = config.getoption("devicekit_simulate")
     if option:
         return _parse_simulate(str(option), f"--devicekit-simulate={option}")
     ini = config.getini("devicekit_simulate")
@@ -122,10 +137,34 @@ def _simulate(config: pytest.Config) -> tuple[str, int] | None:
     return config.stash[_SETTING]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Enter the run-wide simulation before the root `conftest.py` files are imported."""
+    simulate = _simulate(early_config)  # a bad setting is a usage error before any test
+    if simulate is None or _RUN in early_config.stash:
+        return
+    kind, count = simulate
+    if _really_has(kind):
+        return
+    from devicekit._simulate import simulated_devices
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(simulated_devices(kind, count))
+    early_config.stash[_RUN] = stack
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for line in _MARKERS:
         config.addinivalue_line("markers", line)
     _simulate(config)  # a setting that names no simulation is a usage error before any test
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stack = config.stash.get(_RUN, None)
+    if stack is not None:
+        del config.stash[_RUN]
+        stack.close()
 
 
 def _really_has(device_type: str) -> int:
@@ -143,7 +182,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         if _really_has(kind):
             lines.append(f"devicekit: this machine has {kind} devices; tests use the real ones")
         else:
-            lines.append(f"devicekit: simulating {kind}:0 to {kind}:{count - 1} on the CPU")
+            devices = f"{kind}:0" if count == 1 else f"{kind}:0 to {kind}:{count - 1}"
+            lines.append(
+                f"devicekit: simulating {devices} on the CPU for the whole run "
+                "(@pytest.mark.no_simulation opts a test out)"
+            )
     if _strict(config):
         lines.append("devicekit: every test runs under device_guard('error')")
     return lines
@@ -207,6 +250,11 @@ def _simulation_for(item: pytest.Item) -> tuple[str, int] | None:
     return _marker_simulation(marker)
 
 
+def _skip(reason: str) -> None:
+    """Skip the running test, reported at the test's own file and line (as `skipif` does)."""
+    raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     stack = contextlib.ExitStack()
@@ -221,12 +269,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         problem = None
     if problem is not None:
         pytest.fail(str(problem), pytrace=False)  # this test only, not its whole module
+    run_wide = _RUN in item.config.stash
+    if item.get_closest_marker("no_simulation") is not None:
+        if run_wide:
+            from devicekit._simulate import _paused
+
+            stack.enter_context(_paused())
+        simulation = None
+    elif run_wide and item.get_closest_marker("simulated_devices") is None:
+        simulation = None  # the run-wide simulation is in force already
     if simulation is not None:
         kind, count = simulation
         real = _really_has(kind)
         if real:
             if real < count:
-                pytest.skip(f"needs {count} {kind} devices; this machine has {real}")
+                _skip(f"needs {count} {kind} devices; this machine has {real}")
         else:
             from devicekit._simulate import simulated_devices
 
@@ -258,7 +315,7 @@ def _check_required(kind: str, count: int) -> None:
         listed = ", ".join(
             f"{info.device} (simulated)" if info.simulated else str(info.device) for info in infos
         )
-        pytest.skip(f"requires {count} {kind} device(s), found {len(found)}; available: {listed}")
+        _skip(f"requires {count} {kind} device(s), found {len(found)}; available: {listed}")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -294,14 +351,19 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object
             stack.close()
 
 
-def _device_values(config: pytest.Config, simulation: tuple[str, int] | None) -> list[str]:
+def _device_values(
+    config: pytest.Config, simulation: tuple[str, int] | None, *, real_only: bool = False
+) -> list[str]:
     import devicekit
 
-    values = [str(info.device) for info in devicekit.devices()]
+    values = [
+        str(info.device) for info in devicekit.devices() if not (real_only and info.simulated)
+    ]
     if simulation is not None:
         kind, count = simulation
         if not _really_has(kind):
-            values.extend(f"{kind}:{index}" for index in range(count))
+            simulated = [f"{kind}:{index}" for index in range(count)]
+            values = [value for value in values if value not in simulated] + simulated
     return values
 
 
@@ -311,11 +373,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     definitions = metafunc._arg2fixturedefs.get("device", ())
     if not definitions or definitions[-1].func is not _device_fixture_function:
         return  # the project defines its own `device` fixture
+    real_only = metafunc.definition.get_closest_marker("no_simulation") is not None
     try:
-        simulation = _simulation_for(metafunc.definition)
+        simulation = None if real_only else _simulation_for(metafunc.definition)
     except _BadMarker:
         simulation = None  # the test fails at setup, with the marker's message
-    values = _device_values(metafunc.config, simulation)
+    values = _device_values(metafunc.config, simulation, real_only=real_only)
     metafunc.parametrize("device", values, indirect=True, ids=values, scope="session")
 
 

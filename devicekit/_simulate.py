@@ -9,8 +9,11 @@ exactly those of the same code on the CPU. This module starts and ends a simulat
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -18,8 +21,11 @@ import torch
 from devicekit import _discovery, _modes, _simulate_mode
 from devicekit._errors import InvalidArgumentError, ScopeError, SimulationError
 from devicekit._scope import wrap
+from devicekit._simulate_distributed import distributed_patches
 from devicekit._simulate_mode import _TAG, _Session, _SimulationMode
 from devicekit._simulate_patches import _patches
+from devicekit._simulate_threads import thread_patches
+from devicekit._startup import ENVIRONMENT_VARIABLE, process_patches
 
 __all__ = ["simulated_devices"]
 
@@ -29,6 +35,26 @@ _SUPPORTED_TYPES = ("cuda", "xpu", "mps")
 _MAX_COUNT = 16
 _lock = threading.RLock()
 _MISSING = object()
+
+
+@dataclass
+class _Entry:
+    """One entered `simulated_devices` block, innermost last in `_entered`.
+
+    `session` is the simulation it started, or `None` when it joined the active one (the same
+    devices: a project's own block inside a run-wide `--devicekit-simulate`, or inside a child
+    process that inherited the simulation). `suspended` is the simulation it paused to run its
+    own (different devices), resumed when it exits; `environment` the previous value of
+    `DEVICEKIT_SIMULATE`, restored when it exits.
+    """
+
+    owner: simulated_devices
+    session: _Session | None
+    suspended: _Session | None
+    environment: str | None
+
+
+_entered: list[_Entry] = []
 assert _TAG  # re-exported: tests and tools look tags up by this name
 
 
@@ -69,12 +95,21 @@ class simulated_devices:
     with `simulated=True`.
 
     Usable as a context manager or a decorator of plain and `async` functions (each call runs
-    in a fresh simulation). The torch function mode is active in the thread that entered the
-    block only; the patched `torch.cuda` functions are process-wide. Everything is restored on
-    exit, exceptions and `KeyboardInterrupt` included, also when the block is left from
-    another thread or out of order with other devicekit blocks. Tensors made inside the block are
-    ordinary CPU tensors after it (and report their simulated device again in a later block
-    that simulates it).
+    in a fresh simulation). The simulation is process-wide: the thread that entered the block
+    and every thread started while it is active see the simulated devices (each thread with its
+    own current device, starting on index 0, as CUDA keeps it; threads already running before
+    the block are not reached). Child processes inherit it: entering sets the environment
+    variable `DEVICEKIT_SIMULATE` (e.g. `cuda:2`), which devicekit's start-up hook reads in every
+    new Python process (`subprocess`, `multiprocessing`, DataLoader workers, `torchrun`), and
+    leaving restores its previous value. Everything is restored on exit, exceptions and
+    `KeyboardInterrupt` included, also when the block is left from another thread or out of
+    order with other devicekit blocks. Tensors made inside the block are ordinary CPU tensors
+    after it (and report their simulated device again in a later block that simulates it).
+
+    Blocks nest: a block for the same type and count as the active simulation (a project's own
+    block inside a run-wide `--devicekit-simulate`, or in a child process that inherited the
+    simulation) joins it, and a block for other devices pauses the active simulation until it
+    exits.
 
     Args:
         type: The device type to simulate: `"cuda"` (the default), `"xpu"` or `"mps"`.
@@ -82,8 +117,8 @@ class simulated_devices:
 
     Raises:
         InvalidArgumentError: The type or count is not supported.
-        SimulationError: The machine really has that device type, or another simulation is
-            active. Inside the block, moving to an index beyond `count` raises it too.
+        SimulationError: The machine really has that device type. Inside the block, moving to
+            an index beyond `count` raises it too.
 
     Example:
         Simulating two XPUs (this example also runs on CUDA machines, where simulating
@@ -113,15 +148,22 @@ class simulated_devices:
     def __repr__(self) -> str:
         return f"simulated_devices({self.type!r}, {self.count})"
 
+    def _environment_value(self) -> str:
+        """What `DEVICEKIT_SIMULATE` says in child processes: `TYPE:COUNT`."""
+        return f"{self.type}:{self.count}"
+
+    def _same_as(self, session: _Session) -> bool:
+        return session.type == self.type and session.count == self.count
+
     def __enter__(self) -> list[torch.device]:
         with _lock:
             active = _simulate_mode._active
-            if active is not None:
-                raise SimulationError(
-                    f"{self!r}: simulated_devices({active.type!r}, {active.count}) is already "
-                    "active. Simulations do not nest; exit the outer block first."
-                )
-            if _really_has(self.type):
+            devices = [torch.device(self.type, index) for index in range(self.count)]
+            if active is not None and self._same_as(active):
+                _entered.append(_Entry(self, None, None, None))
+                return devices
+            simulating = active is not None and active.type == self.type
+            if not simulating and _really_has(self.type):
                 raise SimulationError(
                     f"{self!r}: this machine really has {self.type} devices, so devicekit will "
                     f"not simulate them. Run on the real devices instead "
@@ -129,22 +171,35 @@ class simulated_devices:
                 )
             session = _Session(self.type, self.count)
             session.owner = self
+            entry = _Entry(self, session, active, os.environ.get(ENVIRONMENT_VARIABLE))
             try:
+                if active is not None:
+                    _stop(active)
+                _entered.append(entry)
+                os.environ[ENVIRONMENT_VARIABLE] = self._environment_value()
                 _start(session)
             except BaseException:
-                _stop(session)
+                _leave(entry)
                 raise
-        return [session.device(index) for index in range(self.count)]
+        return devices
 
     def __exit__(self, *exc: object) -> None:
         with _lock:
-            session = _simulate_mode._active
-            if session is None or session.owner is not self:
+            mine = [entry for entry in _entered if entry.owner is self]
+            if not mine:
                 raise ScopeError(
                     f"{self!r}: this simulation is not active, so it cannot be exited. Exit a "
                     "simulation once, after entering it (a `with` statement always does)."
                 )
-            _stop(session)
+            entry = mine[-1]
+            if entry is not _entered[-1]:
+                inner = _entered[-1].owner
+                raise ScopeError(
+                    f"{self!r}: exited while the simulation {inner!r} entered after it is still "
+                    "active. Exit simulations in the reverse order of entering them (nested "
+                    "`with` statements always do)."
+                )
+            _leave(entry)
 
     def __call__(self, function: F) -> F:
         """Use as a decorator of plain and `async` functions: each call runs in a fresh
@@ -156,13 +211,58 @@ class simulated_devices:
         )
 
 
+@contextlib.contextmanager
+def _paused() -> Iterator[None]:
+    """Run the body without the active simulation (if any), resuming it afterwards.
+
+    The pytest plugin's `no_simulation` marker uses it inside a run-wide simulation. Child
+    processes started meanwhile do not inherit the simulation.
+    """
+    with _lock:
+        session = _simulate_mode._active
+        environment = None if session is None else os.environ.pop(ENVIRONMENT_VARIABLE, None)
+        if session is not None:
+            _stop(session)
+    try:
+        yield
+    finally:
+        with _lock:
+            if environment is not None:
+                os.environ[ENVIRONMENT_VARIABLE] = environment
+            if session is not None and _simulate_mode._active is None:
+                _start(session)
+
+
+def _leave(entry: _Entry) -> None:
+    """Undo `entry`: end its simulation, resume the one it paused, restore the variable."""
+    try:
+        if entry.session is not None:
+            _stop(entry.session)
+    finally:
+        if entry in _entered:
+            _entered.remove(entry)
+        if entry.session is not None:
+            if entry.environment is None:
+                os.environ.pop(ENVIRONMENT_VARIABLE, None)
+            else:
+                os.environ[ENVIRONMENT_VARIABLE] = entry.environment
+            if entry.suspended is not None and _simulate_mode._active is None:
+                _start(entry.suspended)
+
+
 def _start(session: _Session) -> None:
     """Patch torch, list the devices, mark the session active and push its mode, in that order.
 
     Each step is recorded before it is taken, so `_stop` undoes exactly what was done, however
-    far this got.
+    far this got. A session paused by a nested one is started again the same way.
     """
-    for (owner, name), value in _patches(session).items():
+    replacements = {
+        **_patches(session),
+        **thread_patches(),
+        **process_patches(session),
+        **distributed_patches(session),
+    }
+    for (owner, name), value in replacements.items():
         session.saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
         setattr(owner, name, value)
     _discovery.register_simulated(

@@ -66,8 +66,8 @@ def test_planted_bug_is_caught_under_simulation(pytester: pytest.Pytester) -> No
     result.stdout.fnmatch_lines(
         [
             "*test_forward?cuda:0?*",
-            "E *CrossDeviceError: Tensor.__mul__: expected all tensors on one device, "
-            "but found cuda:0 and cpu.",
+            "E *CrossDeviceError: *cuda:0 and cpu*",
+            "E *Tensor.__mul__: expected all tensors on one device, but found cuda:0 and cpu.",
             "E *self: f32?2,4? @ cuda:0",
             "E *other: i64?4? @ cpu",
             "E *called from *test_model.py:12: return self.linear(x) * positions",
@@ -96,7 +96,7 @@ def test_ini_settings_work_like_the_options(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(
         [
-            "devicekit: simulating cuda:0 to cuda:1 on the CPU",
+            "devicekit: simulating cuda:0 to cuda:1 on the CPU for the whole run*",
             "devicekit: every test runs under device_guard('error')",
         ]
     )
@@ -336,7 +336,7 @@ def test_fixtures_work_inside_hypothesis_tests(pytester: pytest.Pytester) -> Non
     )
     result = run(pytester, "--devicekit-simulate=cuda:2")
     result.assert_outcomes(passed=4, failed=2)
-    result.stdout.fnmatch_lines(["*CrossDeviceError*found cuda:0 and cpu*"])
+    result.stdout.fnmatch_lines(["*CrossDeviceError*cuda:0 and cpu*"])
 
 
 def test_a_project_device_fixture_wins(pytester: pytest.Pytester) -> None:
