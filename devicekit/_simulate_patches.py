@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from devicekit import _simulate_mode
+from devicekit import _simulate_mode, _simulate_parallel
 from devicekit._errors import SimulationError
 from devicekit._simulate_mode import _Session, _set_tag, _simulated
 
@@ -155,6 +155,7 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
     patches.update(_simulate_mode.tensor_patches(session))
     for cls in (torch.nn.Parameter, torch.nn.Buffer):
         patches[(cls, "__new__")] = staticmethod(_keeping_tag(cls.__dict__["__new__"]))
+    patches.update(_simulate_parallel.patches(kind))  # nn.parallel.comm: DataParallel, replicate
     return {
         (owner, name): _while_active(session, owner.__dict__.get(name), value)
         for (owner, name), value in patches.items()
