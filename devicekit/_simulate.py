@@ -22,6 +22,7 @@ from devicekit import _discovery, _modes, _simulate_mode
 from devicekit._errors import InvalidArgumentError, ScopeError, SimulationError
 from devicekit._scope import wrap
 from devicekit._simulate_distributed import distributed_patches
+from devicekit._simulate_facts import DeviceFacts
 from devicekit._simulate_mode import _TAG, _Session, _SimulationMode
 from devicekit._simulate_patches import _patches
 from devicekit._simulate_threads import thread_patches
@@ -114,9 +115,16 @@ class simulated_devices:
     Args:
         type: The device type to simulate: `"cuda"` (the default), `"xpu"` or `"mps"`.
         count: How many devices, from 1 to 16.
+        memory: Each device's memory, in bytes or as a string such as `"80GiB"` or `"512MB"`
+            (default 80 GiB). `torch.cuda.memory_allocated()` and friends count the tensors on
+            it, and allocating past it raises `torch.OutOfMemoryError` as CUDA does.
+        capability: The compute capability `(major, minor)` the devices report (default
+            `(9, 0)`); bfloat16 is supported natively from `(8, 0)`.
+        name: The name `torch.cuda.get_device_name()` reports (default an H100's,
+            `"NVIDIA H100 80GB HBM3"`, with its 132 multiprocessors).
 
     Raises:
-        InvalidArgumentError: The type or count is not supported.
+        InvalidArgumentError: The type, count, memory, capability or name is not supported.
         SimulationError: The machine really has that device type. Inside the block, moving to
             an index beyond `count` raises it too.
 
@@ -131,7 +139,15 @@ class simulated_devices:
         xpu:1 True 2 [2.0, 2.0]
     """
 
-    def __init__(self, type: str = "cuda", count: int = 2) -> None:
+    def __init__(
+        self,
+        type: str = "cuda",
+        count: int = 2,
+        *,
+        memory: int | str | None = None,
+        capability: tuple[int, int] | None = None,
+        name: str | None = None,
+    ) -> None:
         if type not in _SUPPORTED_TYPES:
             raise InvalidArgumentError(
                 f"simulated_devices({type!r}, {count!r}): cannot simulate {type!r}. "
@@ -144,6 +160,9 @@ class simulated_devices:
             )
         self.type = type
         self.count = count
+        self.facts = DeviceFacts.build(
+            f"simulated_devices({type!r}, {count!r})", memory, capability, name
+        )
 
     def __repr__(self) -> str:
         return f"simulated_devices({self.type!r}, {self.count})"
@@ -206,7 +225,13 @@ class simulated_devices:
         simulation."""
         return wrap(  # type: ignore[return-value]
             function,
-            lambda: simulated_devices(self.type, self.count),
+            lambda: simulated_devices(
+                self.type,
+                self.count,
+                memory=self.facts.total_memory,
+                capability=self.facts.capability,
+                name=self.facts.name,
+            ),
             generators=repr(self),
         )
 

@@ -21,6 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext, _device_constructors
 
+from devicekit import _simulate_facts, _simulate_rng
 from devicekit._describe import (
     describe_tensor,
     labelled_tensors,
@@ -143,6 +144,7 @@ def _set_tag(tensor: torch.Tensor, device: torch.device | None) -> None:
     if device is None:
         tensor.__dict__.pop(_TAG, None)
     else:
+        _simulate_facts.count(tensor, device)  # memory accounting; may raise OutOfMemoryError
         tensor.__dict__[_TAG] = device
 
 
@@ -368,6 +370,8 @@ def _op(
         from devicekit._simulate_autocast import wrap  # CUDA's autocast policy, op by op
 
         func = wrap(func, name)
+    if device is not None:
+        func = _simulate_rng.seeded(func, device)  # random ops draw from the device's generator
     result = func(*args, **kwargs)
     if device is None:
         return result
@@ -616,7 +620,8 @@ def _factory(
             return torch.Tensor.to(result, _CPU, copy=True)
         return result
     kwargs = {**kwargs, "device": _CPU}
-    result = func(*args, **kwargs)
+    _simulate_facts.admit(func, args, kwargs, target)  # CUDA's OutOfMemoryError, before the CPU
+    result = _simulate_rng.seeded(func, target)(*args, **kwargs)
     if isinstance(result, torch.Tensor):
         result = _fresh(result, inputs)
     return _tag_results(result, target, set())

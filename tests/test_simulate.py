@@ -392,7 +392,7 @@ def test_torch_cuda_answers_inside_and_is_restored() -> None:
         assert torch.cuda.current_device() == 2
         torch.cuda.synchronize()
         torch.cuda.synchronize("cuda:1")
-        assert torch.cuda.get_device_name(1) == "simulated cuda:1"
+        assert torch.cuda.get_device_name(1) == "NVIDIA H100 80GB HBM3"
     assert not torch.cuda.is_available()
     assert torch.accelerator.current_accelerator(check_available=True) is None
     assert {name: getattr(torch.cuda, name) for name in saved} == saved

@@ -1,0 +1,241 @@
+"""Streams and events of simulated devices.
+
+Work on the CPU is done when the call returns, so every stream is idle and every event has
+happened; what remains of CUDA's semantics is which device a stream belongs to (entering
+`torch.cuda.stream(s)` makes `s`'s device current, as CUDA does), which stream is current, and
+the time an event was recorded (`elapsed_time` measures real wall-clock milliseconds).
+
+The classes are subclasses of `torch.Stream`/`torch.Event` built on the CPU, so `isinstance`,
+annotations and torch's C++ argument parsing (`tensor.record_stream(s)`) accept them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from devicekit import _simulate_mode
+from devicekit._errors import SimulationError
+
+__all__ = ["SimulatedEvent", "SimulatedStream", "Streams"]
+
+_ids = itertools.count(1)
+#: The active simulation's streams (set while it is active, by `_simulate_patches`).
+active: Streams | None = None
+
+
+def _session() -> Any:
+    session = _simulate_mode._active
+    if session is None:
+        raise SimulationError(
+            "torch.cuda.Stream/Event: no simulation is active. Create streams and events of "
+            "simulated devices inside devicekit.simulated_devices(...)."
+        )
+    return session
+
+
+def _state() -> Streams:
+    state = active
+    if state is None:
+        raise SimulationError(
+            "torch.cuda.stream(s): no simulation is active. Use streams of simulated devices "
+            "inside devicekit.simulated_devices(...)."
+        )
+    return state
+
+
+class SimulatedStream(torch.Stream):
+    """A stream of a simulated device: everything queued on it has already run on the CPU."""
+
+    _devicekit_device: torch.device
+    _devicekit_id: int
+
+    def __new__(cls, device: object = None, priority: int = 0, **kwargs: Any) -> SimulatedStream:
+        session = _session()
+        simulated = session.resolve(device)
+        if simulated is None:
+            if device is not None:
+                raise SimulationError(
+                    f"torch.cuda.Stream(device={device!r}): not a simulated {session.type} "
+                    f"device. Pass one of {session.type}:0 to "
+                    f"{session.type}:{session.count - 1}, or None for the current one."
+                )
+            simulated = session.device(session.current)
+        stream = torch.Stream.__new__(cls, device="cpu")
+        stream._devicekit_device = simulated
+        stream._devicekit_id = next(_ids)
+        return stream
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._devicekit_device
+
+    @property
+    def device_index(self) -> int:  # type: ignore[override]
+        return self._devicekit_device.index or 0
+
+    @property
+    def device_type(self) -> int:  # type: ignore[override]
+        return 1  # DeviceType.CUDA in c10's numbering
+
+    @property
+    def stream_id(self) -> int:  # type: ignore[override]
+        return self._devicekit_id
+
+    @property
+    def cuda_stream(self) -> int:
+        return self._devicekit_id
+
+    @property
+    def priority(self) -> int:
+        return 0
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait_event(self, event: torch.Event) -> None:
+        return None
+
+    def wait_stream(self, stream: torch.Stream) -> None:
+        return None
+
+    def record_event(self, event: torch.Event | None = None) -> torch.Event:
+        if event is None:
+            event = SimulatedEvent()
+        event.record(self)
+        return event
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def __enter__(self) -> SimulatedStream:
+        session = _session()
+        _state().enter(session, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _state().exit(_session())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SimulatedStream):
+            return self._devicekit_id == other._devicekit_id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._devicekit_device, self._devicekit_id))
+
+    def __repr__(self) -> str:
+        return (
+            f"<torch.cuda.Stream device={self._devicekit_device} "
+            f"cuda_stream={self._devicekit_id} (simulated)>"
+        )
+
+
+class SimulatedEvent(torch.Event):
+    """An event of a simulated device: it has happened as soon as it is recorded."""
+
+    _devicekit_time: float | None
+    _devicekit_timing: bool
+    _devicekit_device: torch.device | None
+
+    def __new__(
+        cls,
+        enable_timing: bool = False,
+        blocking: bool = False,
+        interprocess: bool = False,
+        *,
+        device: object = None,
+        **kwargs: Any,
+    ) -> SimulatedEvent:
+        session = _session()
+        event = torch.Event.__new__(cls, device="cpu")
+        event._devicekit_time = None
+        event._devicekit_timing = bool(enable_timing)
+        event._devicekit_device = session.resolve(device) if device is not None else None
+        return event
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device | None:  # type: ignore[override]
+        return self._devicekit_device
+
+    def record(self, stream: torch.Stream | None = None) -> None:
+        if stream is not None and isinstance(stream, SimulatedStream):
+            self._devicekit_device = stream.device
+        elif self._devicekit_device is None:
+            session = _session()
+            self._devicekit_device = session.device(session.current)
+        self._devicekit_time = time.perf_counter()
+
+    def wait(self, stream: torch.Stream | None = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_time(self, end_event: torch.Event) -> float:
+        """Milliseconds of wall-clock time between this event's `record()` and `end_event`'s."""
+        if not isinstance(end_event, SimulatedEvent):
+            raise TypeError(
+                f"elapsed_time(): expected an event of a simulated device, got {end_event!r}."
+            )
+        if not (self._devicekit_timing and end_event._devicekit_timing):
+            raise ValueError("Both events must be created with argument 'enable_timing=True'.")
+        if self._devicekit_time is None or end_event._devicekit_time is None:
+            raise ValueError("Both events must be recorded before calculating elapsed time.")
+        return (end_event._devicekit_time - self._devicekit_time) * 1000.0
+
+    def __repr__(self) -> str:
+        return f"<torch.cuda.Event device={self._devicekit_device} (simulated)>"
+
+
+class Streams:
+    """Which stream is current on each simulated device, and the `stream(s)` blocks entered."""
+
+    def __init__(self, count: int) -> None:
+        self.defaults: list[SimulatedStream | None] = [None] * count
+        self.current: dict[int, SimulatedStream] = {}
+        #: (device index before, stream before on the new device) per entered block
+        self.entered: list[tuple[int, int, SimulatedStream | None]] = []
+
+    def default(self, index: int) -> SimulatedStream:
+        stream = self.defaults[index]
+        if stream is None:
+            session = _session()
+            stream = SimulatedStream(session.device(index))
+            self.defaults[index] = stream
+        return stream
+
+    def current_of(self, index: int) -> SimulatedStream:
+        return self.current.get(index) or self.default(index)
+
+    def set(self, stream: SimulatedStream) -> None:
+        self.current[stream.device_index] = stream
+
+    def enter(self, session: Any, stream: SimulatedStream) -> None:
+        index = stream.device_index
+        self.entered.append((session.current, index, self.current.get(index)))
+        session.current = index
+        self.current[index] = stream
+
+    def exit(self, session: Any) -> None:
+        previous, index, stream = self.entered.pop()
+        if stream is None:
+            self.current.pop(index, None)
+        else:
+            self.current[index] = stream
+        session.current = previous
