@@ -71,7 +71,9 @@ def torch_sentence(devices: Sequence[torch.device]) -> str:
         'Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!'
     """  # noqa: E501
     found = " and ".join(str(device) for device in devices[:2])
-    return f"Expected all tensors to be on the same device, but found at least two devices, {found}!"
+    return (
+        f"Expected all tensors to be on the same device, but found at least two devices, {found}!"  # noqa: E501
+    )
 
 
 def _components(tensor: torch.Tensor) -> str:

@@ -26,6 +26,7 @@ from devicekit._describe import (
     describe_tensor,
     labelled_tensors,
     op_name_at,
+    torch_sentence,
     user_call_site,
 )
 from devicekit._errors import (
@@ -259,8 +260,9 @@ class _Call:
         return "\n".join([head, *lines, _called_at(self.site)])
 
     def error(self, message: str) -> CrossDeviceError:
+        """The error to raise, its first line torch's own sentence (which programs match)."""
         return CrossDeviceError(
-            message,
+            f"{torch_sentence(self.devices)}\n{message}",
             op=self.op,
             operands=tuple((label, describe_tensor(t)) for label, t in self.operands),
             devices=tuple(self.devices),
@@ -274,6 +276,11 @@ def _called_at(site: CallSite | None) -> str:
 
 def _examine(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     operands = list(labelled_tensors(func, args, kwargs))
+    name = getattr(func, "__name__", "")
+    if name == "_nested_view_from_jagged":
+        operands = _without_nested_auxiliary(operands, args, kwargs)
+    elif name.startswith("_foreach_"):
+        operands = _foreach_mix(func, operands)
     home = None
     in_place = _is_in_place(func, kwargs)
     if func in _INDEXING or in_place:
@@ -286,6 +293,43 @@ def _examine(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
         if tensor.device not in devices:
             devices.append(tensor.device)
     return _Call(func, operands, devices, home, user_call_site(), in_place)
+
+
+# torch's own arguments of a jagged nested tensor's view that never live with its data: a `meta`
+# dummy and CPU-held sequence lengths (positions and names in `_nested_view_from_jagged`).
+_NESTED_AUXILIARY = ((2, "dummy"), (5, "min_seqlen"), (6, "max_seqlen"))
+
+
+def _without_nested_auxiliary(
+    operands: list[tuple[str, torch.Tensor]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, torch.Tensor]]:
+    auxiliary = {
+        id(value)
+        for position, name in _NESTED_AUXILIARY
+        for value in (args[position] if position < len(args) else None, kwargs.get(name))
+        if value is not None
+    }
+    return [(label, tensor) for label, tensor in operands if id(tensor) not in auxiliary]
+
+
+def _foreach_mix(
+    func: Callable[..., Any], operands: list[tuple[str, torch.Tensor]]
+) -> list[tuple[str, torch.Tensor]]:
+    """The operands of a `torch._foreach_*` call that must share a device: CUDA groups the
+    lists' tensors by device, so only tensors at the same list position (and the arguments
+    that are no lists) must match. The first position that mixes devices, or none."""
+    positions: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    loose: list[tuple[str, torch.Tensor]] = []
+    for label, tensor in operands:
+        if label.endswith("]"):
+            positions.setdefault(label[label.rindex("[") :], []).append((label, tensor))
+        else:
+            loose.append((label, tensor))
+    for group in positions.values():
+        together = group + loose
+        if len({tensor.device for _, tensor in _relevant(func, together, None)}) > 1:
+            return together
+    return loose if positions else operands
 
 
 def _relevant(

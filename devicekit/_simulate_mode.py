@@ -11,6 +11,7 @@ call to one named handler; the patches of `torch.cuda` and friends are in `_simu
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import types
 from collections.abc import Callable, Sequence
@@ -43,7 +44,9 @@ _Uninitialized = torch.nn.parameter.UninitializedTensorMixin
 _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_", "_index_put_impl_"})
 # torch's own arguments of a jagged nested tensor's view that never live with its data: a
 # `meta` dummy and CPU-held sequence lengths.
-_NESTED_AUXILIARY = frozenset({"args[2]", "args[5]", "args[6]", "dummy", "min_seqlen", "max_seqlen"})
+_NESTED_AUXILIARY = frozenset(
+    {"args[2]", "args[5]", "args[6]", "dummy", "min_seqlen", "max_seqlen"}
+)
 # Ops that copy from their source operand to wherever `self` is: never a violation.
 _TRANSFERS = frozenset({"copy_", "new_tensor", "set_"})
 # Questions about tensors, not computations: torch answers them across devices too.
@@ -203,7 +206,10 @@ def _cross_device_error(
         if device not in devices:
             devices.append(device)
     listed = " and ".join(str(device) for device in devices)
-    lines = [torch_sentence(devices), f"{op}: expected all tensors on one device, but found {listed}."]
+    lines = [
+        torch_sentence(devices),
+        f"{op}: expected all tensors on one device, but found {listed}.",
+    ]
     described = tuple((label, describe_tensor(t, _device_of(t))) for label, t in operands)
     lines.extend(f"  {label}: {text}" for label, text in described)
     if site is not None:
@@ -372,10 +378,45 @@ def _op(
         func = wrap(func, name)
     if device is not None:
         func = _simulate_rng.seeded(func, device)  # random ops draw from the device's generator
-    result = func(*args, **kwargs)
+    caller = _getframe(2)  # the frame that called the torch op (`_op` <- the mode <- it)
+    run = _runners.get((caller.f_code, caller.f_lineno)) or _runner(caller)
+    result = run(func, args, kwargs)
     if device is None:
         return result
     return _tag_results(result, device, {id(tensor) for _, tensor in operands})
+
+
+_getframe = sys._getframe
+_OVERRIDES = torch.overrides.__file__
+#: Per calling line: a function that calls a torch op "from" that line (see `_runner`).
+_runners: dict[tuple[types.CodeType, int], Callable[..., Any]] = {}
+
+
+def _runner(caller: types.FrameType) -> Callable[..., Any]:
+    """A function that calls `func(*args, **kwargs)` from `caller`'s module, file and line.
+
+    A warning torch issues from C++ names the innermost Python frame, which would otherwise be
+    this module's: so `filterwarnings` rules by module or file, and the reported location,
+    see the user's line that called the op, as they do without the simulation.
+    """
+    key = (caller.f_code, caller.f_lineno)
+    frame: types.FrameType | None = caller
+    while frame is not None and frame.f_code.co_filename == _OVERRIDES:
+        frame = frame.f_back  # a Python-level torch function's `handle_torch_function`
+        frame = frame.f_back if frame is not None else None  # ... and that function
+    source = frame if frame is not None else caller
+    lines = "\n" * (source.f_lineno - 1)
+    source_text = f"{lines}def _run(f, a, k): return f(*a, **k)"
+    namespace: dict[str, Any] = {}
+    exec(compile(source_text, source.f_code.co_filename, "exec"), source.f_globals, namespace)
+    run: Callable[..., Any] = namespace["_run"]
+    if len(_runners) > _MAX_RUNNERS:
+        _runners.clear()
+    _runners[key] = run
+    return run
+
+
+_MAX_RUNNERS = 10_000
 
 
 def _copies_value(key: object, value: object) -> bool:
@@ -724,13 +765,55 @@ def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
         _set_tag(made, _simulated(tensor))
         return made
 
+    functions = torch._C._functions  # autograd nodes called as functions (gradcheck does)
     return {
+        (torch._C.ScriptFunction, "__call__"): _scripted(torch._C.ScriptFunction.__call__),
+        (torch.jit.ScriptModule, "__call__"): _scripted(torch.jit.ScriptModule.__call__),
+        (functions, "UndefinedGrad"): _tagging(functions.UndefinedGrad),
+        (functions, "DelayedError"): _tagging(functions.DelayedError),
         (torch.Tensor, "as_subclass"): as_subclass_keeping_tag,
         (torch.Tensor, "_make_wrapper_subclass"): staticmethod(make_wrapper_subclass),
         (torch.Tensor, "pin_memory"): pinned_copy,
         (vmap, "_add_batch_dim"): batched,
         (vmap, "_remove_batch_dim"): unbatched,
     }
+
+
+def _scripted(call: Callable[..., Any]) -> Callable[..., Any]:
+    """A TorchScript function's or module's `__call__`: TorchScript runs below the mode, so its
+    tensor arguments are checked here, and its results tagged with their device."""
+
+    def run(scripted: Any, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        if _active is None:
+            return call(scripted, *args, **kwargs)
+        name = getattr(scripted, "name", None) or type(scripted).__name__
+        device = _check(f"TorchScript {name}", _operands(args, kwargs), _never)
+        result = call(scripted, *args, **kwargs)
+        return result if device is None else _tag_results(result, device, set())
+
+    return run
+
+
+def _tagging(node: Callable[..., Any]) -> Callable[..., Any]:
+    """`node` (a C++ autograd function such as `UndefinedGrad`), whose calls tag their outputs
+    with their inputs' simulated device."""
+
+    def make(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+        function = node(*args, **kwargs)
+
+        def call(*inputs: Any) -> Any:
+            outputs = function(*inputs)
+            devices = (_simulated(item) for item in inputs if isinstance(item, torch.Tensor))
+            device = next((found for found in devices if found is not None), None)
+            if device is None:
+                return outputs
+            keep = {id(item) for item in inputs}
+            return _tag_results(outputs, device, keep)
+
+        return call
+
+    return make
 
 
 #: Where `device` sits among `_make_wrapper_subclass`'s positional arguments after `cls`.

@@ -24,6 +24,10 @@ weight = torch.ones(16, 64, device="meta")
 bias = torch.ones(16, device="meta")
 
 
+#: torch's own first line, which programs match; devicekit's detail follows it.
+SAME_DEVICE = "Expected all tensors to be on the same device, but found at least two devices, "
+
+
 def site(function: Callable[[], object], source: str) -> str:
     """`file:line: source` for the one-line body of `function`."""
     return f"{__file__}:{function.__code__.co_firstlineno + 1}: {source}"
@@ -49,6 +53,7 @@ def test_device_guard_error() -> None:
     with device_guard(), pytest.raises(CrossDeviceError) as info:
         call_linear()
     assert str(info.value) == (
+        f"{SAME_DEVICE}cpu and meta!\n"
         "torch.nn.functional.linear got tensors on different devices (cpu, meta):\n"
         "  input: f32[32,64] @ cpu\n"
         "  weight: f32[16,64] @ meta\n"
@@ -63,6 +68,7 @@ def test_device_guard_error_for_an_operator() -> None:
     with device_guard(), pytest.raises(CrossDeviceError) as info:
         call_matmul()
     assert str(info.value) == (
+        f"{SAME_DEVICE}cpu and meta!\n"
         "Tensor.__matmul__ got tensors on different devices (cpu, meta):\n"
         "  self: f32[32,64] @ cpu\n"
         "  other: f32[64,16] @ meta\n"
@@ -76,6 +82,7 @@ def test_device_guard_error_for_a_list_argument() -> None:
     with device_guard(), pytest.raises(CrossDeviceError) as info:
         call_cat()
     assert str(info.value) == (
+        f"{SAME_DEVICE}meta and cpu!\n"
         "torch.cat got tensors on different devices (meta, cpu):\n"
         "  tensors[0]: f32[2,64] @ meta\n"
         "  tensors[1]: f32[32,64] @ cpu\n"
@@ -93,11 +100,12 @@ def test_device_guard_error_for_indexing() -> None:
     with device_guard(), pytest.raises(CrossDeviceError) as info:
         call_index()
     assert str(info.value) == (
+        f"{SAME_DEVICE}cpu and meta!\n"
         "Tensor.__getitem__ got tensors on different devices (cpu, meta):\n"
         "  self: f32[32,64] @ cpu\n"
         "  key: i64[2] @ meta\n"
         f"called at {site(call_index, INDEX_SOURCE)}\n"
-        'Fix: move key to cpu first, e.g. `devicekit.to_device(key, "cpu")`, '
+        'Fix: move self to meta first, e.g. `devicekit.to_device(self, "meta")`, '
         'or let `devicekit.device_guard("move")` move operands for you.'
     )
 
