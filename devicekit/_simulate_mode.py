@@ -37,7 +37,7 @@ __all__ = ["_Session", "_SimulationMode", "_simulated"]
 #: The attribute that tags a CPU tensor with its simulated device.
 _TAG = "_devicekit_simulated_device"
 _CPU = torch.device("cpu")
-_Uninitialized = torch.nn.parameter.UninitializedTensorMixin
+_Uninitialized: type = torch.nn.parameter.UninitializedTensorMixin  # type: ignore[attr-defined]
 
 
 # Ops that take their index argument (position 1) as a CPU tensor on CUDA too.
@@ -733,10 +733,11 @@ def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
     make_wrapper = torch._C.TensorBase._make_wrapper_subclass
     from torch._functorch import vmap  # imported by torch itself already
 
-    add_batch_dim, remove_batch_dim = vmap._add_batch_dim, vmap._remove_batch_dim
+    add_batch_dim: Callable[..., torch.Tensor] = vmap._add_batch_dim  # type: ignore[attr-defined]
+    remove_batch_dim: Callable[..., torch.Tensor] = vmap._remove_batch_dim  # type: ignore[attr-defined]
 
     def as_subclass_keeping_tag(tensor: torch.Tensor, cls: type) -> torch.Tensor:
-        made = as_subclass(tensor, cls)
+        made: torch.Tensor = as_subclass(tensor, cls)
         _set_tag(made, _simulated(tensor))
         return made
 
