@@ -25,6 +25,7 @@ import torch.backends.cuda
 import torch.backends.cudnn
 
 from devicekit import (
+    _simulate_compile,
     _simulate_facts,
     _simulate_mode,
     _simulate_parallel,
@@ -385,6 +386,7 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         patches[(cls, "__new__")] = staticmethod(_keeping_tag(cls.__dict__["__new__"]))
     patches.update(checkpoint_patches(session, memory))
     patches.update(_simulate_parallel.patches(kind))  # nn.parallel.comm: DataParallel, replicate
+    patches[(torch, "compile")] = _simulate_compile.compile_patch(torch.compile)
     # The mode's hooks find this simulation's memory, generators and streams here.
     patches[(_simulate_facts, "active")] = memory
     patches[(_simulate_rng, "active")] = generators
