@@ -1,0 +1,164 @@
+"""`torch.compile` under a simulation: compiled code runs on plain CPU tensors.
+
+TorchDynamo traces through the torch function modes on the stack (it inlines them), and it
+cannot trace devicekit's: a compiled model would fail inside the simulation's bookkeeping. So
+while a simulation is active, `torch.compile` hands back its compiled model or function
+wrapped in a runner that, on each call,
+
+1. checks the devices of the tensors in the arguments (and of a module's parameters and
+   buffers) with the simulation's rule (0-dim CPU tensors mix with any device);
+2. when they are all on one device, runs the compiled code with devicekit's modes taken off
+   this thread's stack, so the backend (inductor, eager, aot_eager ...) compiles and runs it
+   for the CPU, and gives the tensors it returns the simulated device;
+3. when they are on different devices, runs the original, uncompiled code under the
+   simulation instead, so a cross-device bug inside `forward` raises the same
+   `CrossDeviceError`, naming the op, as without `torch.compile` (and code that moves tensors
+   between devices on purpose still runs, eagerly).
+
+Code that names a simulated device itself inside the compiled region (`torch.ones(3,
+device="cuda")`) cannot be compiled for the CPU: the first such failure makes that callable run
+eagerly under the simulation from then on. Results equal the CPU run's: the same backend
+compiles the same graph for the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils import _pytree
+
+from devicekit import _simulate_mode
+
+__all__ = ["compile_patch"]
+
+_push = torch._C._push_on_torch_function_stack
+_pop = torch._C._pop_torch_function_stack
+_size = torch._C._len_torch_function_stack
+_at = torch._C._get_function_stack_at
+
+# What a CPU build (or dynamo's fake tensors) say when compiled code names a device itself.
+_NAMES_A_DEVICE = (
+    "Torch not compiled with CUDA enabled",
+    "Cannot access accelerator device",
+    "is not linked with support for",
+    "Expected all tensors to be on the same device",
+)
+
+
+def compile_patch(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compile` for a simulation: the result runs as the module docstring says."""
+
+    @functools.wraps(original)
+    def compile(model: Any = None, **options: Any) -> Any:
+        if model is None:  # used as `@torch.compile(backend=...)`
+            return functools.partial(compile, **options)
+        compiled = original(model, **options)
+        if isinstance(model, torch.nn.Module) and isinstance(compiled, torch.nn.Module):
+            compiled.forward = _Runner(compiled.forward, model.__call__, model)
+            return compiled
+        owner = getattr(model, "__self__", None)  # `Module.compile()` compiles `_call_impl`
+        module = owner if isinstance(owner, torch.nn.Module) else None
+        return functools.wraps(model)(_Runner(compiled, model, module))
+
+    return compile
+
+
+class _Runner:
+    """Calls compiled code off devicekit's modes, or the original code under them."""
+
+    def __init__(
+        self,
+        compiled: Callable[..., Any],
+        eager: Callable[..., Any],
+        module: torch.nn.Module | None,
+    ) -> None:
+        self.compiled = compiled
+        self.eager = eager
+        self.module = module
+        self.eager_only = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        if _simulate_mode._active is None:
+            return self.compiled(*args, **kwargs)
+        tensors = [leaf for leaf in _pytree.tree_leaves((args, kwargs)) if _is_tensor(leaf)]
+        if self.module is not None:
+            tensors.extend(self.module.parameters())
+            tensors.extend(self.module.buffers())
+        found, mixed = _one_device(tensors)
+        if mixed or self.eager_only:
+            return self.eager(*args, **kwargs)
+        try:
+            with _devicekit_modes_off():
+                result = self.compiled(*args, **kwargs)
+        except Exception as error:
+            if not _names_a_device(error):
+                raise
+            self.eager_only = True
+            return self.eager(*args, **kwargs)
+        if found is None:
+            return result
+        return _pytree.tree_map_only(torch.Tensor, functools.partial(_tagged, found), result)
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _tagged(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    _simulate_mode._set_tag(tensor, device)
+    return tensor
+
+
+def _one_device(tensors: list[torch.Tensor]) -> tuple[torch.device | None, bool]:
+    """The simulated device all `tensors` are on (or `None`), and whether they mix devices."""
+    found: torch.device | None = None
+    simulated = False
+    for tensor in tensors:
+        device = _simulate_mode._simulated(tensor)
+        if device is None:
+            if tensor.dim() == 0 and tensor.device.type == "cpu":
+                continue  # 0-dim CPU tensors mix with any device
+            device = tensor.device
+        else:
+            simulated = True
+        if found is None:
+            found = device
+        elif device != found:
+            return None, True
+    return (found if simulated else None), False
+
+
+@contextlib.contextmanager
+def _devicekit_modes_off() -> Iterator[None]:
+    """This thread's torch function modes without devicekit's, put back afterwards."""
+    saved = [_at(index) for index in range(_size())]
+    kept = [mode for mode in saved if not type(mode).__module__.startswith("devicekit.")]
+    if len(kept) == len(saved):
+        yield
+        return
+    _restack(kept)
+    try:
+        yield
+    finally:
+        _restack(saved)
+
+
+def _restack(modes: list[Any]) -> None:
+    while _size():
+        _pop()
+    for mode in modes:
+        _push(mode)
+
+
+def _names_a_device(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if any(text in str(seen) for text in _NAMES_A_DEVICE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -1,0 +1,122 @@
+"""`torch.compile` under a simulation: compiled code gives the CPU results on simulated devices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import devicekit
+from devicekit import CrossDeviceError
+
+CUDA1 = torch.device("cuda", 1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Each test compiles from scratch (dynamo's caches are process-wide)."""
+    yield
+    torch._dynamo.reset()
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+
+
+def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x)
+    out.sum().backward()
+    grad = next(model.parameters()).grad
+    assert grad is not None
+    return out.detach().cpu(), grad.cpu()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_model_trains_on_a_simulated_device_with_the_cpu_results(backend: str) -> None:
+    x = torch.randn(5, 4)
+    expected = run(torch.compile(small_model(), backend=backend), x)
+    torch._dynamo.reset()
+    with devicekit.simulated_devices("cuda", 2):
+        model = small_model().to("cuda:1")
+        compiled = torch.compile(model, backend=backend)
+        out = compiled(x.to("cuda:1"))
+        assert out.device == CUDA1
+        out.sum().backward()
+        grad = next(model.parameters()).grad
+        assert grad is not None
+        assert grad.device == CUDA1
+        assert torch.equal(out.detach().cpu(), expected[0])
+        assert torch.equal(grad.cpu(), expected[1])
+
+
+def test_compiled_functions_decorators_and_module_compile() -> None:
+    with devicekit.simulated_devices("cuda", 2):
+
+        @torch.compile(backend="eager")
+        def scaled(a: torch.Tensor) -> torch.Tensor:
+            return torch.sin(a) * 2 + 1
+
+        x = torch.randn(6, device="cuda:1")
+        assert scaled.__name__ == "scaled"
+        result = scaled(x)
+        assert result.device == CUDA1
+        assert torch.equal(result.cpu(), torch.sin(x.cpu()) * 2 + 1)
+        model = small_model().cuda()
+        model.compile(backend="eager")
+        out = model(torch.randn(3, 4, device="cuda"))
+        assert out.device == torch.device("cuda", 0)
+
+
+def test_a_cross_device_bug_inside_a_compiled_forward_names_the_op() -> None:
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+            self.register_buffer("shift", torch.ones(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.add(self.linear(x), self.shift)
+
+    with devicekit.simulated_devices("cuda", 2):
+        model = Shifted().to("cuda:1")
+        model.shift = model.shift.to("cuda:0")  # the bug: one buffer left behind
+        compiled = torch.compile(model, backend="aot_eager")
+        with pytest.raises(CrossDeviceError, match="cuda:1 and cuda:0") as caught:
+            compiled(torch.randn(3, 4, device="cuda:1"))
+    assert "add" in caught.value.op
+    assert "Expected all tensors to be on the same device" in str(caught.value)
+
+
+def test_code_naming_a_simulated_device_inside_the_compiled_region_runs_eagerly() -> None:
+    with devicekit.simulated_devices("cuda", 1):
+        compiled = torch.compile(lambda a: a + torch.ones(3, device="cuda"), backend="eager")
+        x = torch.zeros(3, device="cuda")
+        for _ in range(2):  # the first call falls back, the second goes straight to eager
+            result = compiled(x)
+            assert result.device == torch.device("cuda", 0)
+            assert result.cpu().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_after_the_simulation_torch_compile_is_torchs_own() -> None:
+    original = torch.compile
+    with devicekit.simulated_devices("cuda", 1):
+        assert torch.compile is not original
+    assert torch.compile is original
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_compiles_for_the_cpu_and_gives_its_results() -> None:
+    """One tiny model through inductor's C++ backend (tens of seconds on two cores)."""
+    x = torch.randn(5, 4)
+    expected = run(torch.compile(small_model()), x)
+    torch._dynamo.reset()
+    with devicekit.simulated_devices("cuda", 1):
+        model = small_model().cuda()
+        out, grad = run(torch.compile(model), x.cuda())
+        assert next(model.parameters()).device == torch.device("cuda", 0)
+    assert torch.equal(out, expected[0])
+    assert torch.equal(grad, expected[1])
