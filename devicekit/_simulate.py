@@ -22,7 +22,7 @@ from devicekit import _discovery, _modes, _simulate_mode
 from devicekit._errors import InvalidArgumentError, ScopeError, SimulationError
 from devicekit._scope import wrap
 from devicekit._simulate_distributed import distributed_patches
-from devicekit._simulate_facts import DeviceFacts
+from devicekit._simulate_facts import DEFAULT_FACTS, DeviceFacts
 from devicekit._simulate_mode import _TAG, _Session, _SimulationMode
 from devicekit._simulate_patches import _patches
 from devicekit._simulate_threads import thread_patches
@@ -168,11 +168,20 @@ class simulated_devices:
         return f"simulated_devices({self.type!r}, {self.count})"
 
     def _environment_value(self) -> str:
-        """What `DEVICEKIT_SIMULATE` says in child processes: `TYPE:COUNT`."""
-        return f"{self.type}:{self.count}"
+        """What `DEVICEKIT_SIMULATE` says in child processes: `TYPE:COUNT`, then the facts
+        that differ from the defaults (`;memory=BYTES;capability=MAJOR.MINOR;name=NAME`)."""
+        value = f"{self.type}:{self.count}"
+        if self.facts.total_memory != DEFAULT_FACTS.total_memory:
+            value += f";memory={self.facts.total_memory}"
+        if self.facts.capability != DEFAULT_FACTS.capability:
+            value += ";capability={}.{}".format(*self.facts.capability)
+        if self.facts.name != DEFAULT_FACTS.name:
+            value += f";name={self.facts.name}"
+        return value
 
     def _same_as(self, session: _Session) -> bool:
-        return session.type == self.type and session.count == self.count
+        facts = getattr(session.owner, "facts", None)
+        return session.type == self.type and session.count == self.count and facts == self.facts
 
     def __enter__(self) -> list[torch.device]:
         with _lock:

@@ -44,16 +44,31 @@ ENVIRONMENT_VARIABLE = "DEVICEKIT_SIMULATE"
 PTH_NAME = "devicekit_simulate.pth"
 
 
-def _parse(value: str) -> tuple[str, int]:
-    """`DEVICEKIT_SIMULATE`'s `TYPE:COUNT` (or `TYPE`, 2 devices); `SimulationError` if bad."""
+def _parse(value: str) -> tuple[str, int, dict[str, Any]]:
+    """`DEVICEKIT_SIMULATE`'s `TYPE:COUNT` (or `TYPE`, 2 devices) and the device facts after
+    it (`;memory=BYTES;capability=MAJOR.MINOR;name=NAME`); `SimulationError` if malformed."""
     from devicekit._errors import SimulationError
 
-    kind, _, count = value.strip().partition(":")
-    if kind and (not count or count.isdigit()) and len(count) <= 3:
-        return kind, int(count or 2)
+    head, named, name = value.strip().partition(";name=")  # the name is last: it may hold ";"
+    devices, *settings = head.split(";")
+    kind, colon, count = devices.partition(":")
+    facts: dict[str, Any] = {"name": name} if named else {}
+    valid = bool(kind) and (count.isdigit() if colon else True) and len(count) <= 3
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        if key == "memory" and text.isdigit():
+            facts["memory"] = int(text)
+        elif key == "capability" and all(part.isdigit() for part in text.split(".", 1)):
+            major, _, minor = text.partition(".")
+            facts["capability"] = (int(major), int(minor or 0))
+        else:
+            valid = False
+    if valid:
+        return kind, int(count or 2), facts
     raise SimulationError(
         f"{ENVIRONMENT_VARIABLE}={value!r}: this process (pid {os.getpid()}, started by a "
-        "simulating parent) cannot enter the simulation: expected TYPE:COUNT, such as cuda:2. "
+        "simulating parent) cannot enter the simulation: expected TYPE:COUNT, such as cuda:2, "
+        "optionally followed by ;memory=BYTES;capability=MAJOR.MINOR;name=NAME. "
         f"Unset {ENVIRONMENT_VARIABLE} to run without a simulation."
     )
 
@@ -71,9 +86,9 @@ def enter_inherited() -> None:
     from devicekit._simulate import simulated_devices
 
     value = os.environ.get(ENVIRONMENT_VARIABLE, "")
-    kind, count = _parse(value)
+    kind, count, facts = _parse(value)
     try:
-        block = simulated_devices(kind, count)
+        block = simulated_devices(kind, count, **facts)
         block.__enter__()
     except Exception as error:
         from devicekit._errors import SimulationError
