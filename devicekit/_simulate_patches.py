@@ -15,8 +15,10 @@ is the active one, and calls the original otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -297,6 +299,10 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         "reset_max_memory_allocated": reset_peak,
         "reset_max_memory_cached": reset_peak,
         "reset_accumulated_memory_stats": reset_accumulated,
+        "host_memory_stats": lambda: OrderedDict(),
+        "host_memory_stats_as_nested_dict": dict,
+        "caching_allocator_enable": lambda value=True: None,
+        "caching_allocator_disabled": contextlib.nullcontext,
         "reset_peak_host_memory_stats": lambda: None,
         "reset_accumulated_host_memory_stats": lambda: None,
         "empty_cache": lambda: None,
@@ -363,7 +369,9 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         "reset_peak_memory_stats": reset_peak,
         "reset_accumulated_memory_stats": reset_accumulated,
         "get_memory_info": mem_get_info,
-        "Graph": _refuse("torch.accelerator.Graph", "run the captured code eagerly"),
+        "Graph": _refusing_class(
+            accelerator.Graph, "torch.accelerator.Graph", "run the captured code eagerly"
+        ),
     }.items():
         for owner in _holders(accelerator, name):
             patches[(owner, name)] = value

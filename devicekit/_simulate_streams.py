@@ -130,6 +130,10 @@ class SimulatedStream(torch.Stream):
             return self._devicekit_id == other._devicekit_id
         return NotImplemented
 
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
     def __hash__(self) -> int:
         return hash((self._devicekit_device, self._devicekit_id))
 
