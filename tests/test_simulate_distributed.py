@@ -95,6 +95,43 @@ def test_nccl_maps_to_gloo_in_one_process() -> None:
     assert dist.init_process_group.__module__ == "torch.distributed.distributed_c10d"
 
 
+def _tensor() -> torch.Tensor:
+    return torch.arange(4.0, device="cuda:1")
+
+
+COLLECTIVES = {
+    "all_reduce": lambda: dist.all_reduce(_tensor()),
+    "broadcast": lambda: dist.broadcast(_tensor(), 0),
+    "all_gather": lambda: dist.all_gather([_tensor()], _tensor()),
+    "all_gather_into_tensor": lambda: dist.all_gather_into_tensor(_tensor(), _tensor()),
+    "gather": lambda: dist.gather(_tensor(), [_tensor()], 0),
+    "scatter": lambda: dist.scatter(_tensor(), [_tensor()], 0),
+    "reduce": lambda: dist.reduce(_tensor(), 0),
+    "reduce_scatter": lambda: dist.reduce_scatter(_tensor(), [_tensor()]),
+    "reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(_tensor(), _tensor()),
+    "all_to_all": lambda: dist.all_to_all([_tensor()], [_tensor()]),
+    "all_to_all_single": lambda: dist.all_to_all_single(_tensor(), _tensor()),
+    "barrier": lambda: dist.barrier(),
+    "all_gather_object": lambda: dist.all_gather_object([None], {"a": 1}),
+    "broadcast_object_list": lambda: dist.broadcast_object_list([1], 0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.distributed.*` is deprecated:FutureWarning")
+def test_the_documented_collectives_run_on_simulated_cuda_tensors() -> None:
+    with simulated_devices("cuda", 2):
+        torch.cuda.set_device(1)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            for name, collective in COLLECTIVES.items():
+                collective()  # raises, naming the collective in the traceback, if not covered
+                assert (
+                    name in (Path(__file__).parent.parent / "docs" / "distributed.md").read_text()
+                )
+        finally:
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("backend", [None, "nccl", "gloo", "cpu:gloo,cuda:nccl", "NCCL"])
 def test_every_nccl_spelling_runs_on_gloo(backend: str | None) -> None:
     assert _gloo_for(backend, "init_process_group") == "gloo"
