@@ -733,8 +733,8 @@ def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
     make_wrapper = torch._C.TensorBase._make_wrapper_subclass
     from torch._functorch import vmap  # imported by torch itself already
 
-    add_batch_dim: Callable[..., torch.Tensor] = vmap._add_batch_dim  # type: ignore[attr-defined]
-    remove_batch_dim: Callable[..., torch.Tensor] = vmap._remove_batch_dim  # type: ignore[attr-defined]
+    batch: Callable[..., Any] = vmap._create_batched_inputs
+    unbatch: Callable[..., Any] = vmap._unwrap_batched
 
     def as_subclass_keeping_tag(tensor: torch.Tensor, cls: type) -> torch.Tensor:
         made: torch.Tensor = as_subclass(tensor, cls)
@@ -756,15 +756,14 @@ def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
         _set_tag(made, target)
         return made
 
-    def batched(tensor: torch.Tensor, *args: Any) -> torch.Tensor:
-        made: torch.Tensor = add_batch_dim(tensor, *args)
-        _set_tag(made, _simulated(tensor))
-        return made
+    # vmap's entry and exit, which TensorDict replaces with its own on import: whichever is
+    # there, the batched inputs take their inputs' devices, and the outputs their batched ones'.
+    def batched(in_dims: Any, flat_args: list[Any], *args: Any) -> Any:
+        made = batch(in_dims, flat_args, *args)
+        return _tags_copied(flat_args, made)
 
-    def unbatched(tensor: torch.Tensor, *args: Any) -> torch.Tensor:
-        made: torch.Tensor = remove_batch_dim(tensor, *args)
-        _set_tag(made, _simulated(tensor))
-        return made
+    def unbatched(outputs: Any, *args: Any) -> Any:
+        return _tags_copied(outputs, unbatch(outputs, *args))
 
     functions = torch._C._functions  # autograd nodes called as functions (gradcheck does)
     return {
@@ -775,9 +774,22 @@ def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
         (torch.Tensor, "as_subclass"): as_subclass_keeping_tag,
         (torch.Tensor, "_make_wrapper_subclass"): staticmethod(make_wrapper_subclass),
         (torch.Tensor, "pin_memory"): pinned_copy,
-        (vmap, "_add_batch_dim"): batched,
-        (vmap, "_remove_batch_dim"): unbatched,
+        (vmap, "_create_batched_inputs"): batched,
+        (vmap, "_unwrap_batched"): unbatched,
     }
+
+
+def _tags_copied(sources: Any, made: Any) -> Any:
+    """`made` (a pytree), each tensor tagged as the tensor at its place in `sources` is."""
+    found = torch.utils._pytree.tree_leaves(sources)
+    results = torch.utils._pytree.tree_leaves(made)
+    if len(found) == len(results):
+        for source, result in zip(found, results, strict=True):
+            if isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor):
+                device = _simulated(source)
+                if device is not None:
+                    _set_tag(result, device)
+    return made
 
 
 def _scripted(call: Callable[..., Any]) -> Callable[..., Any]:

@@ -117,7 +117,15 @@ def test_a_wrapper_subclass_made_outside_is_a_plain_cpu_tensor() -> None:
     assert Wrapper(torch.ones(2)).device == torch.device("cpu")
 
 
-def test_vmap_keeps_the_device_and_checks(sim: object) -> None:
+@pytest.mark.parametrize("after_tensordict", [False, True])
+def test_vmap_keeps_the_device_and_checks(after_tensordict: bool) -> None:
+    if after_tensordict:  # TensorDict replaces vmap's entry and exit with its own on import
+        pytest.importorskip("tensordict.nn")
+    with simulated_devices("cuda", 2):
+        check_vmap()
+
+
+def check_vmap() -> None:
     x = torch.arange(6.0, device="cuda:1").reshape(3, 2)
     y = torch.vmap(lambda row: row * 2)(x)
     assert y.device == CUDA1
