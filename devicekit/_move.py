@@ -1,4 +1,5 @@
-"""Moving nested batches and models between devices: `to_device`, `devices_of`, `find_device`.
+"""Moving nested batches and models between devices: `to_device` (`devices_of` and
+`find_device`, which report where tensors are, live in `devicekit._paths`).
 
 `to_device` checks its arguments into one `TransferRequest`, walks the structure once
 (`devicekit._tree.collect`), hands every tensor it found to `devicekit._transfer.move_leaves` (the
