@@ -116,7 +116,7 @@ def walk(
     A container met again is yielded again but not walked twice (cycles end). With
     `look_inside`, the attributes of opaque objects are walked too.
     """
-    seen: set[int] = set()
+    seen: dict[int, Any] = {}  # kept alive: a registered mover's children are new objects
     stack: list[tuple[Any, Where]] = [(root, where)]
     while stack:
         obj, at = stack.pop()
@@ -126,7 +126,7 @@ def walk(
             continue
         if id(obj) in seen:
             continue
-        seen.add(id(obj))
+        seen[id(obj)] = obj
         step, pairs = _labelled(obj, kind, look_inside=look_inside)
         stack.extend((value, (at, step, key)) for key, value in reversed(list(pairs)))
 
@@ -219,7 +219,7 @@ def devices_in(labelled: Iterable[tuple[str, object]]) -> dict[torch.device, Pat
     tree = _Steps()
     parents, steps, keys = tree.parents, tree.steps, tree.keys
     found: dict[torch.device, list[int]] = {}
-    seen: set[int] = set()
+    seen: dict[int, Any] = {}  # kept alive: a registered mover's children are new objects
     leaf_types, known = LEAF_TYPES, KIND_OF
     stack: list[tuple[int, Callable[[Any], str], Iterator[tuple[Any, Any]]]] = []
     for label, root in labelled:
@@ -247,7 +247,7 @@ def devices_in(labelled: Iterable[tuple[str, object]]) -> dict[torch.device, Pat
                     continue
                 if id(value) in seen:
                     continue
-                seen.add(id(value))
+                seen[id(value)] = value
                 child_step, children = _labelled(value, kind, look_inside=False)
                 stack.append((node, child_step, iter(children)))
                 break

@@ -400,3 +400,28 @@ def test_a_nested_tensor_that_cannot_move_is_named_in_the_move_error() -> None:
         str(caught.value),
     )
     assert caught.value.path == "batch['n']"
+
+
+class Wrapped:
+    """A registered type whose mover builds new containers at every call."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def test_containers_a_mover_makes_on_the_fly_are_all_walked() -> None:
+    """Containers that exist only while walked are each walked (none mistaken for another
+    that had the same `id` before it was freed)."""
+    devicekit.register_mover(
+        Wrapped, lambda w: ({"parts": [w.tensor]}, lambda m: Wrapped(*m["parts"]))
+    )
+    try:
+        batch = [Wrapped(t()) for _ in range(200)]
+        [paths] = devicekit.devices_of(batch).values()
+        assert len(paths) == 200
+        assert paths[199] == "batch[199].parts[0]"
+        moved = devicekit.to_device(batch, "meta")
+        assert all(w.tensor.is_meta for w in moved)
+    finally:
+        del _containers.MOVERS[Wrapped]
+        _containers.reset_caches()
