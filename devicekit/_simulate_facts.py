@@ -14,7 +14,7 @@ import math
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,8 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
 #: The active simulation's memory (set while it is active, by `_simulate_patches`).
 active: Memory | None = None
+#: Where a tensor's storage is: the same for every view of one storage, while it lives.
+_storage_address: Callable[[torch.Tensor], int] = torch._C._storage_address  # type: ignore[attr-defined]
 # Allocations up to 1 MiB come from CUDA's small pool, larger ones from the large pool.
 _SMALL = 1 << 20
 
@@ -183,8 +185,10 @@ class _Pool:
         self.total += nbytes
         self.count += 1
         self.counted += 1
-        self.peak = max(self.peak, self.size)
-        self.count_peak = max(self.count_peak, self.count)
+        if self.size > self.peak:
+            self.peak = self.size
+        if self.count > self.count_peak:
+            self.count_peak = self.count
 
     def remove(self, nbytes: int) -> None:
         self.size -= nbytes
@@ -196,9 +200,11 @@ class _Pool:
 class Memory:
     """Live bytes per simulated device, counted per storage.
 
-    A storage counts from the first time a tensor on a simulated device is tagged with it
-    until it is freed (a weak reference to the storage says when). Views share their base's
-    storage and add nothing.
+    A storage counts from the first time a tensor on a simulated device is tagged with it until
+    the last such tensor is freed (weak references to the tensors say when; torch keeps a
+    tensor's Python object alive while autograd or a view's base still holds it). Views share
+    their base's storage and add nothing. A storage's size is that of the tensor that first
+    showed it (the whole storage for every result torch allocates).
     """
 
     def __init__(self, device_type: str, count: int, capacity: int) -> None:
@@ -209,8 +215,10 @@ class Memory:
             {"all": _Pool(), "large_pool": _Pool(), "small_pool": _Pool()} for _ in range(count)
         ]
         self.ooms = [0] * count
-        #: id(storage) -> (weak reference keeping the entry, device index, bytes)
-        self.live: dict[int, tuple[weakref.ref[Any], int, int]] = {}
+        #: storage address -> [device index, bytes, pool name, tensors alive]
+        self.live: dict[int, list[Any]] = {}
+        #: the weak references whose callbacks end the counting (kept alive here)
+        self.refs: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     def allocated(self, index: int) -> int:
         return self.pools[index]["all"].size
@@ -219,38 +227,47 @@ class Memory:
         return int(self.capacity * self.fraction)
 
     def add(self, tensor: torch.Tensor, device: torch.device) -> None:
-        """Count `tensor`'s storage on `device`, unless it is counted already."""
+        """Count `tensor`'s storage on `device` while `tensor` lives."""
         try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError, TypeError):
-            return  # sparse, nested and wrapper tensors have no storage of their own
-        key = id(storage)
-        if key in self.live:
-            return
-        nbytes = storage.nbytes()
-        index = device.index or 0
-        pools = self.pools[index]
-        if pools["all"].size + nbytes > self.limit():
-            self.ooms[index] += 1
-            raise self.out_of_memory(index, nbytes)
-        pool = "small_pool" if nbytes <= _SMALL else "large_pool"
-        pools["all"].add(nbytes)
-        pools[pool].add(nbytes)
+            key = _storage_address(tensor)
+        except (RuntimeError, NotImplementedError):
+            return  # sparse and nested tensors have no storage of their own
         live = self.live
+        entry = live.get(key)
+        if entry is None:
+            nbytes = tensor.nbytes
+            index = device.index or 0
+            pools = self.pools[index]
+            if pools["all"].size + nbytes > self.limit():
+                self.ooms[index] += 1
+                raise self.out_of_memory(index, nbytes)
+            pool = "small_pool" if nbytes <= _SMALL else "large_pool"
+            pools["all"].add(nbytes)
+            pools[pool].add(nbytes)
+            entry = live[key] = [index, nbytes, pool, 0]
+        entry[3] += 1
+        reference = weakref.ref(tensor, self._gone)
+        self.refs[id(reference)] = (reference, key)
 
-        def freed(_: object) -> None:
-            if live.pop(key, None) is not None:
-                pools["all"].remove(nbytes)
-                pools[pool].remove(nbytes)
+    def _gone(self, reference: weakref.ref[torch.Tensor]) -> None:
+        found = self.refs.pop(id(reference), None)
+        if found is None:
+            return
+        key = found[1]
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[3] -= 1
+        if entry[3] == 0:
+            del self.live[key]
+            index, nbytes, pool = entry[0], entry[1], entry[2]
+            self.pools[index]["all"].remove(nbytes)
+            self.pools[index][pool].remove(nbytes)
 
-        live[key] = (weakref.ref(storage, freed), index, nbytes)
-
-    def device_of(self, storage: object) -> int | None:
+    def device_of(self, storage: torch.UntypedStorage) -> int | None:
         """The simulated device index a storage is counted on, or `None`."""
-        entry = self.live.get(id(storage))
-        if entry is None or entry[0]() is not storage:
-            return None
-        return entry[1]
+        entry = self.live.get(storage._cdata)
+        return None if entry is None else int(entry[0])
 
     def out_of_memory(self, index: int, nbytes: int) -> torch.OutOfMemoryError:
         allocated = self.allocated(index)

@@ -376,7 +376,7 @@ def _op(
         from devicekit._simulate_autocast import wrap  # CUDA's autocast policy, op by op
 
         func = wrap(func, name)
-    if device is not None:
+    if device is not None and name in _simulate_rng.RANDOM_OPS:
         func = _simulate_rng.seeded(func, device)  # random ops draw from the device's generator
     caller = _getframe(2)  # the frame that called the torch op (`_op` <- the mode <- it)
     run = _runners.get((caller.f_code, caller.f_lineno)) or _runner(caller)
@@ -662,7 +662,9 @@ def _factory(
         return result
     kwargs = {**kwargs, "device": _CPU}
     _simulate_facts.admit(func, args, kwargs, target)  # CUDA's OutOfMemoryError, before the CPU
-    result = _simulate_rng.seeded(func, target)(*args, **kwargs)
+    caller = _getframe(2)  # the frame that called the factory (`_factory` <- the mode <- it)
+    run = _runners.get((caller.f_code, caller.f_lineno)) or _runner(caller)
+    result = run(_simulate_rng.seeded(func, target), args, kwargs)
     if isinstance(result, torch.Tensor):
         result = _fresh(result, inputs)
     return _tag_results(result, target, set())
