@@ -13,7 +13,11 @@ wrapped in a runner that, on each call,
 3. when they are on different devices, runs the original, uncompiled code under the
    simulation instead, so a cross-device bug inside `forward` raises the same
    `CrossDeviceError`, naming the op, as without `torch.compile` (and code that moves tensors
-   between devices on purpose still runs, eagerly).
+   between devices on purpose still runs, eagerly);
+4. under `torch.autocast("cuda")`, runs the original code under the simulation too, which
+   applies CUDA's autocast policy op by op (compiled for the CPU, the graph would ignore CUDA
+   autocast and compute in float32). An autocast region *inside* the compiled function is not
+   seen: it computes in float32.
 
 Code that names a simulated device itself inside the compiled region (`torch.ones(3,
 device="cuda")`) cannot be compiled for the CPU: the first such failure makes that callable run
@@ -83,14 +87,15 @@ class _Runner:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        if _simulate_mode._active is None:
+        session = _simulate_mode._active
+        if session is None:
             return self.compiled(*args, **kwargs)
         tensors = [leaf for leaf in _pytree.tree_leaves((args, kwargs)) if _is_tensor(leaf)]
         if self.module is not None:
             tensors.extend(self.module.parameters())
             tensors.extend(self.module.buffers())
         found, mixed = _one_device(tensors)
-        if mixed or self.eager_only:
+        if mixed or self.eager_only or torch.is_autocast_enabled(session.type):
             return self.eager(*args, **kwargs)
         try:
             with _devicekit_modes_off():

@@ -100,6 +100,15 @@ def test_code_naming_a_simulated_device_inside_the_compiled_region_runs_eagerly(
             assert result.cpu().tolist() == [1.0, 1.0, 1.0]
 
 
+def test_under_cuda_autocast_a_compiled_model_computes_in_the_low_precision() -> None:
+    with devicekit.simulated_devices("cuda", 1):
+        compiled = torch.compile(small_model().cuda(), backend="aot_eager")
+        x = torch.randn(3, 4, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert compiled(x).dtype == torch.bfloat16
+        assert compiled(x).dtype == torch.float32
+
+
 def test_after_the_simulation_torch_compile_is_torchs_own() -> None:
     original = torch.compile
     with devicekit.simulated_devices("cuda", 1):
