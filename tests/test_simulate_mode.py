@@ -326,6 +326,8 @@ def test_warnings_name_the_calling_line(sim: object) -> None:
         warnings.filterwarnings("error", category=UserWarning, module=__name__)
         with pytest.raises(UserWarning, match="To copy construct from a tensor"):
             torch.tensor(x)
+        with pytest.raises(UserWarning, match="To copy construct from a tensor"):
+            torch.tensor(x, device="cuda:1")  # a factory call
 
 
 # --- messages ----------------------------------------------------------------------------------
