@@ -640,11 +640,6 @@ def _while_active(session: _Session, original: object, fake: object) -> object:
     return functools.update_wrapper(switch, real, updated=())
 
 
-def _pinned_copy(tensor: torch.Tensor, device: object = None) -> torch.Tensor:
-    """`Tensor.pin_memory` while simulating: a copy, since a CPU build has no pinned memory."""
-    return torch.Tensor.clone(tensor)
-
-
 def _keeping_tag(new: Any) -> Callable[..., Any]:
     """Wrap `Parameter.__new__`: the new parameter is where its data is."""
     function = new.__func__ if isinstance(new, staticmethod) else new
