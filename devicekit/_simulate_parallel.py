@@ -42,15 +42,15 @@ def patches(device_type: str) -> dict[tuple[object, str], object]:
     def broadcast(
         tensor: torch.Tensor, devices: Sequence[Any] | None = None, *, out: Any = None
     ) -> Any:
-        if (devices is None) == (out is None):
+        if out is not None and devices is None:
+            for target in out:
+                target.copy_(tensor)
+            return tuple(out)
+        if devices is None or out is not None:
             raise RuntimeError(
                 "Exactly one of 'devices' and 'out' must be specified, but got "
                 f"devices={devices} and out={out}"
             )
-        if out is not None:
-            for target in out:
-                target.copy_(tensor)
-            return tuple(out)
         return tuple(
             tensor if tensor.device == device(spec) else tensor.to(device(spec)) for spec in devices
         )
@@ -84,7 +84,7 @@ def patches(device_type: str) -> dict[tuple[object, str], object]:
                     "'devices' and 'chunk_sizes' must not be specified when 'out' is specified"
                 )
             sizes = [target.size(dim) for target in out]
-            for target, chunk in zip(out, tensor.split(sizes, dim), strict=True):
+            for target, chunk in zip(out, tensor.split_with_sizes(sizes, dim), strict=True):
                 target.copy_(chunk)
             return tuple(out)
         if devices is None:
@@ -93,7 +93,7 @@ def patches(device_type: str) -> dict[tuple[object, str], object]:
         if chunk_sizes is None:
             chunks = tensor.chunk(len(targets), dim)
         else:
-            chunks = tensor.split(list(chunk_sizes), dim)
+            chunks = tensor.split_with_sizes(list(chunk_sizes), dim)
         return tuple(
             chunk.to(target, non_blocking=True)
             for chunk, target in zip(chunks, targets, strict=False)
@@ -129,8 +129,9 @@ def patches(device_type: str) -> dict[tuple[object, str], object]:
     }
     if device_type == "cuda":  # reduce_add asks NCCL first, which warns on a CPU build
         found[(torch.cuda.nccl, "is_available")] = _no_nccl
-    for cls in (functions.Broadcast, functions.ReduceAddCoalesced, functions.Gather):
-        found[(cls, "forward")] = staticmethod(_remembering(cls.__dict__["forward"].__func__))
+    for forward_cls in (functions.Broadcast, functions.ReduceAddCoalesced, functions.Gather):
+        forward = forward_cls.__dict__["forward"].__func__
+        found[(forward_cls, "forward")] = staticmethod(_remembering(forward))
     for cls in (
         functions.Broadcast,
         functions.ReduceAddCoalesced,
@@ -193,7 +194,7 @@ def _scatter_forward(
     ctx.dim = dim
     ctx.input_device = input.get_device() if input.device.type != "cpu" else -1
     devices = [_get_device_index(spec, True) for spec in target_gpus]
-    result: tuple[torch.Tensor, ...] = torch.nn.parallel.comm.scatter(
+    result: tuple[torch.Tensor, ...] = torch.nn.parallel.comm.scatter(  # type: ignore[no-untyped-call]
         input, devices, chunk_sizes, dim
     )
     return result
