@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch._utils
 import torch.serialization
+import torch.storage
 
 from devicekit._simulate_facts import Memory
 from devicekit._simulate_mode import _TAG, _Session, _set_tag
@@ -73,6 +74,24 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
             _set_tag(tensor, device)
         return tensor
 
+    storage_cuda: Callable[..., Any] = torch.storage._StorageBase.cuda
+    storage_to: Callable[..., Any] = torch.storage._StorageBase.to
+
+    def cuda(storage: Any, device: object = None, non_blocking: bool = False) -> Any:
+        """`storage.cuda(1)` (a `map_location` callable's spelling): the storage, marked."""
+        target = session.resolve(kind if device is None else device)
+        if target is None:
+            return storage_cuda(storage, device, non_blocking)
+        restored[storage] = target
+        return storage
+
+    def to(storage: Any, *, device: object, non_blocking: bool = False) -> Any:
+        target = session.resolve(device)
+        if target is None:
+            return storage_to(storage, device=device, non_blocking=non_blocking)
+        restored[storage] = target
+        return storage
+
     registry: list[tuple[int, Callable[..., Any], Callable[..., Any]]] = [
         (priority, tagger, deserialize if _restores(restorer, kind) else restorer)
         for priority, tagger, restorer in torch.serialization._package_registry
@@ -82,6 +101,8 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
         (torch._utils, "_rebuild_tensor"): rebuild_tensor,
         (torch.serialization, "location_tag"): location_tag,
         (torch.serialization, "_package_registry"): registry,
+        (torch.storage._StorageBase, kind): cuda,
+        (torch.storage._StorageBase, "to"): to,
     }
 
 

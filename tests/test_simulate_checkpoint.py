@@ -83,6 +83,10 @@ def test_views_save_their_storage_once_on_its_device(sim: object) -> None:
         ({"cuda:0": "cpu"}, CUDA1),
         (lambda storage, location: storage, CPU),
         (lambda storage, location: None, CUDA1),
+        (lambda storage, location: storage.cuda(0), CUDA0),
+        (lambda storage, location: storage.cuda(), CUDA0),
+        (lambda storage, location: storage.to(device="cuda:1"), CUDA1),
+        (lambda storage, location: storage.to(device="cpu"), CPU),
     ],
 )
 @pytest.mark.parametrize("weights_only", [True, False])
