@@ -127,9 +127,12 @@ def policy_of(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str | N
     return POLICY.get(name)
 
 
-def wrap(func: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """`func` as CUDA autocast runs it: its operands cast by the op's policy."""
-    return functools.partial(call, func, name)
+def wrap(func: Callable[..., Any], name: str, device: torch.device) -> Callable[..., Any]:
+    """`func` as CUDA autocast runs it on simulated `device`: operands cast by the op's policy.
+
+    `func` itself when CUDA autocast is off (another device type's autocast may be on).
+    """
+    return functools.partial(call, func, name) if active(device) else func
 
 
 def call(func: Callable[..., Any], name: str, /, *args: Any, **kwargs: Any) -> Any:

@@ -372,10 +372,10 @@ def _op(
         return func(*args, **kwargs)
     exempt = _exemption(name) if method else _never
     device = _check(func, operands, exempt, (args, kwargs))
-    if device is not None and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    if device is not None and torch._C._is_any_autocast_enabled():
         from devicekit._simulate_autocast import wrap  # CUDA's autocast policy, op by op
 
-        func = wrap(func, name)
+        func = wrap(func, name, device)
     if device is not None and name in _simulate_rng.RANDOM_OPS:
         func = _simulate_rng.seeded(func, device)  # random ops draw from the device's generator
     caller = _getframe(2)  # the frame that called the torch op (`_op` <- the mode <- it)
