@@ -22,13 +22,16 @@ wrapped in a runner that, on each call,
 Code that names a simulated device itself inside the compiled region (`torch.ones(3,
 device="cuda")`) cannot be compiled for the CPU: the first such failure makes that callable run
 eagerly under the simulation from then on. Results equal the CPU run's: the same backend
-compiles the same graph for the CPU.
+compiles the same graph for the CPU. Modules compiled before the simulation began are run the
+same way. What dynamo compiled during a simulation assumed its devices: call
+`torch._dynamo.reset()` before calling the same compiled code again outside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,7 +40,7 @@ from torch.utils import _pytree
 
 from devicekit import _simulate_mode
 
-__all__ = ["compile_patch"]
+__all__ = ["compile_patch", "patches"]
 
 _push = torch._C._push_on_torch_function_stack
 _pop = torch._C._pop_torch_function_stack
@@ -51,6 +54,36 @@ _NAMES_A_DEVICE = (
     "is not linked with support for",
     "Expected all tensors to be on the same device",
 )
+
+
+def patches() -> dict[tuple[object, str], object]:
+    """What a simulation replaces: `torch.compile`, and the call of modules compiled before it."""
+    found: dict[tuple[object, str], object] = {(torch, "compile"): compile_patch(torch.compile)}
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None:  # modules may have been compiled before the simulation began
+        optimized = eval_frame.OptimizedModule
+        found[(optimized, "__call__")] = _precompiled_call(optimized.__dict__["__call__"])
+    return found
+
+
+def _precompiled_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`OptimizedModule.__call__` for modules compiled before the simulation began."""
+
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.forward, _Runner):  # compiled inside the simulation
+            return original(self, *args, **kwargs)
+        runner = self.__dict__.get(_RUNNER)
+        if runner is None:
+            compiled = functools.partial(original, self)
+            runner = _Runner(compiled, self._orig_mod.__call__, self._orig_mod)
+            self.__dict__[_RUNNER] = runner
+        return runner(*args, **kwargs)
+
+    return __call__
+
+
+_RUNNER = "_devicekit_runner"
 
 
 def compile_patch(original: Callable[..., Any]) -> Callable[..., Any]:

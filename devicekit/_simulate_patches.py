@@ -394,7 +394,7 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         patches[(cls, "__new__")] = staticmethod(_keeping_tag(cls.__dict__["__new__"]))
     patches.update(checkpoint_patches(session, memory))
     patches.update(_simulate_parallel.patches(kind))  # nn.parallel.comm: DataParallel, replicate
-    patches[(torch, "compile")] = _simulate_compile.compile_patch(torch.compile)
+    patches.update(_simulate_compile.patches())  # torch.compile
     # The mode's hooks find this simulation's memory, generators and streams here.
     patches[(_simulate_facts, "active")] = memory
     patches[(_simulate_rng, "active")] = generators

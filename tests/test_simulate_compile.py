@@ -109,6 +109,22 @@ def test_under_cuda_autocast_a_compiled_model_computes_in_the_low_precision() ->
         assert compiled(x).dtype == torch.float32
 
 
+def test_a_model_compiled_before_the_simulation_runs_inside_it() -> None:
+    model = small_model()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with devicekit.simulated_devices("cuda", 1):
+        model.cuda()
+        out = compiled(x.cuda())
+        assert out.device == torch.device("cuda", 0)
+        assert torch.equal(out.detach().cpu(), expected.detach())
+    # code dynamo compiled for the simulation is not reused outside it (see the docs)
+    torch._dynamo.reset()
+    model.cpu()
+    assert torch.equal(compiled(x), expected)
+
+
 def test_after_the_simulation_torch_compile_is_torchs_own() -> None:
     original = torch.compile
     with devicekit.simulated_devices("cuda", 1):
