@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
@@ -191,14 +191,6 @@ class default_device(Scoped[torch.device]):
     def __enter__(self) -> torch.device:  # type: ignore[override]
         _KIND.enter(self, self.device, sys._getframe(1), _torch_device_modes())
         return self.device
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        _KIND.exit(self, sys._getframe(1), exc_type is not None)
 
 
 def carry_default_device(function: Callable[P, R]) -> Callable[P, R]:

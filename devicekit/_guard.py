@@ -527,7 +527,7 @@ class device_guard(Scoped[_GuardState]):
         ...     torch.nn.functional.linear(x, w)
         Traceback (most recent call last):
         ...
-        devicekit._errors.CrossDeviceError: torch.nn.functional.linear got tensors on different devices (cpu, meta):
+        devicekit._errors.CrossDeviceError: Expected all tensors to be on the same device, but found at least two devices, cpu and meta!
         ...
     """  # noqa: E501
 

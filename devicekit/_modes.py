@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -34,8 +34,29 @@ _size = torch._C._len_torch_function_stack
 _at = torch._C._get_function_stack_at
 
 
+# No generator expressions here: one left suspended (by `any`) is closed by the garbage
+# collector later, where an interrupt can only be printed, not handled.
+
+
 def _stack() -> list[object]:
     return [_at(index) for index in range(_size())]
+
+
+def _contains(stack: Sequence[object], mode: object) -> bool:
+    for entry in stack:  # noqa: SIM110 - no generator expression (see above)
+        if entry is mode:
+            return True
+    return False
+
+
+def _starts(desired: Sequence[object], stack: Sequence[object]) -> bool:
+    """Whether `stack` is the start of `desired`, entry by entry (by identity)."""
+    if len(stack) > len(desired):
+        return False
+    for index in range(len(stack)):  # noqa: SIM110 - no generator expression (see above)
+        if stack[index] is not desired[index]:
+            return False
+    return True
 
 
 def _rebuild(desired: Sequence[object]) -> None:
@@ -43,10 +64,7 @@ def _rebuild(desired: Sequence[object]) -> None:
 
     Idempotent: interrupted anywhere, running it again finishes the job.
     """
-    while True:
-        size = _size()
-        if size <= len(desired) and all(_at(index) is desired[index] for index in range(size)):
-            break
+    while not _starts(desired, _stack()):
         _pop()
     for mode in desired[_size() :]:
         _push(mode)
@@ -60,7 +78,7 @@ def push(mode: TorchFunctionMode) -> None:
 def remove(mode: object) -> None:
     """Take `mode` out of this thread's stack wherever it is, keeping the modes above it."""
     stack = _stack()
-    if not any(entry is mode for entry in stack):
+    if not _contains(stack, mode):
         return
     desired = [entry for entry in stack if entry is not mode]
     try:
@@ -115,7 +133,7 @@ class Users:
         """Take off this thread's stack the modes other threads retired (only from this thread)."""
         while self.retired:
             retired = self.retired[-1]
-            if not self.users.get(type(retired)):  # type: ignore[call-overload]
+            if not self.users.get(cast(type[TorchFunctionMode], type(retired))):
                 remove(retired)
             self.retired.pop()
 
@@ -125,7 +143,7 @@ class Users:
         mode = self.modes.get(kind)
         if mode is None:
             mode = self.modes.setdefault(kind, kind())
-        present = any(entry is mode for entry in _stack())
+        present = _contains(_stack(), mode)
         if self.users.get(kind):
             if not present:
                 push(mode)

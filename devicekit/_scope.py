@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from typing_extensions import ParamSpec, Self
@@ -62,23 +62,28 @@ class Record:
         self,
         kind: Kind[Any],
         owner: object,
-        value: object,
-        extra: object,
+        value: Any,
+        extra: Any,
         parent: Record | None,
         frame: FrameType | None,
     ) -> None:
         self.kind = kind
         self.owner = owner
-        self.value = value
-        self.extra = extra
+        self.value: Any = value
+        self.extra: Any = extra
         self.parent = parent
         self.frame = frame
         self.ended = False
         self.held: object = None
 
     def __del__(self) -> None:
-        if self.held is not None and not sys.is_finalizing():
-            self.kind.release(self)
+        # `getattr`: an interrupt may have cut `__init__` short; such a record holds nothing.
+        if getattr(self, "held", None) is not None and not sys.is_finalizing():
+            try:
+                self.kind.release(self)
+            except BaseException:
+                self.kind.release(self)  # an interrupt in the middle: finish letting go
+                raise
 
 
 def live(record: Record | None) -> Record | None:
@@ -243,7 +248,12 @@ class Scoped(Generic[S]):
         self.kind.enter(self, self._value(), sys._getframe(1), self._extra())
         return self
 
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.kind.exit(self, sys._getframe(1), exc_type is not None)
 
     def __call__(self, function: Callable[P, R]) -> Callable[P, R]:

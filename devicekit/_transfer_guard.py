@@ -164,7 +164,9 @@ class _TransferGuardMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_KIND = ModeKind("transfer_guard()", _ACTIVE_TRANSFER_GUARD, _TransferGuardMode)
+_KIND: ModeKind[TransferPolicy] = ModeKind(
+    "transfer_guard()", _ACTIVE_TRANSFER_GUARD, _TransferGuardMode
+)
 
 
 class transfer_guard(Scoped[TransferPolicy]):

@@ -149,9 +149,14 @@ def test_an_out_of_order_exit_raises_and_still_restores_the_state() -> None:
 
 def test_an_out_of_order_exit_during_an_exception_restores_without_masking_it() -> None:
     outer, inner = default_device("meta"), default_device("cpu")
-    with pytest.raises(KeyError), outer:
-        inner.__enter__()
-        raise KeyError("the real error")
+
+    def fails() -> None:
+        with outer:
+            inner.__enter__()
+            raise KeyError("the real error")
+
+    with pytest.raises(KeyError, match="the real error"):
+        fails()
     assert context._ACTIVE.get() is None
 
 
