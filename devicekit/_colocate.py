@@ -22,6 +22,7 @@ from devicekit._guard import choose_device
 from devicekit._move import to_device
 from devicekit._paths import devices_in
 from devicekit._resolve import resolve
+from devicekit._scope import wrap
 from devicekit._types import DeviceLike
 
 __all__ = ["colocate", "colocated"]
@@ -141,21 +142,7 @@ def _colocated(function: Callable[P, R], *, device: DeviceLike) -> Callable[P, R
             return args, kwargs
         return to_device(args, target), to_device(kwargs, target)
 
-    if inspect.iscoroutinefunction(function):
-
-        @functools.wraps(function)
-        async def colocated_coroutine(*args: P.args, **kwargs: P.kwargs) -> Any:
-            new_args, new_kwargs = moved(args, kwargs)
-            return await function(*new_args, **new_kwargs)
-
-        return colocated_coroutine  # type: ignore[return-value]
-
-    @functools.wraps(function)
-    def colocated_function(*args: P.args, **kwargs: P.kwargs) -> R:
-        new_args, new_kwargs = moved(args, kwargs)
-        return function(*new_args, **new_kwargs)
-
-    return colocated_function
+    return wrap(function, arguments=moved)  # plain and async, as every scoped decorator
 
 
 def _signature(function: Callable[..., Any]) -> inspect.Signature | None:

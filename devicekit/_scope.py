@@ -30,7 +30,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Generic, TypeVar, cast
@@ -263,7 +263,7 @@ class Scoped(Generic[S]):
 
 def wrap(
     function: Callable[P, R],
-    around: Callable[[], AbstractContextManager[object]],
+    around: Callable[[], AbstractContextManager[object]] = nullcontext,
     *,
     arguments: Callable[[tuple[Any, ...], dict[str, Any]], tuple[Any, dict[str, Any]]]
     | None = None,
@@ -274,7 +274,7 @@ def wrap(
 
     Args:
         function: What to wrap.
-        around: Makes the context manager each call runs in.
+        around: Makes the context manager each call runs in (none by default).
         arguments: Turns the call's `(args, kwargs)` into the ones `function` gets.
         generators: The decorator's name, to refuse generator functions with; `None` to wrap
             them as plain functions (what `around` covers is then only the call that makes the
