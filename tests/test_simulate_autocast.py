@@ -7,6 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import devicekit
 from devicekit import _simulate_autocast
@@ -223,3 +225,40 @@ def test_outside_a_simulation_autocast_cuda_changes_nothing_on_the_cpu() -> None
     with pytest.warns(UserWarning, match="CUDA"), torch.autocast("cuda", dtype=torch.float16):
         assert (a @ a).dtype == torch.float32
     assert _simulate_autocast.active(torch.device("cpu")) is False
+
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+UNARY = [
+    ("exp", torch.exp, FP32),
+    ("softmax", lambda t: torch.softmax(t, -1), FP32_UNLESS_DTYPE),
+    ("sum", torch.sum, FP32_UNLESS_DTYPE),
+    ("matmul", lambda t: t @ t, LOWER),
+    ("relu", torch.relu, None),
+]
+
+
+@given(
+    op=st.sampled_from(UNARY),
+    dtype=st.sampled_from(FLOATS),
+    low=st.sampled_from(LOW_DTYPES),
+    simulated=st.booleans(),
+)
+def test_only_simulated_non_float64_operands_are_cast(
+    op: tuple[str, Callable[[torch.Tensor], torch.Tensor], str | None],
+    dtype: torch.dtype,
+    low: torch.dtype,
+    simulated: bool,
+) -> None:
+    """Invariant: a float64 or real CPU operand keeps its dtype; any other gets the policy's."""
+    name, call, policy = op
+    assert POLICY.get(name) == policy
+    with devicekit.simulated_devices("cuda", 1):
+        x = torch.rand(3, 3, dtype=dtype, device="cuda" if simulated else "cpu")
+        with torch.autocast("cuda", dtype=low):
+            result = call(x)
+    if not simulated or dtype == torch.float64 or policy is None:
+        assert result.dtype == dtype
+    elif policy == LOWER:
+        assert result.dtype == low
+    else:
+        assert result.dtype == torch.float32
