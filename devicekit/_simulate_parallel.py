@@ -182,8 +182,12 @@ def _tagging(backward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _is_on_stack(mode: object) -> bool:
+    """Whether `mode`, or the simulation's mode of another thread, is on this thread's stack."""
     stack: list[object] = _get_current_function_mode_stack()  # type: ignore[no-untyped-call]
-    return any(entry is mode for entry in stack)
+    return any(entry is mode or type(entry).__module__ == _THREADS for entry in stack)
+
+
+_THREADS = "devicekit._simulate_threads"  # where the mode of the simulation's other threads lives
 
 
 def _scatter_forward(
