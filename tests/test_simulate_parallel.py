@@ -125,3 +125,16 @@ def test_comm_is_torchs_own_again_after_the_simulation() -> None:
         assert comm.scatter is not originals["scatter"]
     assert {name: getattr(comm, name) for name in originals} == originals
     assert torch.nn.parallel._functions._streams is streams
+
+
+def test_data_parallel_replicas_follow_cuda_autocast() -> None:
+    """parallel_apply re-enters CUDA autocast in each replica's thread, as on GPUs."""
+    with devicekit.simulated_devices("cuda", 2):
+        wrapped = nn.DataParallel(small_model().cuda())
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = wrapped(torch.randn(6, 4))
+        assert (out.device, out.dtype) == (CUDA0, torch.float16)
+        out.float().sum().backward()
+        grad = wrapped.module[0].weight.grad
+        assert grad is not None
+        assert (grad.device, grad.dtype) == (CUDA0, torch.float32)
