@@ -149,6 +149,31 @@ def _set_tag(tensor: torch.Tensor, device: torch.device | None) -> None:
     else:
         _simulate_facts.count(tensor, device)  # memory accounting; may raise OutOfMemoryError
         tensor.__dict__[_TAG] = device
+    kind = type(tensor)
+    if kind is not torch.Tensor and (_WRAPS.get(kind) or _wraps(kind)):
+        _tag_inner(tensor, device)
+
+
+#: Whether each tensor type is a wrapper subclass that names its inner tensors
+#: (`__tensor_flatten__`: torch_geometric's `EdgeIndex`, nested tensors).
+_WRAPS: dict[type, bool] = {}
+
+
+def _wraps(kind: type) -> bool:
+    found = _WRAPS[kind] = callable(getattr(kind, "__tensor_flatten__", None))
+    return found
+
+
+def _tag_inner(wrapper: torch.Tensor, device: torch.device | None) -> None:
+    """Tag the tensors a wrapper subclass holds (its data, cached indices and values) as the
+    wrapper: on a GPU they live where it does."""
+    for inner in list(wrapper.__dict__.values()):
+        if (
+            isinstance(inner, torch.Tensor)
+            and inner is not wrapper
+            and inner.__dict__.get(_TAG) != device
+        ):
+            _set_tag(inner, device)
 
 
 def _device_of(tensor: torch.Tensor) -> torch.device:
@@ -383,6 +408,12 @@ def _op(
     result = run(func, args, kwargs)
     if device is None:
         return result
+    for _, tensor in operands:
+        kind = type(tensor)
+        if kind is not torch.Tensor and (_WRAPS.get(kind) or _wraps(kind)):
+            # A wrapper subclass may have filled caches below the mode (`EdgeIndex._indptr`,
+            # made in its `__torch_dispatch__`): on a GPU they live where it does.
+            _tag_inner(tensor, _simulated(tensor))
     return _tag_results(result, device, {id(tensor) for _, tensor in operands})
 
 
@@ -569,6 +600,30 @@ def _share_memory(
     return args[0] if _simulated(args[0]) is not None else NotImplemented
 
 
+def _reduce_ex(
+    mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """Pickling a wrapper subclass (`EdgeIndex`) on a simulated device: torch records the
+    wrapper's device as it reads it below the mode (`cpu`); record the simulated one, as a
+    checkpoint written on a GPU does (loading it restores the wrapper there)."""
+    simulated = _simulated(args[0])
+    reduced = func(*args, **kwargs)
+    if simulated is None or not isinstance(reduced, tuple) or len(reduced) != 2:
+        return reduced
+    rebuild, rebuild_args = reduced
+    if rebuild is not torch._tensor._rebuild_from_type_v2 or len(rebuild_args) != 4:
+        return reduced
+    inner, kind, inner_args, state = rebuild_args
+    if inner is torch._utils._rebuild_wrapper_subclass and len(inner_args) == _PICKLED_DEVICE + 2:
+        inner_args = (*inner_args[:_PICKLED_DEVICE], simulated, inner_args[-1])
+        return rebuild, (inner, kind, inner_args, state)
+    return reduced
+
+
+#: Where the device sits in `_rebuild_wrapper_subclass`'s arguments (before `requires_grad`).
+_PICKLED_DEVICE = 6
+
+
 def _type(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     if len(args) != 1 or kwargs or _simulated(args[0]) is None:
         return NotImplemented
@@ -602,6 +657,7 @@ _METHODS: dict[str, _Method] = {
     "__array__": _numpy,
     "type": _type,
     "record_stream": _record_stream,
+    "__reduce_ex__": _reduce_ex,
     "__repr__": _repr,
 }
 
@@ -755,7 +811,7 @@ def tensor_patches(session: _Session) -> dict[tuple[object, str], object]:
         else:
             kwargs = {**kwargs, "device": _CPU}
         made: torch.Tensor = make_wrapper(cls, *args, **kwargs)
-        _set_tag(made, target)
+        made.__dict__[_TAG] = target  # not `_set_tag`: it owns no memory, and is not built yet
         return made
 
     # vmap's entry and exit, which TensorDict replaces with its own on import: whichever is

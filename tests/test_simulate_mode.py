@@ -167,6 +167,29 @@ def test_torch_geometric_edge_index_keeps_devices_and_catches_mixing(sim: object
             edges.matmul(torch.ones(2, 2, device="cuda:0"))
 
 
+def test_torch_geometric_caches_live_with_their_edge_index(sim: object, tmp_path: Any) -> None:
+    """`EdgeIndex` fills caches in its `__torch_dispatch__` (below the mode) and moves them with
+    itself; on a GPU they live where it does, also after a checkpoint round trip."""
+    pyg = pytest.importorskip("torch_geometric")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pyg's sparse-tensor beta warnings
+        adj = pyg.EdgeIndex([[0, 1, 1, 2], [1, 0, 2, 1]], sort_order="row").fill_cache_()
+        adj = adj.to("cuda:1")
+        assert adj._indptr.device == CUDA1
+        fresh = pyg.EdgeIndex([[0, 1, 1, 2], [1, 0, 2, 1]], sort_order="row", device="cuda:0")
+        x = torch.ones(3, 1, device="cuda:0")
+        with devicekit.device_guard("error"):
+            first, second = fresh @ x, fresh.matmul(x)  # the second reads the caches
+        assert fresh._indptr.device == CUDA0
+        assert torch.equal(first.cpu(), second.cpu())
+        torch.save(adj, tmp_path / "adj.pt")
+        loaded = torch.load(tmp_path / "adj.pt", weights_only=False)
+        assert type(loaded) is type(adj)
+        assert loaded.device == CUDA1
+        assert loaded._indptr.device == CUDA1
+        assert loaded.equal(adj)
+
+
 # --- nested (jagged) tensors -------------------------------------------------------------------
 
 
