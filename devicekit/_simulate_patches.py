@@ -559,12 +559,14 @@ def _facade(original: type, simulated: type, session: _Session) -> type:
     simulation is active (TorchDynamo's device interfaces, on import) still gets a class."""
 
     def __new__(cls: type, *args: Any, **kwargs: Any) -> Any:
-        device = kwargs.get("device", args[0] if args and original is _REAL_STREAM else None)
+        # Both take the device first: `torch.Stream(device=None, *, priority=0)`,
+        # `torch.Event(device=None, *, enable_timing=False, ...)`.
+        device = kwargs.pop("device", args[0] if args else None)
         if _simulate_mode._active is session and (
             device is None or session.resolve(device) is not None
         ):
-            return simulated(*args, **kwargs)
-        return original.__new__(cls, *args, **kwargs)
+            return simulated(device=device, **kwargs)
+        return original.__new__(cls, device, **kwargs)
 
     facade = _FacadeType(
         original.__name__, (original,), {"__new__": __new__, "__module__": "torch"}

@@ -342,6 +342,10 @@ def test_streams_and_events_are_torch_classes(sim: object) -> None:
     assert isinstance(torch.cuda.Event(), torch.Event)
     assert isinstance(torch.Stream(device="cuda:1"), torch.cuda.Stream)
     assert isinstance(torch.Stream(device="cpu"), torch.Stream)
+    assert torch.Stream("cuda:1").device == CUDA1
+    event = torch.Event("cuda:1", enable_timing=True)
+    assert isinstance(event, torch.cuda.Event)
+    assert event.device == CUDA1
     assert stream.device == CUDA0
     assert torch.cuda.Stream(device=1).device == CUDA1
     assert torch.cuda.current_stream() == torch.cuda.default_stream() == stream
