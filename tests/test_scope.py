@@ -149,23 +149,36 @@ def test_every_scoped_object_refuses_generator_functions_alike(decorator: Any) -
 def test_one_object_used_by_two_threads_leaving_in_any_order(name: str) -> None:
     make, in_force = SCOPES[name]
     shared = make()
-    entered, leave_first, results = threading.Barrier(2, timeout=10), threading.Event(), {}
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    results: dict[tuple[str, str], object] = {}
 
-    def worker(label: str, first: bool) -> None:
-        with shared:
-            entered.wait()
-            if not first:
-                assert leave_first.wait(timeout=10)
-            results[label, "inside"] = in_force()
-        if first:
-            leave_first.set()
-        results[label, "after"] = in_force()
+    def first() -> None:  # enters first, leaves first
+        try:
+            with shared:
+                a_in.set()
+                assert b_in.wait(timeout=10)
+                results["a", "inside"] = in_force()
+            results["a", "after"] = in_force()
+        except BaseException as error:
+            results["a", "error"] = error
+        a_out.set()
 
-    # The thread that entered last leaves first: with one token stack per object this used to
-    # raise `ValueError: Token ... created in a different Context` and leave the state set.
-    threads = [threading.Thread(target=worker, args=(label, label == "b")) for label in "ab"]
-    threads[0].start()
-    threads[1].start()
+    def second() -> None:
+        assert a_in.wait(timeout=10)
+        try:
+            with shared:
+                b_in.set()
+                assert a_out.wait(timeout=10)
+                results["b", "inside"] = in_force()
+            results["b", "after"] = in_force()
+        except BaseException as error:
+            results["b", "error"] = error
+
+    # The thread that entered first leaves first: with one token stack per object it took the
+    # other thread's token, raising `ValueError: Token ... created in a different Context`.
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
     for thread in threads:
         thread.join()
     assert results == {
