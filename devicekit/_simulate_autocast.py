@@ -12,18 +12,19 @@ registered for the `AutocastCUDA` key in torch's `aten/src/ATen/autocast_mode.cp
 `cudnn/AutocastRNN.cpp` for the fused RNNs), keyed by the name the op has in Python. Only
 floating tensors on a simulated device are cast, float64 never, as CUDA does.
 
-Known limit: the mode sees only the outermost call of a composite. Where torch decomposes it
-below Python (`_VF.lstm`, `F.cross_entropy`) the table gives the outer name the dtype its CUDA
-result has; a Python composite that is not in the table (`F.multi_head_attention_forward`,
-`F.normalize`) runs as one op in its operands' dtype, where CUDA would apply the policy to each
-op inside it.
+Composites decompose below autocast on CUDA, so the ops inside them get their own policy. The
+Python composites of `torch.nn.functional` and `torch.functional` that are not in the table
+(`F.multi_head_attention_forward`, `F.normalize`) therefore run with the mode on. Known limit:
+where torch decomposes a composite below Python (`_VF.lstm`, `F.cross_entropy`), the mode sees
+only the outer call; the table gives those names the dtype their CUDA result has.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -144,6 +145,8 @@ def call(func: Callable[..., Any], name: str, /, *args: Any, **kwargs: Any) -> A
     __tracebackhide__ = True
     policy = policy_of(name, args, kwargs)
     if policy is None:
+        if _is_composite(func):
+            return _call_composite(func, args, kwargs)
         return func(*args, **kwargs)
     if policy == BANNED:
         raise RuntimeError(_BANNED_MESSAGE)
@@ -174,6 +177,50 @@ def call(func: Callable[..., Any], name: str, /, *args: Any, **kwargs: Any) -> A
         return value
 
     return func(*[cast(value) for value in args], **{k: cast(v) for k, v in kwargs.items()})
+
+
+_COMPOSITE_MODULES = frozenset({"torch.nn.functional", "torch.functional"})
+_DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+
+
+def _is_composite(func: object) -> TypeGuard[types.FunctionType]:
+    """A Python function of `torch.nn.functional`/`torch.functional` that dispatches itself."""
+    return (
+        isinstance(func, types.FunctionType)
+        and func.__module__ in _COMPOSITE_MODULES
+        and any(name in func.__code__.co_names for name in _DISPATCH_CHECKS)
+    )
+
+
+def _call_composite(func: types.FunctionType, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Run a Python composite with the simulation's mode on, so that each op inside it gets its
+    own policy, as on CUDA, where composites decompose below autocast.
+
+    Its own first dispatch check is answered "no" (it would hand the call straight back to the
+    mode): a copy of the function runs with its own globals, in which that check is one-shot.
+    """
+    session = _simulate_mode._active
+    mode = None if session is None else session.mode
+    if mode is None:
+        return func(*args, **kwargs)
+    namespace = dict(func.__globals__)
+
+    def once(name: str) -> Callable[..., bool]:
+        def check(*values: Any) -> bool:
+            namespace[name] = func.__globals__[name]  # later checks are torch's own
+            return False
+
+        return check
+
+    for name in _DISPATCH_CHECKS:
+        if name in namespace:
+            namespace[name] = once(name)
+    body = types.FunctionType(
+        func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
+    )
+    body.__kwdefaults__ = func.__kwdefaults__
+    with mode:
+        return body(*args, **kwargs)
 
 
 def _castable(value: object) -> bool:

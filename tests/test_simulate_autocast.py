@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import devicekit
 from devicekit import _simulate_autocast
@@ -262,3 +263,24 @@ def test_only_simulated_non_float64_operands_are_cast(
         assert result.dtype == low
     else:
         assert result.dtype == torch.float32
+
+
+def test_python_composites_apply_the_policy_to_each_op_inside() -> None:
+    """As on CUDA, where composites decompose below autocast: the ops inside get their policy."""
+    torch.manual_seed(0)
+    with devicekit.simulated_devices("cuda", 1):
+        x = torch.randn(2, 5, 8, device="cuda")
+        attention = nn.MultiheadAttention(8, 2, batch_first=True).cuda()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).cuda()
+        with torch.autocast("cuda", dtype=torch.float16):
+            out, weights = attention(x, x, x)
+            normalized = F.normalize(x @ x.transpose(1, 2), dim=-1)
+            encoded = layer(x)
+        # projections (linear, bmm) low; softmax, norm and layer_norm float32, as CUDA gives
+        assert (out.dtype, weights.dtype) == (torch.float16, torch.float32)
+        assert normalized.dtype == torch.float32
+        assert (encoded.dtype, encoded.device) == (torch.float32, torch.device("cuda", 0))
+        out.float().sum().backward()
+        grad = attention.in_proj_weight.grad
+        assert grad is not None
+        assert (grad.dtype, grad.device) == (torch.float32, torch.device("cuda", 0))
