@@ -148,9 +148,24 @@ def draw(
 ) -> Any:
     """Run the random op `func` drawing from `generator` instead of the CPU's default one.
 
-    A call that names its own `generator=` keeps it.
+    A call that names its own `generator=` keeps it, if it is a generator of the same device
+    type: CUDA refuses a CPU generator for a cuda op, and so does the simulation.
     """
-    if kwargs.get("generator") is not None:
+    given = kwargs.get("generator")
+    if given is not None:
+        wanted = getattr(generator, "device", None)
+        found = getattr(given, "device", None)
+        if (
+            isinstance(wanted, torch.device)
+            and isinstance(found, torch.device)
+            and found.type != wanted.type
+        ):
+            raise RuntimeError(
+                f"Expected a '{wanted.type}' device type for generator but found "
+                f"'{found.type}'. (devicekit: {getattr(func, '__name__', func)} runs on "
+                f"simulated {wanted}; make the generator with "
+                f"torch.Generator(device={str(wanted)!r}).)"
+            )
         return func(*args, **kwargs)
     default = torch.default_generator
     saved = default.get_state()

@@ -323,6 +323,17 @@ def test_generators_of_simulated_devices(sim: object) -> None:
     assert torch.Generator(device="cuda").device == CUDA0
 
 
+def test_a_cpu_generator_for_a_cuda_op_is_refused_like_cuda(sim: object) -> None:
+    with pytest.raises(RuntimeError) as caught:
+        torch.randn(3, device="cuda:1", generator=torch.Generator())
+    assert str(caught.value).startswith(
+        "Expected a 'cuda' device type for generator but found 'cpu'."
+    )
+    assert "torch.Generator(device='cuda:1')" in str(caught.value)
+    with pytest.raises(RuntimeError, match="device type for generator"):
+        torch.ones(3, device="cuda").uniform_(generator=torch.Generator())
+
+
 def test_module_initialisation_on_a_simulated_device_draws_from_it(sim: object) -> None:
     torch.cuda.manual_seed_all(0)
     first = torch.nn.Linear(4, 4, device="cuda").weight.detach().cpu()
