@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from devicekit._errors import UnmovableError
+from devicekit._errors import InvalidArgumentError, UnmovableError
 
 __all__ = [
     "CONTAINERS",
@@ -672,7 +672,7 @@ def register_mover(cls: type[Any], fn: MoverFunction) -> None:
         fn: Takes an instance apart: `fn(obj) -> (children, rebuild)`.
 
     Raises:
-        UnmovableError: `cls` is not a class or `fn` is not callable.
+        InvalidArgumentError: `cls` is not a class or `fn` is not callable.
 
     Example:
         >>> import torch, devicekit
@@ -687,18 +687,14 @@ def register_mover(cls: type[Any], fn: MoverFunction) -> None:
         (device(type='meta'), 'label')
     """
     if not isinstance(cls, type):
-        raise UnmovableError(
+        raise InvalidArgumentError(
             f"register_mover({cls!r}, ...): expected a class, got a {type(cls).__name__}. "
-            "Pass the type itself, e.g. register_mover(MyBatch, fn).",
-            path=None,
-            obj=cls,
+            "Pass the type itself, e.g. register_mover(MyBatch, fn)."
         )
     if not callable(fn):
-        raise UnmovableError(
+        raise InvalidArgumentError(
             f"register_mover({cls.__name__}, {fn!r}): expected a function "
-            f"fn(obj) -> (children, rebuild), got an object of type {type(fn).__name__}.",
-            path=None,
-            obj=fn,
+            f"fn(obj) -> (children, rebuild), got an object of type {type(fn).__name__}."
         )
     MOVERS[cls] = fn
     reset_caches()

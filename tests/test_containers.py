@@ -168,7 +168,7 @@ class Opaque:
 
 
 def test_register_mover_names_what_it_got_instead_of_a_function() -> None:
-    with pytest.raises(devicekit.UnmovableError) as caught:
+    with pytest.raises(devicekit.InvalidArgumentError) as caught:
         devicekit.register_mover(Opaque, 3)  # type: ignore[arg-type]
     assert str(caught.value) == (
         "register_mover(Opaque, 3): expected a function fn(obj) -> (children, rebuild), "

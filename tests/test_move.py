@@ -285,9 +285,13 @@ def test_register_mover() -> None:
 
 
 def test_register_mover_rejects_bad_arguments() -> None:
-    with pytest.raises(devicekit.UnmovableError, match=r"expected a class, got a str"):
+    with pytest.raises(devicekit.InvalidArgumentError) as caught:
         devicekit.register_mover("Cache", lambda c: ({}, c))  # type: ignore[arg-type]
-    with pytest.raises(devicekit.UnmovableError, match=r"expected a function"):
+    assert str(caught.value) == (
+        "register_mover('Cache', ...): expected a class, got a str. "
+        "Pass the type itself, e.g. register_mover(MyBatch, fn)."
+    )
+    with pytest.raises(devicekit.InvalidArgumentError, match=r"expected a function"):
         devicekit.register_mover(Opaque, 3)  # type: ignore[arg-type]
 
 
