@@ -10,6 +10,7 @@ marked, and the tensor rebuilt on it is tagged with that device.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import torch.serialization
 import torch.storage
 
 from devicekit._simulate_facts import Memory
-from devicekit._simulate_mode import _TAG, _Session, _set_tag
+from devicekit._simulate_mode import _TAG, _Session, _set_tag, _simulated
 
 __all__ = ["checkpoint_patches"]
 
@@ -34,8 +35,16 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
     original_tag = torch.serialization.location_tag
     original_rebuild: Callable[..., torch.Tensor] = torch._utils._rebuild_tensor
 
+    #: storage address -> simulated device, for tensors being saved that this simulation's
+    #: memory does not count (made in an earlier block that simulated the same devices)
+    saving: dict[int, int] = {}
+
     def get_obj_state(obj: Any) -> Any:
         state = original_state(obj)
+        device = _simulated(obj) if isinstance(obj, torch.Tensor) else None
+        if device is not None:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                saving[torch._C._storage_address(obj)] = device.index or 0  # type: ignore[attr-defined]
         if isinstance(state, dict) and _TAG in state:
             state = {key: value for key, value in state.items() if key != _TAG}
         elif isinstance(state, tuple) and state and isinstance(state[0], dict) and _TAG in state[0]:
@@ -45,6 +54,8 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
     def location_tag(storage: Any) -> str:
         untyped = getattr(storage, "_untyped_storage", storage)
         index = memory.device_of(untyped)
+        if index is None:
+            index = saving.pop(untyped._cdata, None)
         if index is not None:
             return f"{kind}:{index}"
         location: str = original_tag(storage)

@@ -60,6 +60,15 @@ def test_save_writes_the_real_location_and_no_devicekit_state(sim: object) -> No
     assert sorted(set(_locations(buffer))) == ["cpu", "cuda:1"]
 
 
+def test_tensors_made_in_an_earlier_block_save_their_simulated_location() -> None:
+    with simulated_devices("cuda", 2):
+        kept = torch.ones(2, device="cuda:1")  # a module-scoped fixture, say
+    with simulated_devices("cuda", 2):
+        buffer = _save({"w": kept})
+        assert _locations(buffer) == ["cuda:1"]
+        assert torch.load(buffer)["w"].device == CUDA1
+
+
 def test_views_save_their_storage_once_on_its_device(sim: object) -> None:
     base = torch.arange(6.0, device="cuda:0")
     loaded = torch.load(_save({"a": base, "b": base[2:]}))
