@@ -107,14 +107,16 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
         (priority, tagger, deserialize if _restores(restorer, kind) else restorer)
         for priority, tagger, restorer in torch.serialization._package_registry
     ]
-    return {
+    replacements: dict[tuple[object, str], object] = {
         (torch._utils, "_get_obj_state"): get_obj_state,
         (torch._utils, "_rebuild_tensor"): rebuild_tensor,
         (torch.serialization, "location_tag"): location_tag,
         (torch.serialization, "_package_registry"): registry,
-        (torch.storage._StorageBase, kind): cuda,
         (torch.storage._StorageBase, "to"): to,
     }
+    if hasattr(torch.storage._StorageBase, kind):
+        replacements[(torch.storage._StorageBase, kind)] = cuda
+    return replacements
 
 
 def _restores(restorer: Callable[..., Any], kind: str) -> bool:

@@ -340,8 +340,9 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
 
     patches: dict[tuple[object, str], object] = {}
     for name, value in replacements.items():
-        for owner in _holders(module, name):
-            patches[(owner, name)] = value
+        if hasattr(module, name):  # torch.xpu and torch.mps have fewer functions than torch.cuda
+            for owner in _holders(module, name):
+                patches[(owner, name)] = value
 
     accelerator = torch.accelerator
     for name, value in {
