@@ -253,6 +253,20 @@ def test_manual_seed_all_reproduces_cuda_draws(sim: object) -> None:
     assert torch.equal(b, torch.rand(4, device="cuda:1").cpu())
 
 
+@settings(max_examples=25)
+@given(seed=st.integers(0, 2**63 - 1), size=st.integers(1, 50), index=st.integers(0, 1))
+def test_seeded_cuda_draws_are_reproducible_and_leave_the_cpu_alone(
+    seed: int, size: int, index: int
+) -> None:
+    with simulated_devices("cuda", 2):
+        cpu_state = torch.get_rng_state()
+        torch.cuda.manual_seed_all(seed)
+        drawn = torch.randn(size, device=f"cuda:{index}").cpu()
+        expected = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(drawn, expected)
+        assert torch.equal(torch.get_rng_state(), cpu_state)
+
+
 def test_the_cpu_generator_and_the_cuda_ones_are_separate(sim: object) -> None:
     torch.cuda.manual_seed_all(0)
     torch.default_generator.manual_seed(1)  # seeds the CPU only
@@ -360,6 +374,11 @@ def test_streams_and_events_are_torch_classes(sim: object) -> None:
     assert stream.device == CUDA0
     assert torch.cuda.Stream(device=1).device == CUDA1
     assert torch.cuda.current_stream() == torch.cuda.default_stream() == stream
+
+    class Mine(torch.Stream):  # subclassing inside the block (TorchDynamo does on import)
+        pass
+
+    assert isinstance(Mine(device="cpu"), Mine)
 
     def annotated(s: torch.Stream | None = None, e: torch.cuda.Event | None = None) -> None: ...
 
