@@ -187,6 +187,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                 f"devicekit: simulating {devices} on the CPU for the whole run "
                 "(@pytest.mark.no_simulation opts a test out)"
             )
+            from devicekit._startup import PTH_NAME, hook_installed
+
+            if not hook_installed():
+                lines.append(
+                    f"devicekit: {PTH_NAME} is not installed in site-packages, so child "
+                    "processes run without the simulation (pip install devicekit, or "
+                    "pip install -e . in a checkout, installs it)"
+                )
     if _strict(config):
         lines.append("devicekit: every test runs under device_guard('error')")
     return lines

@@ -25,6 +25,8 @@ from devicekit._startup import (
     hook_installed,
 )
 
+pytest_plugins = ["pytester"]
+
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,3 +185,19 @@ def test_the_variable_carries_the_device_facts_to_children() -> None:
 def test_a_bad_variable_is_a_simulation_error(value: str) -> None:
     with pytest.raises(SimulationError, match=r"expected TYPE:COUNT"):
         _parse(value)
+
+
+def test_the_report_header_says_when_children_cannot_inherit(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import devicekit._startup
+
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    monkeypatch.setattr(devicekit._startup, "hook_installed", lambda: False)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--devicekit-simulate=cuda:2")
+    result.stdout.fnmatch_lines(
+        ["devicekit: devicekit_simulate.pth is not installed in site-packages, so child*"]
+    )
+    monkeypatch.setattr(devicekit._startup, "hook_installed", lambda: True)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--devicekit-simulate=cuda:2")
+    result.stdout.no_fnmatch_line("*is not installed in site-packages*")
