@@ -208,7 +208,9 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
 
     def set_memory_fraction(fraction: float, device: object = None) -> None:
         index_of(device)
-        if not isinstance(fraction, float) or not 0 <= fraction <= 1:
+        if not isinstance(fraction, float):
+            raise TypeError("Invalid type for fraction argument, must be `float`")
+        if not 0 <= fraction <= 1:
             raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
         memory.fraction = fraction
 

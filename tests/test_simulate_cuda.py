@@ -209,6 +209,10 @@ def test_memory_fraction_lowers_the_limit() -> None:
     with simulated_devices("cuda", 1, memory="1MiB"):
         torch.cuda.set_per_process_memory_fraction(0.5)
         assert torch.cuda.get_per_process_memory_fraction() == 0.5
+        with pytest.raises(TypeError, match="must be `float`"):
+            torch.cuda.set_per_process_memory_fraction(1)
+        with pytest.raises(ValueError, match="Allowed range: 0~1"):
+            torch.cuda.set_per_process_memory_fraction(1.5)
         with pytest.raises(torch.OutOfMemoryError):
             torch.empty(200_000, device="cuda")
 
