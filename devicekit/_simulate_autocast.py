@@ -28,7 +28,7 @@ from typing import Any, TypeGuard
 
 import torch
 
-from devicekit import _simulate_mode
+from devicekit import _simulate_mode, _simulate_rng
 
 __all__ = ["BANNED", "FP32", "FP32_UNLESS_DTYPE", "LOWER", "POLICY", "PROMOTE", "active", "wrap"]
 
@@ -133,10 +133,20 @@ def wrap(func: Callable[..., Any], name: str, device: torch.device) -> Callable[
 
     `func` itself when CUDA autocast is off (another device type's autocast may be on).
     """
-    return functools.partial(call, func, name) if active(device) else func
+    if not active(device):
+        return func
+
+    @functools.wraps(func)  # keeps the op's name, which later steps (random ops) look up
+    def autocast(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        return call(func, name, device, *args, **kwargs)
+
+    return autocast
 
 
-def call(func: Callable[..., Any], name: str, /, *args: Any, **kwargs: Any) -> Any:
+def call(
+    func: Callable[..., Any], name: str, device: torch.device, /, *args: Any, **kwargs: Any
+) -> Any:
     """Run `func(*args, **kwargs)` as CUDA autocast would: operands cast by the op's policy.
 
     Only floating tensors on a simulated device are cast (CUDA casts only CUDA tensors), and
@@ -146,7 +156,7 @@ def call(func: Callable[..., Any], name: str, /, *args: Any, **kwargs: Any) -> A
     policy = policy_of(name, args, kwargs)
     if policy is None:
         if _is_composite(func):
-            return _call_composite(func, args, kwargs)
+            return _call_composite(func, name, device, args, kwargs)
         return func(*args, **kwargs)
     if policy == BANNED:
         raise RuntimeError(_BANNED_MESSAGE)
@@ -192,7 +202,13 @@ def _is_composite(func: object) -> TypeGuard[types.FunctionType]:
     )
 
 
-def _call_composite(func: types.FunctionType, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+def _call_composite(
+    func: types.FunctionType,
+    name: str,
+    device: torch.device,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+) -> Any:
     """Run a Python composite with the simulation's mode on, so that each op inside it gets its
     own policy, as on CUDA, where composites decompose below autocast.
 
@@ -205,22 +221,29 @@ def _call_composite(func: types.FunctionType, args: Sequence[Any], kwargs: dict[
         return func(*args, **kwargs)
     namespace = dict(func.__globals__)
 
-    def once(name: str) -> Callable[..., bool]:
+    def once(check_name: str) -> Callable[..., bool]:
         def check(*values: Any) -> bool:
-            namespace[name] = func.__globals__[name]  # later checks are torch's own
+            namespace[check_name] = func.__globals__[check_name]  # later checks are torch's
             return False
 
         return check
 
-    for name in _DISPATCH_CHECKS:
-        if name in namespace:
-            namespace[name] = once(name)
+    for check_name in _DISPATCH_CHECKS:
+        if check_name in namespace:
+            namespace[check_name] = once(check_name)
     body = types.FunctionType(
         func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
     )
     body.__kwdefaults__ = func.__kwdefaults__
     with mode:
-        return body(*args, **kwargs)
+        result = body(*args, **kwargs)
+    if name in _simulate_rng.RANDOM_OPS:
+        # The whole call drew from the device's generator (lent as torch's default one), and so
+        # did each random op inside it, lending it again: hand its latest state back up.
+        generator = _simulate_rng.generator_for(device)
+        if generator is not None:
+            torch.default_generator.set_state(generator.get_state())
+    return result
 
 
 def _castable(value: object) -> bool:

@@ -284,3 +284,18 @@ def test_python_composites_apply_the_policy_to_each_op_inside() -> None:
         grad = attention.in_proj_weight.grad
         assert grad is not None
         assert (grad.dtype, grad.device) == (torch.float32, torch.device("cuda", 0))
+
+
+def test_random_ops_draw_the_same_under_autocast() -> None:
+    """Autocast changes dtypes only: dropout draws from the device's generator either way."""
+    with devicekit.simulated_devices("cuda", 1):
+        x = torch.ones(4, 8, device="cuda")
+        layer = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True).cuda()
+        draws = []
+        for enabled in (False, True):
+            torch.cuda.manual_seed(0)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=enabled):
+                masks = (F.dropout(x, 0.5) == 0, layer(x[None], x[None], x[None])[1] == 0)
+            draws.append([mask.cpu() for mask in masks])
+        assert torch.equal(draws[0][0], draws[1][0])
+        assert torch.equal(draws[0][1], draws[1][1])
