@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -40,6 +41,8 @@ from devicekit._simulate_facts import DEFAULT_FACTS, DeviceFacts, DeviceProperti
 from devicekit._simulate_mode import _Session, _set_tag, _simulated
 from devicekit._simulate_rng import Generators
 from devicekit._simulate_streams import SimulatedEvent, SimulatedStream, Streams
+
+_function_modes: Callable[[], list[Any]] = torch.overrides._get_current_function_mode_stack
 
 __all__ = ["UNSIMULATED", "_patches"]
 
@@ -396,6 +399,13 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
     for cls in (torch.nn.Parameter, torch.nn.Buffer):
         patches[(cls, "__new__")] = staticmethod(_keeping_tag(cls.__dict__["__new__"]))
     patches.update(checkpoint_patches(session, memory))
+    if hasattr(module, "_initialized"):  # read directly by torch.utils.checkpoint, as CUDA's
+        patches[(module, "_initialized")] = True
+    checkpointing = sys.modules.get("torch.utils.checkpoint")
+    if checkpointing is not None:
+        patches[(checkpointing, "set_device_states")] = _recomputing(
+            session, checkpointing.set_device_states
+        )
     patches.update(_simulate_parallel.patches(kind))  # nn.parallel.comm: DataParallel, replicate
     patches.update(_simulate_compile.patches())  # torch.compile
     # The mode's hooks find this simulation's memory, generators and streams here.
@@ -643,6 +653,27 @@ def _while_active(session: _Session, original: object, fake: object) -> object:
         return real(*args, **kwargs)
 
     return functools.update_wrapper(switch, real, updated=())
+
+
+def _recomputing(session: _Session, original: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.utils.checkpoint.set_device_states`, called before a checkpointed region is
+    recomputed in backward. torch's autograd engine runs that recomputation without the
+    simulation's mode (backward runs with the stack `backward()` was called with, and the mode
+    pops itself while it runs `backward()`), so its random ops draw from the CPU's generator:
+    that generator gets the simulated device's saved state, the one the forward drew from, and
+    dropout masks come out the same, as on CUDA. `fork_rng` restores the CPU's state after."""
+
+    def set_device_states(devices: Any, states: Any, *, device_type: Any = None) -> None:
+        original(devices, states, device_type=device_type)
+        mode = session.mode
+        if (
+            (device_type or session.type) == session.type
+            and len(states) > 0
+            and not any(m is mode for m in _function_modes())
+        ):
+            torch.default_generator.set_state(states[0])
+
+    return set_device_states
 
 
 def _keeping_tag(new: Any) -> Callable[..., Any]:

@@ -360,6 +360,27 @@ def test_module_initialisation_on_a_simulated_device_draws_from_it(sim: object) 
     assert torch.equal(first, torch.nn.Linear(4, 4, device="cuda").weight.detach().cpu())
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_recomputes_the_same_dropout(sim: object, reentrant: bool) -> None:
+    """torch.utils.checkpoint saves the cuda generator's state and recomputes in backward: the
+    recomputed dropout mask must be the forward's, or the gradients are silently wrong."""
+    from torch.utils.checkpoint import checkpoint
+
+    linear = torch.nn.Linear(8, 8).cuda()
+    x = torch.randn(4, 8, device="cuda", requires_grad=True)
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(linear(t), 0.5, training=True)
+
+    torch.cuda.manual_seed_all(1)
+    block(x).sum().backward()
+    plain = x.grad.cpu()
+    x.grad = None
+    torch.cuda.manual_seed_all(1)
+    checkpoint(block, x, use_reentrant=reentrant).sum().backward()
+    assert torch.equal(x.grad.cpu(), plain)
+
+
 # --- streams and events ------------------------------------------------------------------------
 
 
