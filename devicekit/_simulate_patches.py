@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.backends.cuda
 import torch.backends.cudnn
+import torch.utils.checkpoint
 
 from devicekit import (
     _simulate_compile,
@@ -401,11 +401,9 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
     patches.update(checkpoint_patches(session, memory))
     if hasattr(module, "_initialized"):  # read directly by torch.utils.checkpoint, as CUDA's
         patches[(module, "_initialized")] = True
-    checkpointing = sys.modules.get("torch.utils.checkpoint")
-    if checkpointing is not None:
-        patches[(checkpointing, "set_device_states")] = _recomputing(
-            session, checkpointing.set_device_states
-        )
+    patches[(torch.utils.checkpoint, "set_device_states")] = _recomputing(
+        session, torch.utils.checkpoint.set_device_states
+    )
     patches.update(_simulate_parallel.patches(kind))  # nn.parallel.comm: DataParallel, replicate
     patches.update(_simulate_compile.patches())  # torch.compile
     # The mode's hooks find this simulation's memory, generators and streams here.
