@@ -63,6 +63,32 @@ def test_the_hook_is_one_line_that_only_reads_the_variable() -> None:
     assert line.startswith('import os; os.environ.get("DEVICEKIT_SIMULATE") and ')
 
 
+def test_without_the_variable_the_hook_imports_nothing() -> None:
+    env = _environment()
+    env.pop(ENVIRONMENT_VARIABLE, None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; print(sorted(m for m in sys.modules if 'devicekit' in m))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_the_hook_module_imports_no_torch_and_changes_no_variable() -> None:
+    code = (
+        "import os, sys; before = dict(os.environ); import devicekit._startup; "
+        "print('torch' in sys.modules, dict(os.environ) == before)"
+    )
+    done = _python("-c", code)
+    assert done.stdout.split() == ["False", "True"], done.stderr
+
+
 def test_a_script_run_from_inside_a_simulation_is_simulated() -> None:
     code = (
         "import torch; x = torch.ones(2, device='cuda:1') * 2; "
