@@ -400,3 +400,17 @@ def test_threads_left_running_let_calls_through_after_the_block() -> None:
     assert after == ["cpu"]
     assert threading.Thread._bootstrap_inner.__name__ == "_bootstrap_inner"  # type: ignore[attr-defined]
     assert threading.Thread.__dict__["_bootstrap_inner"].__module__ == "threading"
+
+
+def test_a_dataloaders_pin_memory_thread_is_simulated() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.arange(8.0).reshape(8, 1))
+    with simulated_devices("cuda", 2):
+        torch.cuda.set_device(1)
+        loader = DataLoader(data, batch_size=4, pin_memory=True, num_workers=2)
+        batches = [features for (features,) in loader]
+        moved = [features.to("cuda", non_blocking=True) for features in batches]
+        assert [features.is_pinned() for features in batches] == [True, True]
+    assert [str(features.device) for features in moved] == ["cuda:1", "cuda:1"]
+    assert torch.cat(moved).flatten().tolist() == [float(i) for i in range(8)]
