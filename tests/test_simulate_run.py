@@ -412,5 +412,5 @@ def test_a_dataloaders_pin_memory_thread_is_simulated() -> None:
         batches = [features for (features,) in loader]
         moved = [features.to("cuda", non_blocking=True) for features in batches]
         assert [features.is_pinned() for features in batches] == [True, True]
-    assert [str(features.device) for features in moved] == ["cuda:1", "cuda:1"]
+        assert [str(features.device) for features in moved] == ["cuda:1", "cuda:1"]
     assert torch.cat(moved).flatten().tolist() == [float(i) for i in range(8)]
