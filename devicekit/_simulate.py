@@ -220,14 +220,18 @@ class simulated_devices:
                     "simulation once, after entering it (a `with` statement always does)."
                 )
             entry = mine[-1]
-            if entry is not _entered[-1]:
-                inner = _entered[-1].owner
+            later = _entered[_entered.index(entry) + 1 :]
+            for inner in reversed(later):  # ended too: the state from before `self` comes back
+                _leave(inner)
+            _leave(entry)
+            if later and not exc[0]:
+                names = ", ".join(repr(inner.owner) for inner in later)
                 raise ScopeError(
-                    f"{self!r}: exited while the simulation {inner!r} entered after it is still "
-                    "active. Exit simulations in the reverse order of entering them (nested "
+                    f"{self!r}: exited while simulations entered after it were still active "
+                    f"({names}); they are ended too, and the state from before {self!r} is "
+                    "restored. Exit simulations in the reverse order of entering them (nested "
                     "`with` statements always do)."
                 )
-            _leave(entry)
 
     def __call__(self, function: F) -> F:
         """Use as a decorator of plain and `async` functions: each call runs in a fresh

@@ -277,10 +277,10 @@ def test_simulations_exit_in_reverse_order() -> None:
     outer, inner = simulated_devices("cuda", 2), simulated_devices("xpu", 1)
     outer.__enter__()
     inner.__enter__()
-    with pytest.raises(ScopeError, match=r"still active. Exit simulations in the reverse order"):
+    with pytest.raises(ScopeError, match=r"\(simulated_devices\('xpu', 1\)\); they are ended too"):
         outer.__exit__(None, None, None)
-    inner.__exit__(None, None, None)
-    outer.__exit__(None, None, None)
+    with pytest.raises(ScopeError, match=r"this simulation is not active"):
+        inner.__exit__(None, None, None)
     assert _simulate_mode._active is None
     assert not torch.cuda.is_available()
 
