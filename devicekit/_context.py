@@ -24,7 +24,7 @@ import torch
 from typing_extensions import ParamSpec
 
 from devicekit._resolve import auto_device, resolve
-from devicekit._scope import Kind, Record, Scoped, live
+from devicekit._scope import Kind, Record, Scoped, live, locked
 from devicekit._types import DeviceLike
 
 __all__ = ["as_device", "carry_default_device", "current_device", "default_device"]
@@ -391,15 +391,16 @@ _primed = False
 
 
 def _hold(record: object) -> None:
-    with _lock:
-        _live.add(id(record))
-        _sync()
+    locked(_lock, functools.partial(_change, _live.add, id(record)))
 
 
 def _release(record: object) -> None:
-    with _lock:
-        _live.discard(id(record))
-        _sync()
+    locked(_lock, functools.partial(_change, _live.discard, id(record)))
+
+
+def _change(change: Callable[[int], None], key: int) -> None:
+    change(key)
+    _sync()
 
 
 def _sync() -> None:

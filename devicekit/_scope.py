@@ -39,7 +39,7 @@ from typing_extensions import ParamSpec, Self
 
 from devicekit._errors import InvalidArgumentError, ScopeError
 
-__all__ = ["Kind", "Record", "Scoped", "wrap"]
+__all__ = ["Kind", "Record", "Scoped", "locked", "wrap"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -95,6 +95,25 @@ def live(record: Record | None) -> Record | None:
 
 #: The blocks generators have open, by (id of the generator's frame, id of the owner).
 _suspendable: dict[tuple[int, int], list[Record]] = {}
+
+
+def locked(lock: Any, work: Callable[[], R]) -> R:
+    """`work()` holding `lock` (an `RLock`), released even if an interrupt lands anywhere.
+
+    `with lock:` is not enough: an exception raised between its body's last instruction and the
+    call of `__exit__` (a trace function can raise there) leaves the lock held for good, and
+    every other thread then waits on it forever. Here acquiring and releasing are both inside
+    the `try`, and the handler releases the lock if this thread holds it.
+    """
+    try:
+        lock.acquire()
+        result = work()
+        lock.release()
+    except BaseException:
+        if lock._is_owned():
+            lock.release()
+        raise
+    return result
 
 
 class Kind(Generic[S]):

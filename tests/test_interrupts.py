@@ -36,6 +36,7 @@ from devicekit import (
     _guard,
     _modes,
     _scope,
+    _simulate,
     _simulate_mode,
     _transfer_guard,
     default_device,
@@ -200,6 +201,9 @@ def assert_clean(*, collect: bool = True) -> None:
     assert torch.cuda.is_available() is False
     assert _guard._KIND.current() is None
     assert _transfer_guard._KIND.current() is None
+    # A lock left held would make every other thread wait forever at its next block.
+    assert not _context._lock._is_owned()  # type: ignore[attr-defined]
+    assert not _simulate._lock._is_owned()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
