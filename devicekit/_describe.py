@@ -72,7 +72,7 @@ def torch_sentence(devices: Sequence[torch.device]) -> str:
     """  # noqa: E501
     found = " and ".join(str(device) for device in devices[:2])
     return (
-        f"Expected all tensors to be on the same device, but found at least two devices, {found}!"  # noqa: E501
+        f"Expected all tensors to be on the same device, but found at least two devices, {found}!"
     )
 
 
