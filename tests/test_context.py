@@ -221,7 +221,8 @@ def test_other_threads_never_see_the_block() -> None:
     with default_device("meta"):
         worker = threading.Thread(target=lambda: seen.append(innermost_state()))
         worker.start()
-        worker.join()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert seen == [(CPU, CPU, CPU)]
 
 
@@ -471,7 +472,8 @@ def test_random_programs_see_their_own_innermost_block(
     start.wait()
     asyncio.run(main())
     for worker in workers:
-        worker.join()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     if failures:
         raise failures[0]
     assert_untouched()

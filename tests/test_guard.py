@@ -424,7 +424,8 @@ class TestScoping:
         with device_guard():
             thread = threading.Thread(target=worker)
             thread.start()
-            thread.join()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
         assert seen == [0, (2, 4)]
 
     def test_asyncio_tasks_see_their_own_guard(self) -> None:

@@ -87,7 +87,8 @@ def test_values_stay_under_their_keys_while_another_thread_reorders_them(layout:
             moved_calls += 1
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert moved_calls > 0
 
 

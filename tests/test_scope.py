@@ -180,7 +180,8 @@ def test_one_object_used_by_two_threads_leaving_in_any_order(name: str) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert results == {
         ("a", "inside"): True,
         ("a", "after"): False,
@@ -235,7 +236,8 @@ def test_leaving_from_a_thread_that_did_not_enter_is_a_scope_error(name: str) ->
     with block:
         thread = threading.Thread(target=leave)
         thread.start()
-        thread.join()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
         assert in_force() is True  # the other thread's mistake does not end this thread's block
     assert [type(error) for error in errors] == [ScopeError]
     assert "not active in the current thread or asyncio task" in str(errors[0])
@@ -294,7 +296,8 @@ def test_a_generator_finalised_in_another_thread_ends_its_block_here(name: str) 
     next(iterator)
     thread = threading.Thread(target=iterator.close)
     thread.start()
-    thread.join()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     # It used to leave the factories wrapped and the block in force here for good.
     assert in_force() is False
     gc.collect()
@@ -384,7 +387,8 @@ def test_a_simulation_left_from_another_thread_ends() -> None:
 
     thread = threading.Thread(target=leave)
     thread.start()
-    thread.join()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert errors == []  # used to be IndexError: pop from empty mode stack
     assert torch.cuda.is_available() is False
     assert tagged.device == CPU

@@ -319,7 +319,8 @@ def test_thread_subclasses_overriding_run_are_simulated_and_checked() -> None:
     with simulated_devices("cuda", 2):
         worker = Worker()
         worker.start()
-        worker.join()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert isinstance(worker.error, CrossDeviceError)
     assert "cuda:0 and cuda:1" in str(worker.error)
 
@@ -336,11 +337,13 @@ def test_each_thread_has_its_own_current_device_starting_at_zero() -> None:
         torch.cuda.set_device(1)
         thread = threading.Thread(target=work)
         thread.start()
-        thread.join()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
         torch.cuda.set_device(0)
         thread = threading.Thread(target=work)
         thread.start()
-        thread.join()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
         assert torch.cuda.current_device() == 0
     assert seen == {"new thread": 0, "after set": 1}
 
@@ -364,7 +367,8 @@ def test_threads_keep_their_own_current_device(indices: list[int]) -> None:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert got == dict(enumerate(indices))
 
 
@@ -378,7 +382,8 @@ def test_device_guard_stays_per_thread() -> None:
     with simulated_devices("cuda", 2), devicekit.device_guard("error"):
         thread = threading.Thread(target=unguarded)
         thread.start()
-        thread.join()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert results == ["cuda:0"]
 
 
@@ -396,7 +401,8 @@ def test_threads_left_running_let_calls_through_after_the_block() -> None:
         thread.start()
     go.set()
     done.wait(10)
-    thread.join()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert after == ["cpu"]
     assert threading.Thread._bootstrap_inner.__name__ == "_bootstrap_inner"  # type: ignore[attr-defined]
     assert threading.Thread.__dict__["_bootstrap_inner"].__module__ == "threading"

@@ -629,7 +629,8 @@ def test_back_to_back_calls_from_threads_never_mix_batches() -> None:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
     assert errors == []
 
 

@@ -151,7 +151,8 @@ class TestScoping:
         with transfer_guard():
             thread = threading.Thread(target=lambda: built.append(torch.tensor([1], device="meta")))
             thread.start()
-            thread.join()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
         assert built[0].device.type == "meta"
 
     def test_decorates_functions_and_coroutines(self) -> None:
