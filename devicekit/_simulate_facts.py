@@ -201,10 +201,10 @@ class Memory:
     """Live bytes per simulated device, counted per storage.
 
     A storage counts from the first time a tensor on a simulated device is tagged with it until
-    the last such tensor is freed (weak references to the tensors say when; torch keeps a
-    tensor's Python object alive while autograd or a view's base still holds it). Views share
-    their base's storage and add nothing. A storage's size is that of the tensor that first
-    showed it (the whole storage for every result torch allocates).
+    the storage is freed (a weak reference to the storage's Python object says when: torch keeps
+    that object alive while any tensor, autograd's saved ones included, still uses the storage).
+    Views and in-place results share a counted storage and add nothing. A storage's size is
+    that of the tensor that first showed it (the whole storage for every result torch allocates).
     """
 
     def __init__(self, device_type: str, count: int, capacity: int) -> None:
@@ -215,10 +215,10 @@ class Memory:
             {"all": _Pool(), "large_pool": _Pool(), "small_pool": _Pool()} for _ in range(count)
         ]
         self.ooms = [0] * count
-        #: storage address -> [device index, bytes, pool name, tensors alive]
-        self.live: dict[int, list[Any]] = {}
-        #: the weak references whose callbacks end the counting (kept alive here)
-        self.refs: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        #: storage address -> (device index, bytes, pool name)
+        self.live: dict[int, tuple[int, int, str]] = {}
+        #: the weak references to the storages whose callbacks end the counting (kept alive here)
+        self.refs: dict[int, tuple[weakref.ref[torch.UntypedStorage], int]] = {}
 
     def allocated(self, index: int) -> int:
         return self.pools[index]["all"].size
@@ -227,42 +227,39 @@ class Memory:
         return int(self.capacity * self.fraction)
 
     def add(self, tensor: torch.Tensor, device: torch.device) -> None:
-        """Count `tensor`'s storage on `device` while `tensor` lives."""
+        """Count `tensor`'s storage on `device` while the storage lives (once per storage)."""
         try:
             key = _storage_address(tensor)
         except (RuntimeError, NotImplementedError):
             return  # sparse and nested tensors have no storage of their own
-        live = self.live
-        entry = live.get(key)
-        if entry is None:
-            nbytes = tensor.nbytes
-            index = device.index or 0
-            pools = self.pools[index]
-            if pools["all"].size + nbytes > self.limit():
-                self.ooms[index] += 1
-                raise self.out_of_memory(index, nbytes)
-            pool = "small_pool" if nbytes <= _SMALL else "large_pool"
-            pools["all"].add(nbytes)
-            pools[pool].add(nbytes)
-            entry = live[key] = [index, nbytes, pool, 0]
-        entry[3] += 1
-        reference = weakref.ref(tensor, self._gone)
+        if key in self.live:
+            return  # a view, or an in-place result: its storage is counted already
+        nbytes = tensor.nbytes
+        index = device.index or 0
+        pools = self.pools[index]
+        total = pools["all"]
+        if total.size + nbytes > self.limit():
+            self.ooms[index] += 1
+            raise self.out_of_memory(index, nbytes)
+        pool = "small_pool" if nbytes <= _SMALL else "large_pool"
+        total.add(nbytes)
+        pools[pool].add(nbytes)
+        self.live[key] = (index, nbytes, pool)
+        # torch keeps one Python object per storage while any tensor uses it: its weak
+        # reference's callback runs when the last tensor (tagged or not) lets go.
+        reference = weakref.ref(tensor.untyped_storage(), self._gone)
         self.refs[id(reference)] = (reference, key)
 
-    def _gone(self, reference: weakref.ref[torch.Tensor]) -> None:
+    def _gone(self, reference: weakref.ref[torch.UntypedStorage]) -> None:
         found = self.refs.pop(id(reference), None)
         if found is None:
             return
-        key = found[1]
-        entry = self.live.get(key)
+        entry = self.live.pop(found[1], None)
         if entry is None:
             return
-        entry[3] -= 1
-        if entry[3] == 0:
-            del self.live[key]
-            index, nbytes, pool = entry[0], entry[1], entry[2]
-            self.pools[index]["all"].remove(nbytes)
-            self.pools[index][pool].remove(nbytes)
+        index, nbytes, pool = entry
+        self.pools[index]["all"].remove(nbytes)
+        self.pools[index][pool].remove(nbytes)
 
     def device_of(self, storage: torch.UntypedStorage) -> int | None:
         """The simulated device index a storage is counted on, or `None`."""
