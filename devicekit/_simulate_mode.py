@@ -363,6 +363,8 @@ class _SimulationMode(TorchFunctionMode):
             if name == "_parse_to":  # `Module.to(0)`: an index names the simulated type
                 args, kwargs = _indices_named(session, args, kwargs)
             return func(*args, **kwargs)
+        if kwargs.get("generator") is not None:  # a cuda generator for a CPU op raises
+            _simulate_rng.refuse_on_cpu(func, kwargs["generator"], args, kwargs, session.resolve)
         method = bool(args) and isinstance(args[0], torch.Tensor)
         if method:
             handler = _METHODS.get(name) or (_move_to_current if name == session.type else None)

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["RANDOM_OPS", "Generators", "draw", "generator_class", "generator_for", "seeded"]
+__all__ = [
+    "RANDOM_OPS",
+    "Generators",
+    "draw",
+    "generator_class",
+    "generator_for",
+    "refuse_on_cpu",
+    "seeded",
+]
 
 _REAL_GENERATOR = torch._C.Generator
 
@@ -175,6 +183,41 @@ def draw(
     finally:
         generator.set_state(default.get_state())
         default.set_state(saved)
+
+
+def refuse_on_cpu(
+    func: Callable[..., Any],
+    generator: object,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    resolve: Callable[[object], torch.device | None],
+) -> None:
+    """Raise as CUDA does when a simulated device's `generator` is given to an op that runs
+    on the CPU (`torch.randn(3, generator=torch.Generator(device="cuda"))`).
+
+    The op runs on a simulated device when its `device=` names one or, without `device=`,
+    when a tensor argument is on one or, without tensor arguments, the default device is one. `resolve` maps a device
+    spec to its simulated device, or `None`.
+    """
+    if not isinstance(generator, _SimulatedGenerator):
+        return
+    spec = kwargs.get("device")
+    if spec is None:
+        from devicekit._simulate_mode import _operands, _simulated, _torch_default_device
+
+        operands = _operands(args, kwargs)
+        if any(_simulated(tensor) is not None for _, tensor in operands):
+            return
+        spec = None if operands else _torch_default_device()
+    if isinstance(spec, torch.Tensor) or resolve(spec) is not None:
+        return
+    found = generator.device
+    raise RuntimeError(
+        f"Expected a 'cpu' device type for generator but found '{found.type}'. (devicekit: "
+        f"{getattr(func, '__name__', func)} runs on the CPU here, and the generator belongs "
+        f"to simulated {found}; give the op device={str(found)!r} or a tensor on {found}, "
+        "or make the generator with torch.Generator().)"
+    )
 
 
 def seeded(func: Callable[..., Any], device: torch.device) -> Callable[..., Any]:

@@ -352,6 +352,31 @@ def test_a_cpu_generator_for_a_cuda_op_is_refused_like_cuda(sim: object) -> None
         torch.ones(3, device="cuda").uniform_(generator=torch.Generator())
 
 
+def test_a_cuda_generator_for_a_cpu_op_is_refused_like_cuda(sim: object) -> None:
+    generator = torch.Generator(device="cuda:1")
+    cpu_ops = {
+        "randn": lambda: torch.randn(3, generator=generator),
+        "randn(device='cpu')": lambda: torch.randn(3, generator=generator, device="cpu"),
+        "normal_": lambda: torch.empty(3).normal_(generator=generator),
+        "randperm": lambda: torch.randperm(4, generator=generator),
+        "multinomial": lambda: torch.multinomial(torch.ones(3), 2, generator=generator),
+    }
+    for label, op in cpu_ops.items():
+        with pytest.raises(RuntimeError) as caught:
+            op()
+        message = str(caught.value)
+        assert message.startswith(
+            "Expected a 'cpu' device type for generator but found 'cuda'."
+        ), label
+        assert "simulated cuda:1" in message and "torch.Generator()" in message, label
+    # The same generator on its own device still draws, from a tensor, `device=` or the default.
+    assert torch.empty(3, device="cuda:1").normal_(generator=generator).device == CUDA1
+    assert torch.randperm(4, generator=generator, device="cuda:1").device == CUDA1
+    with torch.device("cuda:1"):
+        assert torch.randn(2, generator=generator).device == CUDA1
+    assert torch.randn(2, generator=torch.Generator()).device == torch.device("cpu")
+
+
 def test_module_initialisation_on_a_simulated_device_draws_from_it(sim: object) -> None:
     torch.cuda.manual_seed_all(0)
     first = torch.nn.Linear(4, 4, device="cuda").weight.detach().cpu()
