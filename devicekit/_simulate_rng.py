@@ -196,8 +196,8 @@ def refuse_on_cpu(
     on the CPU (`torch.randn(3, generator=torch.Generator(device="cuda"))`).
 
     The op runs on a simulated device when its `device=` names one or, without `device=`,
-    when a tensor argument is on one or, without tensor arguments, the default device is one. `resolve` maps a device
-    spec to its simulated device, or `None`.
+    when a tensor argument is on one or, without tensor arguments, the default device is one.
+    `resolve` maps a device spec to its simulated device, or `None`.
     """
     if not isinstance(generator, _SimulatedGenerator):
         return

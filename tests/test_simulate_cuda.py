@@ -365,10 +365,10 @@ def test_a_cuda_generator_for_a_cpu_op_is_refused_like_cuda(sim: object) -> None
         with pytest.raises(RuntimeError) as caught:
             op()
         message = str(caught.value)
-        assert message.startswith(
-            "Expected a 'cpu' device type for generator but found 'cuda'."
-        ), label
-        assert "simulated cuda:1" in message and "torch.Generator()" in message, label
+        expected = "Expected a 'cpu' device type for generator but found 'cuda'."
+        assert message.startswith(expected), label
+        assert "simulated cuda:1" in message, label
+        assert "torch.Generator()" in message, label
     # The same generator on its own device still draws, from a tensor, `device=` or the default.
     assert torch.empty(3, device="cuda:1").normal_(generator=generator).device == CUDA1
     assert torch.randperm(4, generator=generator, device="cuda:1").device == CUDA1
