@@ -172,23 +172,14 @@ class DeviceProperties:
 
 
 class _Pool:
-    """One pool's counters, as CUDA's allocator keeps them (bytes and allocations)."""
+    """One pool's counters, as CUDA's allocator keeps them (bytes and allocations); `Memory.add`
+    counts a new storage into them."""
 
     __slots__ = ("count", "count_peak", "counted", "freed", "freed_count", "peak", "size", "total")
 
     def __init__(self) -> None:
         self.size = self.peak = self.total = self.freed = 0
         self.count = self.count_peak = self.counted = self.freed_count = 0
-
-    def add(self, nbytes: int) -> None:
-        self.size += nbytes
-        self.total += nbytes
-        self.count += 1
-        self.counted += 1
-        if self.size > self.peak:
-            self.peak = self.size
-        if self.count > self.count_peak:
-            self.count_peak = self.count
 
     def remove(self, nbytes: int) -> None:
         self.size -= nbytes
@@ -215,8 +206,8 @@ class Memory:
             {"all": _Pool(), "large_pool": _Pool(), "small_pool": _Pool()} for _ in range(count)
         ]
         self.ooms = [0] * count
-        #: storage address -> (device index, bytes, pool name)
-        self.live: dict[int, tuple[int, int, str]] = {}
+        #: storage address -> (device index, bytes, its device's "all" pool, its own pool)
+        self.live: dict[int, tuple[int, int, _Pool, _Pool]] = {}
         #: the weak references to the storages whose callbacks end the counting (kept alive here)
         self.refs: dict[int, tuple[weakref.ref[torch.UntypedStorage], int]] = {}
 
@@ -238,13 +229,20 @@ class Memory:
         index = device.index or 0
         pools = self.pools[index]
         total = pools["all"]
-        if total.size + nbytes > self.limit():
+        if total.size + nbytes > int(self.capacity * self.fraction):
             self.ooms[index] += 1
             raise self.out_of_memory(index, nbytes)
-        pool = "small_pool" if nbytes <= _SMALL else "large_pool"
-        total.add(nbytes)
-        pools[pool].add(nbytes)
-        self.live[key] = (index, nbytes, pool)
+        pool = pools["small_pool" if nbytes <= _SMALL else "large_pool"]
+        for counter in (total, pool):  # `_Pool.add`, inlined: this runs for every new storage
+            counter.size += nbytes
+            counter.total += nbytes
+            counter.count += 1
+            counter.counted += 1
+            if counter.size > counter.peak:
+                counter.peak = counter.size
+            if counter.count > counter.count_peak:
+                counter.count_peak = counter.count
+        self.live[key] = (index, nbytes, total, pool)
         # torch keeps one Python object per storage while any tensor uses it: its weak
         # reference's callback runs when the last tensor (tagged or not) lets go.
         reference = weakref.ref(tensor.untyped_storage(), self._gone)
@@ -257,9 +255,9 @@ class Memory:
         entry = self.live.pop(found[1], None)
         if entry is None:
             return
-        index, nbytes, pool = entry
-        self.pools[index]["all"].remove(nbytes)
-        self.pools[index][pool].remove(nbytes)
+        _, nbytes, total, pool = entry
+        total.remove(nbytes)
+        pool.remove(nbytes)
 
     def device_of(self, storage: torch.UntypedStorage) -> int | None:
         """The simulated device index a storage is counted on, or `None`."""

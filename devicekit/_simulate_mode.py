@@ -147,7 +147,9 @@ def _set_tag(tensor: torch.Tensor, device: torch.device | None) -> None:
     if device is None:
         tensor.__dict__.pop(_TAG, None)
     else:
-        _simulate_facts.count(tensor, device)  # memory accounting; may raise OutOfMemoryError
+        memory = _simulate_facts.active
+        if memory is not None:
+            memory.add(tensor, device)  # memory accounting; may raise OutOfMemoryError
         tensor.__dict__[_TAG] = device
     kind = type(tensor)
     if kind is not torch.Tensor and (_WRAPS.get(kind) or _wraps(kind)):
@@ -185,20 +187,29 @@ def _device_of(tensor: torch.Tensor) -> torch.device:
 def _operands(args: Sequence[object], kwargs: dict[str, object]) -> list[tuple[str, torch.Tensor]]:
     """Each tensor argument with a label, looking one level into lists and tuples."""
     found: list[tuple[str, torch.Tensor]] = []
-
-    def visit(label: str, value: object) -> None:
-        if isinstance(value, torch.Tensor):
-            found.append((label, value))
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                if isinstance(item, torch.Tensor):
-                    found.append((f"{label}[{index}]", item))
-
     for position, value in enumerate(args):
-        visit(f"args[{position}]", value)
-    for name, value in kwargs.items():
-        visit(name, value)
+        if isinstance(value, torch.Tensor):
+            found.append((_ARG_LABELS[position] if position < 8 else f"args[{position}]", value))
+        elif isinstance(value, (list, tuple)):
+            _visit_sequence(found, f"args[{position}]", value)
+    if kwargs:
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                found.append((name, value))
+            elif isinstance(value, (list, tuple)):
+                _visit_sequence(found, name, value)
     return found
+
+
+_ARG_LABELS = tuple(f"args[{position}]" for position in range(8))
+
+
+def _visit_sequence(
+    found: list[tuple[str, torch.Tensor]], label: str, value: Sequence[object]
+) -> None:
+    for index, item in enumerate(value):
+        if isinstance(item, torch.Tensor):
+            found.append((f"{label}[{index}]", item))
 
 
 def _counts(tensor: torch.Tensor) -> bool:
@@ -278,8 +289,13 @@ def _check(
     __tracebackhide__ = True
     found: torch.device | None = None
     simulated = False
+    session = _active
     for label, tensor in operands:
-        device = _simulated(tensor)
+        device: torch.device | None = tensor.__dict__.get(_TAG)  # `_simulated`, inlined
+        if device is not None and (
+            session is None or device.type != session.type or (device.index or 0) >= session.count
+        ):
+            device = None
         if device is None:
             if not _counts(tensor) or exempt(label):
                 continue
@@ -416,6 +432,12 @@ def _op(
             # A wrapper subclass may have filled caches below the mode (`EdgeIndex._indptr`,
             # made in its `__torch_dispatch__`): on a GPU they live where it does.
             _tag_inner(tensor, _simulated(tensor))
+    if type(result) is torch.Tensor:
+        for _, tensor in operands:
+            if tensor is result:  # an in-place op hands back its input
+                return result
+        _set_tag(result, device)
+        return result
     return _tag_results(result, device, {id(tensor) for _, tensor in operands})
 
 
@@ -501,7 +523,7 @@ def _attribute(session: _Session, func: Any, args: Sequence[Any]) -> Any:
         return None
     if name == "device":
         return func(*args) if simulated is None else simulated
-    if name == f"is_{session.type}":
+    if name == (_IS_TYPE.get(session.type) or _is_type(session.type)):
         return simulated is not None
     if name == "is_cpu":
         return simulated is None and func(*args)
@@ -509,6 +531,15 @@ def _attribute(session: _Session, func: Any, args: Sequence[Any]) -> Any:
     if simulated is not None and isinstance(result, torch.Tensor):
         _set_tag(result, simulated)
     return result
+
+
+#: `"is_cuda"` for `"cuda"`: the attribute that says a tensor is on the simulated type.
+_IS_TYPE: dict[str, str] = {}
+
+
+def _is_type(device_type: str) -> str:
+    found = _IS_TYPE[device_type] = f"is_{device_type}"
+    return found
 
 
 # --- the tensor methods the simulation answers itself ---------------------------------------------
@@ -740,14 +771,16 @@ def _foreach(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, An
         )
     ]
     length = min((len(value) for value in lists), default=0)
-    devices: list[torch.device | None] = []
-    for position in range(length):
-        operands = [
-            (f"args[{number}][{position}]", value[position])
-            for number, value in enumerate(lists)
-            if isinstance(value[position], torch.Tensor)
-        ]
-        devices.append(_check(func, operands + loose, _never))
+    devices = None if loose else _same_devices(lists, length)
+    if devices is None:
+        devices = []
+        for position in range(length):
+            operands = [
+                (f"args[{number}][{position}]", value[position])
+                for number, value in enumerate(lists)
+                if isinstance(value[position], torch.Tensor)
+            ]
+            devices.append(_check(func, operands + loose, _never))
     result = func(*args, **kwargs)
     if isinstance(result, (list, tuple)):
         inputs = {id(tensor) for value in lists for tensor in value}
@@ -755,6 +788,33 @@ def _foreach(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, An
             if isinstance(item, torch.Tensor) and id(item) not in inputs:
                 _set_tag(item, device)
     return result
+
+
+def _same_devices(lists: list[Any], length: int) -> list[torch.device | None] | None:
+    """The simulated device at each position of a `_foreach_*` op's lists when every tensor at
+    each position has one and the same, else `None` (`_check` then looks, position by position).
+    An optimizer's step over many parameters takes this way, at a dict read per tensor."""
+    session = _active
+    if session is None:
+        return None
+    devices: list[torch.device | None] = []
+    for position in range(length):
+        device: torch.device | None = None
+        for value in lists:
+            item = value[position]
+            if not isinstance(item, torch.Tensor):
+                continue
+            tag = item.__dict__.get(_TAG)
+            if tag is None:
+                return None
+            if device is None:
+                device = tag
+            elif tag is not device and tag != device:
+                return None
+        if device is None or device.type != session.type or (device.index or 0) >= session.count:
+            return None
+        devices.append(device)
+    return devices
 
 
 def _torch_default_device() -> object:
