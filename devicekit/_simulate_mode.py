@@ -108,6 +108,9 @@ class _Session:
 _active: _Session | None = None
 _subclasses_enabled = torch._C._is_torch_function_enabled
 _DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__  # type: ignore[attr-defined]
+#: What `nn.Parameter` (and `nn.Buffer`) use: run the op with subclass handling off. It does
+#: nothing the mode needs to see first, so the mode handles such ops in one pass, not two.
+_DISABLED_TORCH_FUNCTION = torch._C._disabled_torch_function_impl
 #: Whether each type that overrides `__torch_function__` does more than torch's default.
 _CUSTOM: dict[type, bool] = {}
 #: Marks the copies `pin_memory` made while simulating: they answer `is_pinned()` with True.
@@ -115,16 +118,31 @@ _PINNED = "_devicekit_pinned"
 
 
 def _defers(kinds: Sequence[type]) -> bool:
-    """Whether one of `kinds` has a `__torch_function__` of its own (not torch's default)."""
+    """Whether one of `kinds` has a `__torch_function__` of its own (not torch's default, nor
+    the one that only turns subclass handling off)."""
     for kind in kinds:
         custom = _CUSTOM.get(kind)
         if custom is None:
             method = getattr(kind, "__torch_function__", None)
-            custom = getattr(method, "__func__", method) is not _DEFAULT_TORCH_FUNCTION
+            method = getattr(method, "__func__", method)
+            custom = method not in (_DEFAULT_TORCH_FUNCTION, _DISABLED_TORCH_FUNCTION)
             _CUSTOM[kind] = custom
         if custom:
             return True
     return False
+
+
+#: `_defers` per tuple of operand types, as the mode receives it (a handful in any program).
+_DEFERS: dict[tuple[type, ...], bool] = {}
+
+
+def _defers_cached(kinds: tuple[type, ...]) -> bool:
+    found = _DEFERS.get(kinds)
+    if found is None:
+        if len(_DEFERS) > 1000:
+            _DEFERS.clear()
+        found = _DEFERS[kinds] = _defers(kinds)
+    return found
 
 
 def _simulated(tensor: torch.Tensor) -> torch.device | None:
@@ -152,7 +170,7 @@ def _set_tag(tensor: torch.Tensor, device: torch.device | None) -> None:
             memory.add(tensor, device)  # memory accounting; may raise OutOfMemoryError
         tensor.__dict__[_TAG] = device
     kind = type(tensor)
-    if kind is not torch.Tensor and (_WRAPS.get(kind) or _wraps(kind)):
+    if kind is not torch.Tensor and (_WRAPS[kind] if kind in _WRAPS else _wraps(kind)):
         _tag_inner(tensor, device)
 
 
@@ -362,12 +380,12 @@ class _SimulationMode(TorchFunctionMode):
         session = self.session
         if session is not _active:
             return func(*args, **kwargs)
-        if kwargs.get("pin_memory"):  # nothing to pin on a CPU build; the copy is the same
+        if kwargs and kwargs.get("pin_memory"):  # nothing to pin on a CPU build: copy the same
             made = self.__torch_function__(func, types_, args, {**kwargs, "pin_memory": False})
             if isinstance(made, torch.Tensor) and _simulated(made) is None:
                 made.__dict__[_PINNED] = True
             return made
-        if types_ and _subclasses_enabled() and _defers(types_):
+        if types_ and _subclasses_enabled() and _defers_cached(types_):
             # An operand's type overrides `__torch_function__` (a tensor subclass, TensorDict):
             # let it run first, with this mode still on the stack, so that the torch calls it
             # makes (its `super()` call included) are simulated and checked here in turn.
@@ -428,7 +446,7 @@ def _op(
         return result
     for _, tensor in operands:
         kind = type(tensor)
-        if kind is not torch.Tensor and (_WRAPS.get(kind) or _wraps(kind)):
+        if kind is not torch.Tensor and (_WRAPS[kind] if kind in _WRAPS else _wraps(kind)):
             # A wrapper subclass may have filled caches below the mode (`EdgeIndex._indptr`,
             # made in its `__torch_dispatch__`): on a GPU they live where it does.
             _tag_inner(tensor, _simulated(tensor))
@@ -528,7 +546,11 @@ def _attribute(session: _Session, func: Any, args: Sequence[Any]) -> Any:
     if name == "is_cpu":
         return simulated is None and func(*args)
     result = func(*args)
-    if simulated is not None and isinstance(result, torch.Tensor):
+    if (
+        simulated is not None
+        and isinstance(result, torch.Tensor)
+        and result.__dict__.get(_TAG) != simulated  # `.grad` is read again and again
+    ):
         _set_tag(result, simulated)
     return result
 
