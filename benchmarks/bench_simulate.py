@@ -19,6 +19,10 @@ import torch
 import devicekit
 from benchmarks._timing import format_table, median_cpu_us
 
+#: The transformer of the minGPT-size case: layers, width, heads, tokens in the vocabulary,
+#: sequences per batch, tokens per sequence (the tests shrink it).
+GPT_SIZE = {"layers": 4, "width": 128, "heads": 4, "vocab": 256, "batch": 8, "tokens": 64}
+
 
 def cases(device: str) -> dict[str, Callable[[], object]]:
     """The timed calls, with every tensor and module on `device`."""
@@ -41,7 +45,33 @@ def cases(device: str) -> dict[str, Callable[[], object]]:
         "a + b, 4 elements": lambda: a + b,
         "nn.Linear(64, 32) forward, batch 8": lambda: linear(x),
         "SGD training step, 2-layer MLP": step,
+        "minGPT-size training step": gpt_step(device),
     }
+
+
+def gpt_step(device: str) -> Callable[[], None]:
+    """One AdamW training step of a small GPT-like transformer on `device` (`GPT_SIZE`: by
+    default 4 layers of width 128 with dropout 0.1, batches of 8 sequences of 64 tokens)."""
+    size = GPT_SIZE
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        size["width"], size["heads"], 4 * size["width"], dropout=0.1, batch_first=True
+    )
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(size["vocab"], size["width"]),
+        torch.nn.TransformerEncoder(layer, size["layers"], enable_nested_tensor=False),
+        torch.nn.Linear(size["width"], size["vocab"]),
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, size["vocab"], (size["batch"], size["tokens"]), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+        optimizer.step()
+
+    return step
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -249,13 +249,21 @@ def test_bench_transfer(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_simulate(capsys: pytest.CaptureFixture[str]) -> None:
+#: The minGPT-size case of `bench_simulate`, shrunk to run in a few milliseconds.
+TINY_GPT = {"layers": 1, "width": 8, "heads": 2, "vocab": 16, "batch": 2, "tokens": 4}
+
+
+def test_bench_simulate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     if torch.cuda.is_available():
         pytest.skip("simulation is refused where CUDA is real")
+    monkeypatch.setattr(bench_simulate, "GPT_SIZE", TINY_GPT)
     bench_simulate.main(["--rounds", "2"])
     (table,) = tables(capsys.readouterr().out)
     assert table.headers == ["op", "cpu", "simulated cuda:0", "added", "ratio"]
     assert table.column("op") == list(bench_simulate.cases("cpu"))
+    assert table.column("op")[-1] == "minGPT-size training step"
     for row in table.rows:
         cpu, simulated = table.number(row, "cpu"), table.number(row, "simulated cuda:0")
         assert abs(table.number(row, "added") - (simulated - cpu)) <= 0.011
@@ -271,6 +279,7 @@ def test_run_all(
     page = tmp_path / "benchmarks.md"
     page.write_text("# Benchmarks\n\nHand-written.\n", encoding="utf-8")
     monkeypatch.setattr(run_all, "PAGE", page)
+    monkeypatch.setattr(bench_simulate, "GPT_SIZE", TINY_GPT)
     for _ in range(2):  # the second run replaces the first run's section in place
         run_all.main(["--only", "bench_simulate"])
         page.write_text(page.read_text(encoding="utf-8") + "\nKept below.\n", encoding="utf-8")
