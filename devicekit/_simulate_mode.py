@@ -106,6 +106,7 @@ class _Session:
 
 
 _active: _Session | None = None
+_METHOD_WRAPPER = types.MethodWrapperType  # a tensor attribute's `__get__`/`__set__`
 _subclasses_enabled = torch._C._is_torch_function_enabled
 _DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__  # type: ignore[attr-defined]
 #: What `nn.Parameter` (and `nn.Buffer`) use: run the op with subclass handling off. It does
@@ -385,12 +386,12 @@ class _SimulationMode(TorchFunctionMode):
             if isinstance(made, torch.Tensor) and _simulated(made) is None:
                 made.__dict__[_PINNED] = True
             return made
-        if types_ and _subclasses_enabled() and _defers_cached(types_):
+        if types_ and _subclasses_enabled() and (_DEFERS.get(types_) or _defers_cached(types_)):
             # An operand's type overrides `__torch_function__` (a tensor subclass, TensorDict):
             # let it run first, with this mode still on the stack, so that the torch calls it
             # makes (its `super()` call included) are simulated and checked here in turn.
             return NotImplemented
-        if type(func) is types.MethodWrapperType:
+        if type(func) is _METHOD_WRAPPER:
             return _attribute(session, func, args)
         name = getattr(func, "__name__", "")
         if name in _QUERIES:
@@ -440,7 +441,8 @@ def _op(
     if device is not None and name in _simulate_rng.RANDOM_OPS:
         func = _simulate_rng.seeded(func, device)  # random ops draw from the device's generator
     caller = _getframe(2)  # the frame that called the torch op (`_op` <- the mode <- it)
-    run = _runners.get((caller.f_code, caller.f_lineno)) or _runner(caller)
+    found = _runners.get((id(caller.f_code), caller.f_lineno))
+    run = found[1] if found is not None else _runner(caller)
     result = run(func, args, kwargs)
     if device is None:
         return result
@@ -461,8 +463,10 @@ def _op(
 
 _getframe = sys._getframe
 _OVERRIDES = torch.overrides.__file__
-#: Per calling line: a function that calls a torch op "from" that line (see `_runner`).
-_runners: dict[tuple[types.CodeType, int], Callable[..., Any]] = {}
+#: Per calling line, keyed by the id of its code (hashing a big function's code object costs
+#: more than the rest of a lookup): that code, kept alive so that its id stays its own, and a
+#: function that calls a torch op "from" that line (see `_runner`).
+_runners: dict[tuple[int, int], tuple[types.CodeType, Callable[..., Any]]] = {}
 
 
 def _runner(caller: types.FrameType) -> Callable[..., Any]:
@@ -472,7 +476,7 @@ def _runner(caller: types.FrameType) -> Callable[..., Any]:
     this module's: so `filterwarnings` rules by module or file, and the reported location,
     see the user's line that called the op, as they do without the simulation.
     """
-    key = (caller.f_code, caller.f_lineno)
+    key = (id(caller.f_code), caller.f_lineno)
     frame: types.FrameType | None = caller
     while frame is not None and frame.f_code.co_filename == _OVERRIDES:
         frame = frame.f_back  # a Python-level torch function's `handle_torch_function`
@@ -485,7 +489,7 @@ def _runner(caller: types.FrameType) -> Callable[..., Any]:
     run: Callable[..., Any] = namespace["_run"]
     if len(_runners) > _MAX_RUNNERS:
         _runners.clear()
-    _runners[key] = run
+    _runners[key] = (caller.f_code, run)
     return run
 
 
@@ -774,7 +778,8 @@ def _factory(
     kwargs = {**kwargs, "device": _CPU}
     _simulate_facts.admit(func, args, kwargs, target)  # CUDA's OutOfMemoryError, before the CPU
     caller = _getframe(2)  # the frame that called the factory (`_factory` <- the mode <- it)
-    run = _runners.get((caller.f_code, caller.f_lineno)) or _runner(caller)
+    found = _runners.get((id(caller.f_code), caller.f_lineno))
+    run = found[1] if found is not None else _runner(caller)
     result = run(_simulate_rng.seeded(func, target), args, kwargs)
     if isinstance(result, torch.Tensor):
         result = _fresh(result, inputs)
@@ -813,30 +818,31 @@ def _foreach(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, An
 
 
 def _same_devices(lists: list[Any], length: int) -> list[torch.device | None] | None:
-    """The simulated device at each position of a `_foreach_*` op's lists when every tensor at
-    each position has one and the same, else `None` (`_check` then looks, position by position).
-    An optimizer's step over many parameters takes this way, at a dict read per tensor."""
+    """The simulated device at each position of a `_foreach_*` op's lists when every tensor in
+    them is on one and the same, else `None` (`_check` then looks, position by position). An
+    optimizer's step over many parameters on one device takes this way, a dict read per tensor."""
     session = _active
-    if session is None:
-        return None
-    devices: list[torch.device | None] = []
-    for position in range(length):
-        device: torch.device | None = None
-        for value in lists:
+    device: torch.device | None = None
+    for value in lists:
+        for position in range(length):
             item = value[position]
             if not isinstance(item, torch.Tensor):
-                continue
+                return None
             tag = item.__dict__.get(_TAG)
             if tag is None:
                 return None
             if device is None:
                 device = tag
             elif tag is not device and tag != device:
-                return None
-        if device is None or device.type != session.type or (device.index or 0) >= session.count:
-            return None
-        devices.append(device)
-    return devices
+                return None  # several devices: `_check` says whether each position agrees
+    if (
+        device is None
+        or session is None
+        or device.type != session.type
+        or (device.index or 0) >= session.count
+    ):
+        return None
+    return [device] * length
 
 
 def _torch_default_device() -> object:
