@@ -460,6 +460,8 @@ def _op(
                 return result
         _set_tag(result, device)
         return result
+    if not isinstance(result, (torch.Tensor, list, tuple)):
+        return result  # a bool, a number, None: nothing to tag
     return _tag_results(result, device, {id(tensor) for _, tensor in operands})
 
 
