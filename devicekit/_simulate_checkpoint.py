@@ -35,16 +35,18 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
     original_tag = torch.serialization.location_tag
     original_rebuild: Callable[..., torch.Tensor] = torch._utils._rebuild_tensor
 
-    #: storage address -> simulated device, for tensors being saved that this simulation's
-    #: memory does not count (made in an earlier block that simulated the same devices)
-    saving: dict[int, int] = {}
+    #: storage -> simulated device index, for tensors being saved that this simulation's memory
+    #: does not count (made in an earlier block that simulated the same devices). Keyed by the
+    #: storage object itself (torch keeps one per storage), never by its address: an address is
+    #: reused by the next allocation, and a stale entry would label a CPU storage as simulated.
+    saving: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def get_obj_state(obj: Any) -> Any:
         state = original_state(obj)
         device = _simulated(obj) if isinstance(obj, torch.Tensor) else None
         if device is not None:
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                saving[torch._C._storage_address(obj)] = device.index or 0  # type: ignore[attr-defined]
+            with contextlib.suppress(RuntimeError, NotImplementedError, TypeError):
+                saving[obj.untyped_storage()] = device.index or 0
         if isinstance(state, dict) and _TAG in state:
             state = {key: value for key, value in state.items() if key != _TAG}
         elif isinstance(state, tuple) and state and isinstance(state[0], dict) and _TAG in state[0]:
@@ -55,7 +57,7 @@ def checkpoint_patches(session: _Session, memory: Memory) -> dict[tuple[object, 
         untyped = getattr(storage, "_untyped_storage", storage)
         index = memory.device_of(untyped)
         if index is None:
-            index = saving.pop(untyped._cdata, None)
+            index = saving.pop(untyped, None)
         if index is not None:
             return f"{kind}:{index}"
         location: str = original_tag(storage)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import pickletools
 import re
@@ -177,3 +178,24 @@ def test_a_whole_module_round_trips(sim: object) -> None:
     assert loaded.weight.device == CUDA1
     assert isinstance(loaded.weight, torch.nn.Parameter)
     assert _TAG not in _pickle_of(_save(model)).decode("latin-1")
+
+
+def test_a_cpu_storage_at_a_simulated_storages_address_is_saved_as_cpu() -> None:
+    # The state of a simulated tensor can be gathered without its storage being saved (pickling
+    # a wrapper subclass does that). The entry this leaves must name that storage only: keyed by
+    # an address, it outlived the storage and labelled a later CPU storage `cuda:1` (seen on
+    # torch_geometric's `test_save_and_load[*-cpu]` under `--devicekit-simulate`, where the
+    # address was reused). A second storage object over the same memory must be saved as `cpu`.
+    with simulated_devices("cuda", 2):
+        gathered = torch.ones(64, device="cuda:1")
+        torch._utils._get_obj_state(gathered)
+        memory = (ctypes.c_float * 64).from_address(gathered.untyped_storage().data_ptr())
+        on_cpu = torch.frombuffer(memory, dtype=torch.float32)
+        assert on_cpu.untyped_storage() is not gathered.untyped_storage()
+        assert on_cpu.device == torch.device("cpu")
+        buffer = io.BytesIO()
+        torch.save(on_cpu, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer)
+    assert loaded.device == torch.device("cpu")
+    assert _TAG not in loaded.__dict__
