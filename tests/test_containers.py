@@ -17,6 +17,7 @@ import torch
 import devicekit
 from devicekit import _containers, _tree
 from devicekit._describe import describe_tensor
+from tests.test_move import FrozenMapping
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
@@ -49,27 +50,13 @@ class Frozen(frozenset[Any]):
     pass
 
 
-class Plain(Mapping[str, Any]):
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = dict(data)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 # One sample of every kind in the table, each holding one CPU tensor and an atom.
 SAMPLES: dict[str, Callable[[torch.Tensor], Any]] = {
     "dataclass": lambda x: Box(x),
     "dict": lambda x: {"x": x, "n": 1},
     "dict subclass": lambda x: Ordered(x=x, n=1),
     "ChainMap": lambda x: collections.ChainMap({"x": x}, {"x": "shadowed", "n": 1}),
-    "mapping": lambda x: Plain({"x": x, "n": 1}),
+    "mapping": lambda x: FrozenMapping({"x": x, "n": 1}),
     "list": lambda x: [x, 1],
     "list subclass": lambda x: Tags([x, 1]),
     "tuple": lambda x: (x, 1),
