@@ -31,7 +31,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from devicekit import (
-    CrossDeviceError,
     _context,
     _guard,
     _modes,
@@ -44,6 +43,7 @@ from devicekit import (
     simulated_devices,
     transfer_guard,
 )
+from tests.test_scope import guarded
 
 META = torch.device("meta")
 #: Under the `soak` profile every step of every object. Otherwise every step of the others, and
@@ -53,14 +53,6 @@ SOAK = os.environ.get("DEVICEKIT_HYPOTHESIS_PROFILE") == "soak"
 SIMULATION_POINTS = 60
 
 
-def _mixes() -> bool:
-    try:
-        torch.mm(torch.ones(2, 3, device="cpu"), torch.ones(3, 4, device="meta"))
-    except CrossDeviceError:
-        return True
-    return False
-
-
 def _transfer_refused() -> bool:
     return _transfer_guard._KIND.current() == "disallow"
 
@@ -68,7 +60,7 @@ def _transfer_refused() -> bool:
 # name: (make a block, whether its effect is in force here)
 SCOPES: dict[str, tuple[Callable[[], AbstractContextManager[Any]], Callable[[], bool]]] = {
     "default_device": (lambda: default_device("meta"), lambda: torch.zeros(1).device == META),
-    "device_guard": (device_guard, _mixes),
+    "device_guard": (device_guard, guarded),
     "transfer_guard": (transfer_guard, _transfer_refused),
     "simulated_devices": (
         lambda: simulated_devices("cuda", 2),
