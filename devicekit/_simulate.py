@@ -20,7 +20,7 @@ import torch
 
 from devicekit import _discovery, _modes, _simulate_mode
 from devicekit._errors import InvalidArgumentError, ScopeError, SimulationError
-from devicekit._scope import wrap
+from devicekit._scope import locked, wrap
 from devicekit._simulate_distributed import distributed_patches
 from devicekit._simulate_facts import DEFAULT_FACTS, DeviceFacts
 from devicekit._simulate_mode import _TAG, _Session, _SimulationMode
@@ -184,54 +184,58 @@ class simulated_devices:
         return session.type == self.type and session.count == self.count and facts == self.facts
 
     def __enter__(self) -> list[torch.device]:
-        with _lock:
-            active = _simulate_mode._active
-            devices = [torch.device(self.type, index) for index in range(self.count)]
-            if active is not None and self._same_as(active):
-                _entered.append(_Entry(self, None, None, None))
-                return devices
-            simulating = active is not None and active.type == self.type
-            if not simulating and _really_has(self.type):
-                raise SimulationError(
-                    f"{self!r}: this machine really has {self.type} devices, so devicekit will "
-                    f"not simulate them. Run on the real devices instead "
-                    f"(devicekit.devices() lists them)."
-                )
-            session = _Session(self.type, self.count)
-            session.owner = self
-            entry = _Entry(self, session, active, os.environ.get(ENVIRONMENT_VARIABLE))
-            try:
-                if active is not None:
-                    _stop(active)
-                _entered.append(entry)
-                os.environ[ENVIRONMENT_VARIABLE] = self._environment_value()
-                _start(session)
-            except BaseException:
-                _leave(entry)
-                raise
+        return locked(_lock, self._enter)
+
+    def _enter(self) -> list[torch.device]:
+        active = _simulate_mode._active
+        devices = [torch.device(self.type, index) for index in range(self.count)]
+        if active is not None and self._same_as(active):
+            _entered.append(_Entry(self, None, None, None))
+            return devices
+        simulating = active is not None and active.type == self.type
+        if not simulating and _really_has(self.type):
+            raise SimulationError(
+                f"{self!r}: this machine really has {self.type} devices, so devicekit will "
+                f"not simulate them. Run on the real devices instead "
+                f"(devicekit.devices() lists them)."
+            )
+        session = _Session(self.type, self.count)
+        session.owner = self
+        entry = _Entry(self, session, active, os.environ.get(ENVIRONMENT_VARIABLE))
+        try:
+            if active is not None:
+                _stop(active)
+            _entered.append(entry)
+            os.environ[ENVIRONMENT_VARIABLE] = self._environment_value()
+            _start(session)
+        except BaseException:
+            _leave(entry)
+            raise
         return devices
 
     def __exit__(self, *exc: object) -> None:
-        with _lock:
-            mine = [entry for entry in _entered if entry.owner is self]
-            if not mine:
-                raise ScopeError(
-                    f"{self!r}: this simulation is not active, so it cannot be exited. Exit a "
-                    "simulation once, after entering it (a `with` statement always does)."
-                )
-            entry = mine[-1]
-            later = _entered[_entered.index(entry) + 1 :]
-            for inner in reversed(later):  # ended too: the state from before `self` comes back
-                _leave(inner)
-            _leave(entry)
-            if later and not exc[0]:
-                names = ", ".join(repr(inner.owner) for inner in later)
-                raise ScopeError(
-                    f"{self!r}: exited while simulations entered after it were still active "
-                    f"({names}); they are ended too, and the state from before {self!r} is "
-                    "restored. Exit simulations in the reverse order of entering them (nested "
-                    "`with` statements always do)."
-                )
+        locked(_lock, lambda: self._exit(failing=exc[0] is not None))
+
+    def _exit(self, *, failing: bool) -> None:
+        mine = [entry for entry in _entered if entry.owner is self]
+        if not mine:
+            raise ScopeError(
+                f"{self!r}: this simulation is not active, so it cannot be exited. Exit a "
+                "simulation once, after entering it (a `with` statement always does)."
+            )
+        entry = mine[-1]
+        later = _entered[_entered.index(entry) + 1 :]
+        for inner in reversed(later):  # ended too: the state from before `self` comes back
+            _leave(inner)
+        _leave(entry)
+        if later and not failing:
+            names = ", ".join(repr(inner.owner) for inner in later)
+            raise ScopeError(
+                f"{self!r}: exited while simulations entered after it were still active "
+                f"({names}); they are ended too, and the state from before {self!r} is "
+                "restored. Exit simulations in the reverse order of entering them (nested "
+                "`with` statements always do)."
+            )
 
     def __call__(self, function: F) -> F:
         """Use as a decorator of plain and `async` functions: each call runs in a fresh
@@ -256,19 +260,27 @@ def _paused() -> Iterator[None]:
     The pytest plugin's `no_simulation` marker uses it inside a run-wide simulation. Child
     processes started meanwhile do not inherit the simulation.
     """
-    with _lock:
-        session = _simulate_mode._active
-        environment = None if session is None else os.environ.pop(ENVIRONMENT_VARIABLE, None)
-        if session is not None:
-            _stop(session)
+    session, environment = locked(_lock, _pause)
     try:
         yield
     finally:
-        with _lock:
-            if environment is not None:
-                os.environ[ENVIRONMENT_VARIABLE] = environment
-            if session is not None and _simulate_mode._active is None:
-                _start(session)
+        locked(_lock, lambda: _resume(session, environment))
+
+
+def _pause() -> tuple[_Session | None, str | None]:
+    """Stop the active simulation (if any): it, and the variable taken out of the environment."""
+    session = _simulate_mode._active
+    environment = None if session is None else os.environ.pop(ENVIRONMENT_VARIABLE, None)
+    if session is not None:
+        _stop(session)
+    return session, environment
+
+
+def _resume(session: _Session | None, environment: str | None) -> None:
+    if environment is not None:
+        os.environ[ENVIRONMENT_VARIABLE] = environment
+    if session is not None and _simulate_mode._active is None:
+        _start(session)
 
 
 def _leave(entry: _Entry) -> None:
