@@ -246,6 +246,12 @@ def test_leaving_from_a_thread_that_did_not_enter_is_a_scope_error(name: str) ->
 # --- generators (issue 18 item 4) ---------------------------------------------------------------
 
 
+def open_across_yield(make: Callable[[], AbstractContextManager[Any]]) -> Iterator[int]:
+    """A generator that opens a block and yields once inside it."""
+    with make():
+        yield 1
+
+
 @pytest.mark.parametrize("name", SCOPES)
 def test_a_block_open_across_yield_is_seen_by_the_caller_until_the_generator_leaves_it(
     name: str,
@@ -269,12 +275,7 @@ def test_a_block_open_across_yield_is_seen_by_the_caller_until_the_generator_lea
 @pytest.mark.parametrize("name", SCOPES)
 def test_closing_a_generator_inside_the_callers_own_block(name: str) -> None:
     make, in_force = SCOPES[name]
-
-    def steps() -> Iterator[int]:
-        with make():
-            yield 1
-
-    iterator = steps()
+    iterator = open_across_yield(make)
     next(iterator)
     outer = default_device("cpu")
     with outer, device_guard("warn"):
@@ -287,12 +288,7 @@ def test_closing_a_generator_inside_the_callers_own_block(name: str) -> None:
 @pytest.mark.parametrize("name", SCOPES)
 def test_a_generator_finalised_in_another_thread_ends_its_block_here(name: str) -> None:
     make, in_force = SCOPES[name]
-
-    def steps() -> Iterator[int]:
-        with make():
-            yield 1
-
-    iterator = steps()
+    iterator = open_across_yield(make)
     next(iterator)
     thread = threading.Thread(target=iterator.close)
     thread.start()
