@@ -359,9 +359,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object
             stack.close()
 
 
-def _device_values(
-    config: pytest.Config, simulation: tuple[str, int] | None, *, real_only: bool = False
-) -> list[str]:
+def _device_values(simulation: tuple[str, int] | None, *, real_only: bool = False) -> list[str]:
     import devicekit
 
     values = [
@@ -386,7 +384,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         simulation = None if real_only else _simulation_for(metafunc.definition)
     except _BadMarker:
         simulation = None  # the test fails at setup, with the marker's message
-    values = _device_values(metafunc.config, simulation, real_only=real_only)
+    values = _device_values(simulation, real_only=real_only)
     metafunc.parametrize("device", values, indirect=True, ids=values, scope="session")
 
 
