@@ -353,10 +353,3 @@ def _undo(session: _Session) -> None:
             setattr(owner, name, value)
     session.saved.clear()
     _discovery.clear_simulated()
-
-
-def _active_devices() -> Iterator[torch.device]:
-    """The simulated devices of the active simulation, if any."""
-    session = _simulate_mode._active
-    if session is not None:
-        yield from (session.device(index) for index in range(session.count))
