@@ -19,7 +19,7 @@ import torch
 from devicekit._context import current_device
 from devicekit._describe import describe_tensor
 from devicekit._errors import InvalidArgumentError, MoveError, UnmovableError
-from devicekit._resolve import CPU, META, resolve
+from devicekit._resolve import resolve
 from devicekit._transfer import (
     Coalesce,
     NonBlocking,
@@ -61,9 +61,6 @@ __all__ = ["register_mover", "to_device"]
 T = TypeVar("T")
 
 _PLAIN = frozenset({torch.Tensor})  # tensor types `.to()` keeps as they are
-# The resolver gives `cpu` and `meta` as these two objects, for quick `is` tests.
-_META = META
-_CPU = CPU
 
 
 def _target(device: DeviceLike) -> torch.device:
