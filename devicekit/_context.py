@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from typing_extensions import ParamSpec
 
-from devicekit._resolve import auto_device, resolve
+from devicekit._resolve import best_device, resolve
 from devicekit._scope import Kind, Record, Scoped, live, locked
 from devicekit._types import DeviceLike
 
@@ -34,9 +34,6 @@ R = TypeVar("R")
 
 #: The innermost active `default_device` of this thread or asyncio task (`None`: none active).
 _ACTIVE: ContextVar[torch.device | None] = ContextVar("devicekit_default_device", default=None)
-
-# "auto", chosen once per configuration by the one resolver and its one cache (`_resolve`).
-_auto_device = auto_device
 
 
 def current_device() -> torch.device:
@@ -55,7 +52,7 @@ def current_device() -> torch.device:
     """
     device = _block_device()
     if device is None:
-        return _auto_device()
+        return best_device()  # chosen once per configuration, cached by `_resolve`
     if _active_device() is None:  # torch's default was changed inside the block: it wins
         return torch.get_default_device()
     return device

@@ -26,7 +26,6 @@ __all__ = [
     "CPU",
     "ENV_DEVICE",
     "META",
-    "auto_device",
     "best_device",
     "explain_best_device",
     "resolve",
@@ -155,9 +154,6 @@ def best_device() -> torch.device:
         True
     """
     return explain_best_device()[0]
-
-
-auto_device = best_device
 
 
 def resolve(spec: object, *, operation: str, check: bool = True) -> torch.device:
