@@ -42,7 +42,6 @@ from devicekit._containers import (
     LEAF_TYPES,
     LIST,
     MODULE,
-    MOVERS,
     NAMEDTUPLE,
     OPAQUE,
     PLAIN_STATE,
@@ -52,7 +51,6 @@ from devicekit._containers import (
     classify,
     keys_of,
     register_mover,
-    reset_caches,
     with_values,
 )
 from devicekit._paths import path_of, render, walk
@@ -88,10 +86,6 @@ __all__ = [
     "walk",
     "with_values",
 ]
-
-# The names the tests know these by.
-_MOVERS = MOVERS
-_reset_caches = reset_caches
 
 _TENSOR = torch.Tensor
 #: Deeper trees take the general, iterative path (recursion here stays far from Python's limit).

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import devicekit
-from devicekit import _move, _tree
+from devicekit import _containers, _move, _tree
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
@@ -279,8 +279,8 @@ def test_register_mover() -> None:
         assert moved["c"].size == 3
         assert devicekit.devices_of(Cache(torch.ones(1), 1)) == {CPU: ["batch.keys"]}
     finally:
-        del _tree._MOVERS[Cache]
-        _tree._reset_caches()
+        del _containers.MOVERS[Cache]
+        _containers.reset_caches()
     assert calls[0] == "SubCache"
 
 
