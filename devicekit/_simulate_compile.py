@@ -38,14 +38,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree
 
-from devicekit import _simulate_mode
+from devicekit import _modes, _simulate_mode
 
 __all__ = ["compile_patch", "patches"]
 
-_push = torch._C._push_on_torch_function_stack
-_pop = torch._C._pop_torch_function_stack
-_size = torch._C._len_torch_function_stack
-_at = torch._C._get_function_stack_at
 
 # What a CPU build (or dynamo's fake tensors) say when compiled code names a device itself.
 _NAMES_A_DEVICE = (
@@ -174,23 +170,16 @@ def _one_device(tensors: list[torch.Tensor]) -> tuple[torch.device | None, bool]
 @contextlib.contextmanager
 def _devicekit_modes_off() -> Iterator[None]:
     """This thread's torch function modes without devicekit's, put back afterwards."""
-    saved = [_at(index) for index in range(_size())]
+    saved = _modes._stack()
     kept = [mode for mode in saved if not type(mode).__module__.startswith("devicekit.")]
     if len(kept) == len(saved):
         yield
         return
-    _restack(kept)
+    _modes._rebuild(kept)
     try:
         yield
     finally:
-        _restack(saved)
-
-
-def _restack(modes: list[Any]) -> None:
-    while _size():
-        _pop()
-    for mode in modes:
-        _push(mode)
+        _modes._rebuild(saved)
 
 
 def _names_a_device(error: BaseException) -> bool:
