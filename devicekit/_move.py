@@ -48,7 +48,6 @@ from devicekit._tree import (
     path_of,
     rebuild,
     rebuild_simple,
-    register_mover,
     render,
     skips,
     walk,
@@ -56,7 +55,7 @@ from devicekit._tree import (
 )
 from devicekit._types import DeviceLike
 
-__all__ = ["register_mover", "to_device"]
+__all__ = ["to_device"]
 
 T = TypeVar("T")
 

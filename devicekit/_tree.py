@@ -50,7 +50,6 @@ from devicekit._containers import (
     TUPLE,
     classify,
     keys_of,
-    register_mover,
     with_values,
 )
 from devicekit._paths import path_of, render, walk
@@ -80,7 +79,6 @@ __all__ = [
     "path_of",
     "rebuild",
     "rebuild_simple",
-    "register_mover",
     "render",
     "skips",
     "walk",
