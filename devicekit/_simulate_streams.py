@@ -12,6 +12,7 @@ annotations and torch's C++ argument parsing (`tensor.record_stream(s)`) accept 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -208,13 +209,30 @@ class SimulatedEvent(torch.Event):
 
 
 class Streams:
-    """Which stream is current on each simulated device, and the `stream(s)` blocks entered."""
+    """Which stream is current on each simulated device, and the `stream(s)` blocks entered,
+    per thread, as CUDA keeps its current streams (a new thread starts on the default ones)."""
 
     def __init__(self, count: int) -> None:
         self.defaults: list[SimulatedStream | None] = [None] * count
-        self.current: dict[int, SimulatedStream] = {}
-        #: (device index before, stream before on the new device) per entered block
-        self.entered: list[tuple[int, int, SimulatedStream | None]] = []
+        self._threads = threading.local()
+
+    @property
+    def current(self) -> dict[int, SimulatedStream]:
+        """The calling thread's current stream of each device it changed."""
+        try:
+            current: dict[int, SimulatedStream] = self._threads.current
+        except AttributeError:
+            current = self._threads.current = {}
+        return current
+
+    @property
+    def entered(self) -> list[tuple[int, int, SimulatedStream | None]]:
+        """(device index before, device, its stream before) per block the thread entered."""
+        try:
+            entered: list[tuple[int, int, SimulatedStream | None]] = self._threads.entered
+        except AttributeError:
+            entered = self._threads.entered = []
+        return entered
 
     def default(self, index: int) -> SimulatedStream:
         stream = self.defaults[index]
