@@ -22,6 +22,7 @@ __all__ = [
     "InvalidDeviceSpecError",
     "MixedDevicesError",
     "MoveError",
+    "RaceError",
     "ScopeError",
     "SimulationError",
     "TransferGuardError",
@@ -176,6 +177,28 @@ class SimulationError(DevicekitError, RuntimeError):
 
     For example, simulating a device type the machine really has.
     """
+
+
+class RaceError(SimulationError):
+    """`simulated_devices(..., races=True)` found a stream race: an op reads data that work on
+    another stream (or a `non_blocking` copy) may not have finished writing, overwrites data
+    still being read, or memory is freed while another stream may still use it.
+
+    Attributes:
+        op: The op that raced (`"free"` for memory freed too early).
+        stream: The stream (or `"the host"`) that ran it.
+        other: The unfinished op it raced with, and its stream.
+        location: The user's line that ran `op`, if known.
+    """
+
+    def __init__(
+        self, message: str, *, op: str, stream: str | None, other: str | None, location: str | None
+    ) -> None:
+        super().__init__(message)
+        self.op = op
+        self.stream = stream
+        self.other = other
+        self.location = location
 
 
 class DevicekitWarning(UserWarning):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from devicekit import _discovery, _modes, _simulate_mode
+from devicekit import _discovery, _modes, _simulate_async, _simulate_mode
 from devicekit._errors import InvalidArgumentError, ScopeError, SimulationError
 from devicekit._scope import locked, wrap
 from devicekit._simulate_distributed import distributed_patches
@@ -122,6 +122,13 @@ class simulated_devices:
             `(9, 0)`); bfloat16 is supported natively from `(8, 0)`.
         name: The name `torch.cuda.get_device_name()` reports (default an H100's,
             `"NVIDIA H100 80GB HBM3"`, with its 132 multiprocessors).
+        races: Find stream races (default off): streams and events model time, the
+            destination of a `non_blocking=True` copy holds NaN (or an integer dtype's
+            extreme) until a synchronize, an event wait, `wait_stream` or an op on the copying
+            stream orders it, and an op that reads or writes data out of order, or memory freed
+            while another stream may still use it, raises `RaceError` naming both ops and their
+            streams. Costs a few microseconds per op while copies or side streams are in flight
+            (see the race finder's page). Child processes do not inherit it.
 
     Raises:
         InvalidArgumentError: The type, count, memory, capability or name is not supported.
@@ -147,7 +154,13 @@ class simulated_devices:
         memory: int | str | None = None,
         capability: tuple[int, int] | None = None,
         name: str | None = None,
+        races: bool = False,
     ) -> None:
+        if not isinstance(races, bool):
+            raise InvalidArgumentError(
+                f"simulated_devices({type!r}, {count!r}, races={races!r}): races must be True "
+                f"or False, got {races!r}."
+            )
         if type not in _SUPPORTED_TYPES:
             raise InvalidArgumentError(
                 f"simulated_devices({type!r}, {count!r}): cannot simulate {type!r}. "
@@ -160,12 +173,14 @@ class simulated_devices:
             )
         self.type = type
         self.count = count
+        self.races = races
         self.facts = DeviceFacts.build(
             f"simulated_devices({type!r}, {count!r})", memory, capability, name
         )
 
     def __repr__(self) -> str:
-        return f"simulated_devices({self.type!r}, {self.count})"
+        races = ", races=True" if self.races else ""
+        return f"simulated_devices({self.type!r}, {self.count}{races})"
 
     def _environment_value(self) -> str:
         """What `DEVICEKIT_SIMULATE` says in child processes: `TYPE:COUNT`, then the facts
@@ -181,7 +196,13 @@ class simulated_devices:
 
     def _same_as(self, session: _Session) -> bool:
         facts = getattr(session.owner, "facts", None)
-        return session.type == self.type and session.count == self.count and facts == self.facts
+        races = getattr(session.owner, "races", False)
+        return (
+            session.type == self.type
+            and session.count == self.count
+            and facts == self.facts
+            and races == self.races
+        )
 
     def __enter__(self) -> list[torch.device]:
         return locked(_lock, self._enter)
@@ -248,6 +269,7 @@ class simulated_devices:
                 memory=self.facts.total_memory,
                 capability=self.facts.capability,
                 name=self.facts.name,
+                races=self.races,
             ),
             generators=repr(self),
         )
@@ -325,10 +347,26 @@ def _start(session: _Session) -> None:
         )
         for index in range(session.count)
     )
-    session.mode = _SimulationMode(session)
+    races = _races(session)
+    session.mode = (
+        _SimulationMode(session) if races is None else _simulate_async.RacingMode(session, races)
+    )
     session.users = _modes.users()
     _simulate_mode._active = session
+    _simulate_async.active = races
     session.users.acquire_instance(session.mode)
+
+
+def _races(session: _Session) -> _simulate_async.Races | None:
+    """The race finder's state of `session` (kept while a nested simulation pauses it), or
+    `None` when it was entered without `races=True`."""
+    if not getattr(session.owner, "races", False):
+        return None
+    state: dict[str, Any] = vars(session)
+    races: _simulate_async.Races | None = state.get("_devicekit_races")
+    if races is None:
+        races = state["_devicekit_races"] = _simulate_async.Races(session)
+    return races
 
 
 def _stop(session: _Session) -> None:
@@ -343,6 +381,7 @@ def _stop(session: _Session) -> None:
 def _undo(session: _Session) -> None:
     if _simulate_mode._active is session:
         _simulate_mode._active = None  # from here on its mode lets every call through
+        _simulate_async.active = None
     if session.users is not None and session.mode is not None:
         session.users.release_instance(session.mode)
     for owner, name, value in reversed(session.saved):

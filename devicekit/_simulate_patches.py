@@ -167,7 +167,7 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         return previous
 
     def synchronize(device: object = None) -> None:
-        index_of(device)
+        streams.synchronize(index_of(device))  # lands non_blocking copies under races=True
 
     def stream_of(device: object = None) -> SimulatedStream:
         return streams.current_of(index_of(device))

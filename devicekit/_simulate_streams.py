@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from devicekit import _simulate_mode
+from devicekit import _simulate_async, _simulate_mode
 from devicekit._errors import SimulationError
 
 __all__ = ["SimulatedEvent", "SimulatedStream", "Streams"]
@@ -53,6 +53,10 @@ class SimulatedStream(torch.Stream):
 
     _devicekit_device: torch.device
     _devicekit_id: int
+    #: The race finder's clock (`_simulate_async`): work issued, and per other stream's id how
+    #: much of its work this stream's later work runs after.
+    _devicekit_count: int
+    _devicekit_seen: dict[int, int]
 
     def __new__(cls, device: object = None, priority: int = 0, **kwargs: Any) -> SimulatedStream:
         session = _session()
@@ -68,6 +72,8 @@ class SimulatedStream(torch.Stream):
         stream = torch.Stream.__new__(cls, device="cpu")
         stream._devicekit_device = simulated
         stream._devicekit_id = next(_ids)
+        stream._devicekit_count = 0
+        stream._devicekit_seen = {}
         return stream
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -98,16 +104,23 @@ class SimulatedStream(torch.Stream):
         return 0
 
     def query(self) -> bool:
+        self.synchronize()  # the host saw it finished: what it did is done
         return True
 
     def synchronize(self) -> None:
-        return None
+        races = _simulate_async.active
+        if races is not None:
+            races.host_waits(_simulate_async.stamp_of(self))
 
     def wait_event(self, event: torch.Event) -> None:
-        return None
+        races = _simulate_async.active
+        if races is not None and isinstance(event, SimulatedEvent):
+            races.wait(self, event._devicekit_stamp)
 
     def wait_stream(self, stream: torch.Stream) -> None:
-        return None
+        races = _simulate_async.active
+        if races is not None and isinstance(stream, SimulatedStream):
+            races.wait(self, _simulate_async.stamp_of(stream))
 
     def record_event(self, event: torch.Event | None = None) -> torch.Event:
         if event is None:
@@ -151,6 +164,8 @@ class SimulatedEvent(torch.Event):
     _devicekit_time: float | None
     _devicekit_timing: bool
     _devicekit_device: torch.device | None
+    #: What the work before its last `record()` covers (the race finder's vector clock).
+    _devicekit_stamp: dict[int, int] | None
 
     def __new__(
         cls,
@@ -164,6 +179,7 @@ class SimulatedEvent(torch.Event):
         session = _session()
         event = torch.Event.__new__(cls, device="cpu")
         event._devicekit_time = None
+        event._devicekit_stamp = None
         event._devicekit_timing = bool(enable_timing)
         event._devicekit_device = session.resolve(device) if device is not None else None
         return event
@@ -182,15 +198,28 @@ class SimulatedEvent(torch.Event):
             session = _session()
             self._devicekit_device = session.device(session.current)
         self._devicekit_time = time.perf_counter()
+        if _simulate_async.active is not None:
+            if not isinstance(stream, SimulatedStream):
+                index = self._devicekit_device.index or 0
+                stream = _state().current_of(index)
+            self._devicekit_stamp = _simulate_async.stamp_of(stream)
 
     def wait(self, stream: torch.Stream | None = None) -> None:
-        return None
+        if _simulate_async.active is not None:
+            if not isinstance(stream, SimulatedStream):
+                device = self._devicekit_device
+                index = _session().current if device is None else device.index or 0
+                stream = _state().current_of(index)
+            stream.wait_event(self)
 
     def query(self) -> bool:
+        self.synchronize()  # the host saw it happen: the work it covers is done
         return True
 
     def synchronize(self) -> None:
-        return None
+        races = _simulate_async.active
+        if races is not None:
+            races.host_waits(self._devicekit_stamp)
 
     def elapsed_time(self, end_event: torch.Event) -> float:
         """Milliseconds of wall-clock time between this event's `record()` and `end_event`'s."""
@@ -241,6 +270,12 @@ class Streams:
             stream = SimulatedStream(session.device(index))
             self.defaults[index] = stream
         return stream
+
+    def synchronize(self, index: int) -> None:
+        """`torch.cuda.synchronize(index)`: the host waits for all work of the device."""
+        races = _simulate_async.active
+        if races is not None:
+            races.host_waits(None, device=index)
 
     def current_of(self, index: int) -> SimulatedStream:
         return self.current.get(index) or self.default(index)

@@ -1,0 +1,701 @@
+"""Simulated asynchrony: the CPU race finder of `simulated_devices(..., races=True)`.
+
+On the CPU every op is done when it returns, so a stream race cannot show. With `races=True`,
+the simulation keeps the one record a GPU's timing would make matter: which stream wrote or
+read which bytes, and whether the reader is ordered after that stream's work.
+
+- Each stream counts its work; `event.record(s)` stamps the event with what `s` has done and
+  waited for (a vector clock), `s.wait_event(e)`/`s.wait_stream(t)` merge that stamp into `s`'s,
+  and a host wait (`synchronize()` of the device, a stream or an event, a true `query()`, a
+  blocking copy, `.item()`, `.tolist()`, printing) completes everything the waited stream is
+  ordered after.
+- A `non_blocking=True` copy between host and device (`.to`, `.cuda`, `copy_`) leaves poison in
+  its destination (NaN, the dtype's most negative integer, the largest unsigned one, `True`)
+  and keeps the real values aside; they land when an op on the copying stream (or on a stream
+  ordered after it) reads them, or when the host waits for it. A copy from pinned memory reads
+  its source when it lands, so a source overwritten too early shows in the destination too.
+- Ops on a side stream (any stream but the device's default) record their writes and reads.
+- An op that reads bytes whose last write it is not ordered after, or writes bytes that an
+  unfinished copy still reads, raises `RaceError` naming both ops, their streams and where each
+  was called. The host is never ordered after unfinished work: reading a `non_blocking` copy to
+  the host before a wait raises.
+- Device memory freed while another stream's use of it is unfinished (no `record_stream`, no
+  wait) would be handed to the allocating stream's next allocation on a GPU: the next op after
+  the free raises `RaceError`.
+
+Not modelled: reads on a side stream of what the default stream wrote without a
+`side.wait_stream(default)` (ops on default streams are not recorded, which keeps plain code
+fast), and races between two host threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from devicekit import _simulate_mode, _simulate_streams
+from devicekit._describe import describe_tensor, user_call_site
+from devicekit._errors import RaceError
+from devicekit._simulate_mode import _PINNED, _Session, _simulated, _SimulationMode
+from devicekit._simulate_streams import SimulatedStream
+
+__all__ = ["Races", "RacingMode", "active"]
+
+#: The active simulation's race state, when it was entered with `races=True`.
+active: Races | None = None
+
+#: A vector clock: per stream id, how much of that stream's work is covered.
+Stamp = dict[int, int]
+
+# Ops that read no tensor data: metadata, and views (the bytes are read by whatever uses them).
+_NO_ACCESS = frozenset(
+    {
+        "size", "dim", "numel", "stride", "storage_offset", "element_size", "nelement",
+        "is_contiguous", "is_floating_point", "is_complex", "is_pinned", "is_shared",
+        "get_device", "data_ptr", "untyped_storage", "_typed_storage", "__len__", "__hash__",
+        "view", "view_as", "narrow", "select", "unbind", "split", "chunk", "tensor_split",
+        "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as",
+        "as_strided", "detach", "unflatten", "movedim", "requires_grad_", "__reduce_ex__",
+        "record_stream", "__getitem__", "__dlpack_device__",
+    }
+)  # fmt: skip
+# Ops that wait for the current stream before the host goes on (their answer is a host value).
+_HOST_WAITS = frozenset(
+    {
+        "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__",
+        "__repr__", "__format__", "nonzero", "equal", "allclose", "masked_select", "unique",
+        "unique_consecutive", "numpy", "__array__",
+    }
+)  # fmt: skip
+_COPIES = frozenset({"to", "cuda", "xpu", "mps", "copy_"})
+_HOST = "the host"
+
+
+def _poison(tensor: torch.Tensor) -> None:
+    """Fill `tensor` with what reads of unfinished copies get: NaN, an integer dtype's extreme,
+    `True`."""
+    dtype = tensor.dtype
+    if dtype.is_floating_point or dtype.is_complex:
+        value: float | int | bool = float("nan")
+    elif dtype is torch.bool:
+        value = True
+    else:
+        info = torch.iinfo(dtype)
+        value = info.min if info.min < 0 else info.max
+    with torch._C.DisableTorchFunction():
+        try:
+            tensor.fill_(value)
+        except RuntimeError:  # float8 and other dtypes without fill: all bits set
+            tensor.view(torch.uint8).fill_(0xFF)
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage a tensor reaches: `[start, stop)`."""
+    size = tensor.element_size()
+    start = int(tensor.storage_offset()) * size
+    if tensor.numel() == 0:
+        return start, start
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + extent * size
+
+
+def _key(tensor: torch.Tensor) -> int:
+    """The address of `tensor`'s storage (0 for none: empty, nested or wrapper tensors)."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except Exception:  # sparse, nested and wrapper-subclass tensors have no storage of their own
+        return 0
+
+
+def stamp_of(stream: SimulatedStream) -> Stamp:
+    """What an event recorded on `stream` now covers: its own work and all it waited for."""
+    stamp = dict(stream._devicekit_seen)
+    stamp[stream._devicekit_id] = stream._devicekit_count
+    return stamp
+
+
+def _ordered(reader: SimulatedStream | None, access: _Access) -> bool:
+    """Whether work of `reader` (`None`: the host) issued now runs after `access`."""
+    if reader is None:
+        return False  # the host is ordered only by waits, which drop what they cover
+    if reader is access.stream:
+        return True
+    return reader._devicekit_seen.get(access.stream._devicekit_id, 0) >= access.seq
+
+
+@dataclass(eq=False)
+class _Copy:
+    """A `non_blocking` copy that has not landed: its destination holds poison till then."""
+
+    destination: torch.Tensor
+    #: What lands: a snapshot of the values, or the live pinned source (read when it lands).
+    values: torch.Tensor
+
+    def land(self) -> None:
+        with torch._C.DisableTorchFunction():
+            self.destination.copy_(self.values)
+
+
+@dataclass(eq=False)
+class _Access:
+    """One write or read of a storage's bytes `[start, stop)` by `stream`'s work number `seq`."""
+
+    write: bool
+    stream: SimulatedStream
+    seq: int
+    start: int
+    stop: int
+    op: str
+    site: str
+    copy: _Copy | None = None
+
+
+@dataclass(eq=False)
+class _Storage:
+    """What the race finder knows of one storage: unfinished accesses, and for device memory
+    the stream that allocated it and the streams `record_stream` named."""
+
+    allocated_on: SimulatedStream | None
+    description: str
+    accesses: list[_Access] = field(default_factory=list)
+    recorded: set[int] = field(default_factory=set)
+    finalizer: Any = None
+    #: Whether a side stream has used it: then every stream's use of it is noted.
+    shared: bool = False
+
+
+def _stream_name(stream: SimulatedStream | None) -> str:
+    if stream is None:
+        return _HOST
+    default = _simulate_streams.active
+    kind = (
+        "default stream"
+        if default is not None and default.defaults[stream.device_index] is stream
+        else f"side stream {stream.stream_id}"
+    )
+    return f"the {kind} of {stream.device}"
+
+
+def _site() -> str:
+    site = user_call_site()
+    return "" if site is None else str(site)
+
+
+class Races:
+    """The race state of one simulation (kept while a nested simulation pauses it)."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.lock = threading.RLock()
+        self.storages: dict[int, _Storage] = {}
+        #: Frees found unsafe, raised by the next op (a finalizer cannot raise).
+        self.hazards: list[str] = []
+
+    # --- streams and events (called by `_simulate_streams`) ------------------------------------
+
+    def wait(self, stream: SimulatedStream, stamp: Stamp | None) -> None:
+        """`stream.wait_event(e)`: its later work runs after what `e`'s stamp covers."""
+        if not stamp:
+            return
+        seen = stream._devicekit_seen
+        with self.lock:
+            for key, count in stamp.items():
+                if key != stream._devicekit_id and seen.get(key, 0) < count:
+                    seen[key] = count
+
+    def host_waits(self, stamp: Stamp | None, device: int | None = None) -> None:
+        """The host waited for what `stamp` covers (or for all work of device `device`): those
+        copies land, and every later op is ordered after them."""
+        with self.lock:
+            for key, record in list(self.storages.items()):
+                kept = []
+                for access in record.accesses:
+                    stream = access.stream
+                    done = (
+                        stream.device_index == device
+                        if device is not None
+                        else stamp is not None and stamp.get(stream._devicekit_id, 0) >= access.seq
+                    )
+                    if not done:
+                        kept.append(access)
+                    elif access.copy is not None:
+                        access.copy.land()
+                        access.copy = None
+                record.accesses = kept
+                if not kept and not _on_side_stream(record):
+                    self._forget(key, record)
+
+    def _forget(self, key: int, record: _Storage) -> None:
+        if self.storages.get(key) is record:
+            del self.storages[key]
+        if record.finalizer is not None:
+            record.finalizer.detach()
+
+    # --- ops (called by `RacingMode`) ----------------------------------------------------------
+
+    def run(
+        self,
+        call: Callable[..., Any],
+        func: Callable[..., Any],
+        types_: Any,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run one op through the simulation, checked against the unfinished work it meets."""
+        __tracebackhide__ = True
+        if self.hazards:
+            self._raise_hazard()
+        name = getattr(func, "__name__", "")
+        streams = _simulate_streams.active
+        copying = name in _COPIES and _non_blocking(args, kwargs)
+        side = streams is not None and any(
+            stream is not streams.defaults[index] for index, stream in streams.current.items()
+        )
+        if not (self.storages or copying or side or name in _HOST_WAITS or name in _COPIES):
+            return call(func, types_, args, kwargs)
+        if streams is None or (
+            name in _NO_ACCESS and not (name == "__getitem__" and _indexes(args))
+        ):
+            return call(func, types_, args, kwargs)
+        with self.lock:
+            return self._run(call, func, name, types_, args, kwargs, streams, copying)
+
+    def _run(
+        self,
+        call: Callable[..., Any],
+        func: Callable[..., Any],
+        name: str,
+        types_: Any,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        streams: _simulate_streams.Streams,
+        copying: bool,
+    ) -> Any:
+        __tracebackhide__ = True
+        reads, writes = _accessed(name, args, kwargs)
+        device, crossing = self._device_of(name, args, kwargs, reads + writes)
+        stream = None if device is None else streams.current_of(device.index or 0)
+        side = stream is not None and stream is not streams.defaults[stream.device_index]
+        note = side and not crossing  # a copy notes its own accesses when it is issued
+        for tensor in reads:
+            self._check(tensor, stream, write=False, func=func, note=note)
+        for tensor in writes:
+            self._check(tensor, stream, write=True, func=func, note=note)
+        if stream is not None and name in _HOST_WAITS:
+            self.host_waits(stamp_of(stream))
+        result = call(func, types_, args, kwargs)
+        if result is NotImplemented or stream is None:
+            return result
+        if crossing:
+            if copying and self._asynchronous(name, args, result):
+                self._copied(func, name, args, result, stream, side)
+            else:  # a blocking copy between host and device waits for its stream
+                self.host_waits(stamp_of(stream))
+            return result
+        if side:
+            self._wrote(func, result, writes, reads, stream)
+        return result
+
+    def _device_of(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        tensors: list[torch.Tensor],
+    ) -> tuple[torch.device | None, bool]:
+        """The simulated device whose current stream runs the op, and whether the op is a copy
+        between that device and the host."""
+        copy = name in ("to", "copy_") or name == self.session.type
+        if copy and args and isinstance(args[0], torch.Tensor):
+            first = _simulated(args[0])
+            if name == "copy_":
+                source = args[1] if len(args) > 1 else kwargs.get("src")
+                other = _simulated(source) if isinstance(source, torch.Tensor) else None
+                device = other or first  # a copy runs on the source device's stream
+                return device, (first is None) != (other is None)
+            target = self._target(name, args, kwargs)
+            if first is not None:
+                return first, target is None or target.type == "cpu"
+            return (target, True) if target is not None and target.type != "cpu" else (None, False)
+        for tensor in tensors:
+            device = _simulated(tensor)
+            if device is not None:
+                return device, False
+        spec = kwargs.get("device")
+        if spec is not None and not isinstance(spec, torch.Tensor):  # a factory
+            try:
+                return self.session.resolve(spec), False
+            except Exception:  # the op itself raises the right error
+                return None, False
+        return None, False
+
+    def _target(
+        self, name: str, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> torch.device | None:
+        """Where `.to(...)`/`.cuda(...)` sends its tensor (`None`: nowhere new)."""
+        spec: object = kwargs.get("device")
+        if spec is None:
+            for value in args[1:]:
+                if isinstance(value, torch.Tensor):
+                    return _simulated(value) or value.device
+                if isinstance(value, (str, torch.device)) or (
+                    isinstance(value, int) and type(value) is not bool
+                ):
+                    spec = value
+                    break
+        session = self.session
+        if name != "to":
+            return session.device(session.current) if spec is None else session.resolve(spec)
+        if spec is None:
+            return None
+        try:
+            return session.resolve(spec) or torch.device(spec)  # type: ignore[call-overload]
+        except Exception:  # the op itself raises the right error for a bad spec
+            return None
+
+    def _asynchronous(self, name: str, args: Sequence[Any], result: object) -> bool:
+        """Whether a `non_blocking` copy really is asynchronous: to a device always, to the host
+        into pinned memory only (`.to("cpu", non_blocking=True)` pins it), and on MPS always."""
+        destination = args[0] if name == "copy_" else result
+        if not isinstance(destination, torch.Tensor) or (
+            destination is args[0] and name != "copy_"
+        ):
+            return False
+        if _simulated(destination) is not None:
+            return True
+        return (
+            name != "copy_" or self.session.type == "mps" or bool(destination.__dict__.get(_PINNED))
+        )
+
+    def _check(
+        self,
+        tensor: torch.Tensor,
+        stream: SimulatedStream | None,
+        *,
+        write: bool,
+        func: Callable[..., Any],
+        note: bool,
+    ) -> None:
+        """Raise if this access races an unfinished one; land copies it is ordered after; note
+        the access where a later race or free must know of it."""
+        __tracebackhide__ = True
+        key = _key(tensor)
+        if not key:
+            return
+        record = self.storages.get(key)
+        if record is None and not note:
+            return
+        start, stop = _span(tensor)
+        if record is not None:
+            for access in record.accesses:
+                if access.stop <= start or stop <= access.start:
+                    continue
+                if not (access.write or write):
+                    continue  # two reads never race
+                if not _ordered(stream, access):
+                    raise self._race(func, tensor, stream, write, access)
+                if access.copy is not None:  # ordered after the copy: it has landed
+                    access.copy.land()
+                    access.copy = None
+        if stream is None or not (note or record is not None):
+            return
+        if record is None:
+            device = _simulated(tensor)
+            if device is None:
+                return  # host memory read by a device op: only copies keep it busy
+            record = self._record(key, tensor, self._default(device))
+        if note or record.shared or record.allocated_on is not stream:
+            self._note(record, stream, write, start, stop, func, None)
+
+    def _record(
+        self, key: int, tensor: torch.Tensor, allocated_on: SimulatedStream | None
+    ) -> _Storage:
+        record = self.storages.get(key)
+        if record is None:
+            device = _simulated(tensor)
+            record = _Storage(allocated_on, describe_tensor(tensor, device))
+            self.storages[key] = record
+            if allocated_on is not None:
+                storage = tensor.untyped_storage()
+                record.finalizer = weakref.finalize(storage, self._freed, key, record)
+        return record
+
+    def _default(self, device: torch.device) -> SimulatedStream:
+        streams = _simulate_streams.active
+        assert streams is not None
+        return streams.default(device.index or 0)
+
+    def _note(
+        self,
+        record: _Storage,
+        stream: SimulatedStream,
+        write: bool,
+        start: int,
+        stop: int,
+        func: Callable[..., Any] | str,
+        copy: _Copy | None,
+    ) -> _Access:
+        stream._devicekit_count += 1
+        op = func if isinstance(func, str) else _op_name(func)
+        for access in record.accesses:  # the same work again: only its number moves on
+            if (
+                copy is None
+                and access.copy is None
+                and access.stream is stream
+                and access.write == write
+                and (access.start, access.stop) == (start, stop)
+            ):
+                access.seq, access.op, access.site = stream._devicekit_count, op, _site()
+                return access
+        access = _Access(write, stream, stream._devicekit_count, start, stop, op, _site(), copy)
+        record.accesses.append(access)
+        if not record.shared and not _is_default(stream):
+            record.shared = True
+        return access
+
+    def _copied(
+        self,
+        func: Callable[..., Any],
+        name: str,
+        args: Sequence[Any],
+        result: Any,
+        stream: SimulatedStream,
+        side: bool,
+    ) -> None:
+        """A `non_blocking` copy was issued on `stream`: poison its destination till it lands."""
+        destination: torch.Tensor = args[0] if name == "copy_" else result
+        source = args[1] if name == "copy_" else args[0]
+        if not isinstance(source, torch.Tensor):
+            return
+        on_device = _simulated(destination) is not None
+        if not on_device and name != "copy_" and self.session.type != "mps":
+            destination.__dict__[_PINNED] = True  # as torch pins `.to("cpu", non_blocking=True)`
+        pinned_source = _simulated(source) is None and bool(source.__dict__.get(_PINNED))
+        with torch._C.DisableTorchFunction():
+            values = source if pinned_source else destination.clone()
+        copy = _Copy(destination, values)
+        op = f"{_op_name(func)}(non_blocking=True)"
+        allocated = None
+        if on_device:  # `.to()` allocates on the copying stream; `copy_` writes older memory
+            allocated = stream if name != "copy_" else self._default(stream.device)
+        target = self._record(_key(destination), destination, allocated)
+        start, stop = _span(destination)
+        self._note(target, stream, True, start, stop, op, copy)
+        key = _key(source)
+        source_device = _simulated(source)
+        if key and (pinned_source or source_device is not None):  # read until it lands
+            allocated = None if source_device is None else self._default(source_device)
+            owner = self._record(key, source, allocated)
+            begin, end = _span(source)
+            self._note(owner, stream, False, begin, end, op, None)
+        _poison(destination)
+
+    def _wrote(
+        self,
+        func: Callable[..., Any],
+        result: Any,
+        writes: list[torch.Tensor],
+        reads: list[torch.Tensor],
+        stream: SimulatedStream,
+    ) -> None:
+        """An op on a side stream: new tensors are its writes, allocated on it."""
+        operands = {_key(tensor) for tensor in reads + writes}
+        made = [result] if isinstance(result, torch.Tensor) else []
+        if isinstance(result, (list, tuple)):
+            made = [item for item in result if isinstance(item, torch.Tensor)]
+        for tensor in made:
+            key = _key(tensor)
+            if not key or key in operands or _simulated(tensor) is None:
+                continue
+            record = self._record(key, tensor, stream)
+            start, stop = _span(tensor)
+            self._note(record, stream, True, start, stop, func, None)
+
+    def record_stream(self, tensor: torch.Tensor, stream: object) -> None:
+        """`tensor.record_stream(stream)`: freeing it waits for `stream`'s work so far."""
+        if not isinstance(stream, SimulatedStream):
+            return
+        with self.lock:
+            record = self.storages.get(_key(tensor))
+            if record is not None:
+                record.recorded.add(stream._devicekit_id)
+
+    # --- frees ---------------------------------------------------------------------------------
+
+    def _freed(self, key: int, record: _Storage) -> None:
+        """A storage was freed: unsafe if a stream other than its allocator's still uses it."""
+        with self.lock:
+            if self.storages.get(key) is record:
+                del self.storages[key]
+            owner = record.allocated_on
+            if owner is None:
+                return
+            for access in record.accesses:
+                stream = access.stream
+                if (
+                    stream is owner
+                    or stream._devicekit_id in record.recorded
+                    or _ordered(owner, access)
+                ):
+                    continue
+                self.hazards.append(
+                    f"{record.description} was freed while {_stream_name(stream)} may still "
+                    f"use it ({access.op}, called from {access.site or 'unknown'}). It was "
+                    f"allocated on {_stream_name(owner)}, whose next allocation may reuse the "
+                    f"memory before that use is done. Fix: call "
+                    f"tensor.record_stream(torch.cuda.current_stream()) on the stream that uses "
+                    f"it, or keep the tensor alive until {_stream_name(owner)} waits for it "
+                    f"({_stream_name(owner)}.wait_stream(...) or a synchronize). (Found by "
+                    f"devicekit.simulated_devices(..., races=True).)"
+                )
+                return
+
+    def _raise_hazard(self) -> None:
+        __tracebackhide__ = True
+        with self.lock:
+            message, self.hazards = self.hazards[0], []
+        raise RaceError(f"Race: {message}", op="free", stream=None, other=None, location=None)
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def _race(
+        self,
+        func: Callable[..., Any],
+        tensor: torch.Tensor,
+        stream: SimulatedStream | None,
+        write: bool,
+        access: _Access,
+    ) -> RaceError:
+        site = _site()
+        op = _op_name(func)
+        verb = "writes" if write else "reads"
+        other = "writing" if access.write else "reading"
+        reader = _stream_name(stream)
+        writer = _stream_name(access.stream)
+        if stream is None:
+            fix = (
+                f"wait on the host before this {'write' if write else 'read'}: "
+                f"torch.{self.session.type}.synchronize(), the copying stream's .synchronize(), "
+                f"or .synchronize() of an event recorded on it after the copy"
+            )
+        else:
+            fix = (
+                f"order {reader} after it: torch.{self.session.type}.current_stream()"
+                f".wait_stream(side) or .wait_event(event) with the event recorded on "
+                f"{writer} after the op"
+            )
+        lines = [
+            f"Race: {op} on {reader} {verb} {describe_tensor(tensor, _simulated(tensor))} "
+            f"while {access.op} on {writer} may still be {other} it.",
+        ]
+        if site:
+            lines.append(f"  this op: {site}")
+        if access.site:
+            lines.append(f"  {access.op}: {access.site}")
+        lines.append(
+            f"On a GPU this {verb} {'garbage' if access.write else 'into data still in use'}. "
+            f"Fix: {fix}."
+        )
+        lines.append("(Found by devicekit.simulated_devices(..., races=True).)")
+        return RaceError(
+            "\n".join(lines),
+            op=op,
+            stream=reader,
+            other=f"{access.op} on {writer}",
+            location=site or None,
+        )
+
+
+def _is_default(stream: SimulatedStream) -> bool:
+    streams = _simulate_streams.active
+    return streams is None or streams.defaults[stream.device_index] is stream
+
+
+def _on_side_stream(record: _Storage) -> bool:
+    """Whether the storage was allocated on a side stream (its later users are watched)."""
+    owner, streams = record.allocated_on, _simulate_streams.active
+    return owner is not None and (
+        streams is None or streams.defaults[owner.device_index] is not owner
+    )
+
+
+def _indexes(args: Sequence[Any]) -> bool:
+    """Whether `tensor[key]` gathers with index tensors or lists (a read, not a view)."""
+    if len(args) < 2:
+        return False
+    parts = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(isinstance(part, (torch.Tensor, list)) for part in parts)
+
+
+def _op_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__name__", repr(func))
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    if owner is torch._C.TensorBase or owner is torch.Tensor:
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None) or ""
+    return f"torch.{name}" if module.startswith("torch") or not module else name
+
+
+def _non_blocking(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """The `non_blocking` of a `.to`/`.cuda`/`copy_` call: keyword or first positional bool."""
+    if "non_blocking" in kwargs:
+        return bool(kwargs["non_blocking"])
+    for value in args[1:]:
+        if type(value) is bool:
+            return value
+    return False
+
+
+def _accessed(
+    name: str, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors an op reads and those it writes (in-place ops, `out=`, `__setitem__`)."""
+    reads: list[torch.Tensor] = []
+    writes: list[torch.Tensor] = []
+    for label, tensor in _simulate_mode._operands(args, kwargs):
+        in_place = label == "args[0]" and (
+            name == "__setitem__"
+            or (name.endswith("_") and not name.startswith("__"))
+            or (name.startswith("__i") and name not in ("__index__", "__int__", "__invert__"))
+        )
+        if in_place or label == "out" or label.startswith("out["):
+            writes.append(tensor)
+        else:
+            reads.append(tensor)
+    return reads, writes
+
+
+class RacingMode(_SimulationMode):
+    """The simulation's mode with the race finder in front of every op."""
+
+    def __init__(self, session: _Session, races: Races) -> None:
+        super().__init__(session)
+        self.races = races
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types_: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        __tracebackhide__ = True
+        if self.session is not _simulate_mode._active or type(func) is _METHOD_WRAPPER:
+            return super().__torch_function__(func, types_, args, kwargs)
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "record_stream" and len(args) > 1:
+            self.races.record_stream(args[0], args[1])
+        return self.races.run(self._simulate, func, types_, args, kwargs)
+
+    def _simulate(
+        self, func: Callable[..., Any], types_: Any, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        return _SimulationMode.__torch_function__(self, func, types_, args, kwargs)
+
+
+_METHOD_WRAPPER = _simulate_mode._METHOD_WRAPPER
