@@ -15,6 +15,11 @@ import typing as _typing
 from importlib import metadata as _metadata
 
 if _typing.TYPE_CHECKING:
+    from devicekit._audit import (
+        AuditFinding,
+        AuditReport,
+        audit,
+    )
     from devicekit._colocate import (
         colocate,
         colocated,
@@ -35,6 +40,7 @@ if _typing.TYPE_CHECKING:
         local_device,
     )
     from devicekit._errors import (
+        AuditError,
         CrossDeviceError,
         DevicekitError,
         DevicekitWarning,
@@ -80,11 +86,13 @@ if _typing.TYPE_CHECKING:
 
 # Where each public name lives; `__getattr__` imports it from there on first access.
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "devicekit._audit": ("AuditFinding", "AuditReport", "audit"),
     "devicekit._colocate": ("colocate", "colocated"),
     "devicekit._containers": ("register_mover",),
     "devicekit._context": ("as_device", "carry_default_device", "current_device", "default_device"),
     "devicekit._discovery": ("DeviceInfo", "accelerator_type", "devices", "local_device"),
     "devicekit._errors": (
+        "AuditError",
         "CrossDeviceError",
         "DevicekitError",
         "DevicekitWarning",
@@ -133,6 +141,9 @@ except (
     __version__ = "0+unknown"
 
 __all__ = [
+    "AuditError",
+    "AuditFinding",
+    "AuditReport",
     "CrossDeviceError",
     "DeviceInfo",
     "DeviceLike",
@@ -156,6 +167,7 @@ __all__ = [
     "__version__",
     "accelerator_type",
     "as_device",
+    "audit",
     "best_device",
     "carry_default_device",
     "colocate",

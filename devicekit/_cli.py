@@ -1,8 +1,9 @@
-"""`python -m devicekit`: the device report, and the `demo` and `bench` subcommands."""
+"""`python -m devicekit`: the device report, and the `demo`, `bench` and `audit` subcommands."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import torch
 from devicekit import _nvml
 from devicekit._context import as_device
 from devicekit._discovery import DeviceInfo, _gib, accelerator_type, devices
-from devicekit._errors import DevicekitError
+from devicekit._errors import DevicekitError, InvalidArgumentError
 from devicekit._resolve import explain_best_device
 
 __all__ = ["main", "print_report"]
@@ -91,11 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devicekit",
         description="Report the devices torch can use on this machine (the default), "
-        "train a small model end to end (demo), or time CPU against accelerators (bench).",
+        "train a small model end to end (demo), time CPU against accelerators (bench), or "
+        "find device bugs in a model without running it (audit).",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--device", help="also resolve this device spec (e.g. 'cuda:1', 'auto')")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,bench,audit}")
     demo = commands.add_parser(
         "demo",
         help="train a small classifier on generated spirals with devicekit",
@@ -128,6 +130,27 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="N",
         help="threads for the CPU's operations (default: torch's, usually one per core)",
+    )
+    audit = commands.add_parser(
+        "audit",
+        help="find device bugs in a model without running it",
+        description="Import a model and audit it with devicekit.audit: tensors that "
+        "Module.to() does not move, modules held in plain lists, split ties, parameters on "
+        "several devices. Nothing runs. Exits with 1 when it finds errors or warnings.",
+    )
+    audit.add_argument(
+        "target",
+        metavar="MODULE:ATTRIBUTE",
+        help="where the model is: a module instance, or a class or function that builds one "
+        "with no arguments (e.g. mypackage.models:build_model)",
+    )
+    audit.add_argument(
+        "--name", default="model", help="what to call the model in paths (default: model)"
+    )
+    audit.add_argument(
+        "--info",
+        action="store_true",
+        help="also list what is not a bug by itself (non-persistent buffers)",
     )
     return parser
 
@@ -229,6 +252,48 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_target(target: str) -> Any:
+    """The object `MODULE:ATTRIBUTE` names, built when it is a class or factory."""
+    module_name, colon, attribute = target.partition(":")
+    if not colon or not module_name or not attribute:
+        raise InvalidArgumentError(
+            f"{target!r}: expected MODULE:ATTRIBUTE, such as mypackage.models:build_model "
+            "(a module instance, or a class or function that builds one with no arguments)."
+        )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the current directory
+    try:
+        value: Any = importlib.import_module(module_name)
+    except Exception as error:
+        raise InvalidArgumentError(
+            f"{target!r}: cannot import {module_name!r}: {type(error).__name__}: {error}"
+        ) from error
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError as error:
+            raise InvalidArgumentError(
+                f"{target!r}: {module_name} has no attribute {attribute!r}."
+            ) from error
+    if isinstance(value, torch.nn.Module) or not callable(value):
+        return value
+    try:
+        return value()
+    except Exception as error:
+        raise InvalidArgumentError(
+            f"{target!r}: calling {attribute}() to build the model raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from devicekit._audit import audit
+
+    report = audit(_load_target(args.target), name=args.name, info=args.info)
+    print(report.format())
+    return 1 if report.at_least("warning") else 0
+
+
 def _print_bench_setting(threads: int) -> None:
     cores = os.cpu_count() or 1
     print(f"The CPU runs each operation on {threads} thread(s); this machine has {cores} core(s).")
@@ -248,10 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     devicekit's own errors (a bad `--device` or `DEVICEKIT_DEVICE`, say) print one
     `devicekit: error: ...` message and exit with status 2, as argparse does for bad options.
+    `devicekit audit` exits with 1 when the audit finds errors or warnings, 0 when it finds none.
     A reader that stops early (`devicekit --json | head -c 5`) ends the command quietly.
     """
     args = _parser().parse_args(argv)
-    command = {"demo": _run_demo, "bench": _run_bench}.get(args.command, _run_report)
+    command = {"demo": _run_demo, "bench": _run_bench, "audit": _run_audit}.get(
+        args.command, _run_report
+    )
     name = "devicekit" if args.command is None else f"devicekit {args.command}"
     try:
         status = command(args)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "AuditError",
     "CrossDeviceError",
     "DeviceMismatchWarning",
     "DeviceMoveWarning",
@@ -199,6 +200,20 @@ class RaceError(SimulationError):
         self.stream = stream
         self.other = other
         self.location = location
+
+
+class AuditError(DevicekitError, AssertionError):
+    """`devicekit.testing.assert_movable` found device bugs in a model; the message lists them.
+
+    An `AssertionError`, so that pytest and unittest report it as a failed test.
+
+    Attributes:
+        report: The findings that failed the check (a `devicekit.AuditReport`).
+    """
+
+    def __init__(self, message: str, *, report: Any) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class DevicekitWarning(UserWarning):

@@ -27,6 +27,7 @@ import torch
 from hypothesis import strategies as st
 
 import devicekit
+from devicekit._audit import Severity, severity_rank
 
 __all__ = [
     "DTYPES",
@@ -36,6 +37,7 @@ __all__ = [
     "Record",
     "Row",
     "Snapshot",
+    "assert_movable",
     "available_devices",
     "device_specs",
     "dtypes",
@@ -497,3 +499,42 @@ def nested_batches(
     if leaves is None:
         leaves = st.one_of(tensors(max_dims=2, max_side=3), _other_leaves())
     return _nested(leaves, max_depth, aliasing, cycles)
+
+
+def assert_movable(
+    obj: Any, *, name: str = "model", fail_on: Severity = "error"
+) -> devicekit.AuditReport:
+    """Fail the test when `devicekit.audit` finds device bugs in `obj`, listing them.
+
+    Nothing runs: the model is only looked at (see `devicekit.audit`). Warnings, such as a model
+    on several devices, fail only with `fail_on="warning"`.
+
+    Args:
+        obj: The model (or any nested structure) to audit.
+        name: What to call `obj` in the paths of the findings.
+        fail_on: The least severity that fails: `"error"` (the default), `"warning"` or
+            `"info"`.
+
+    Returns:
+        The whole report, when nothing failed (to assert more about it).
+
+    Raises:
+        AuditError: The audit found something of `fail_on` severity or worse; an
+            `AssertionError`, whose message lists the findings with their fixes.
+        InvalidArgumentError: `fail_on` is not a severity, or `name` is not a non-empty string.
+
+    Example:
+        >>> import torch
+        >>> from devicekit.testing import assert_movable
+        >>> assert_movable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        AuditReport([], name='model')
+    """
+    __tracebackhide__ = True
+    severity_rank(fail_on, f"assert_movable(fail_on={fail_on!r})")
+    report = devicekit.audit(obj, name=name, info=fail_on == "info")
+    failing = report.at_least(fail_on)
+    if failing:
+        raise devicekit.AuditError(
+            failing._format(f"assert_movable({name})", fail_on), report=failing
+        )
+    return report

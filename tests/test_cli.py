@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,116 @@ def test_the_demo_module_does_not_import_the_command_line() -> None:
     code = "import sys, devicekit._demo; print('devicekit._cli' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout == "False\n", done.stderr
+
+
+_MODELS = """
+import torch
+
+
+class Leaky(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 2)
+        self.mask = torch.ones(2, 2)
+
+
+clean = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to("meta"))
+
+
+def build():
+    return {"encoder": clean, "rotary": Rotary()}
+
+
+class Rotary(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+
+
+def broken():
+    raise RuntimeError("no weights here")
+"""
+
+
+@pytest.fixture
+def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "audited_models.py").write_text(_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.delitem(sys.modules, "audited_models", raising=False)
+
+
+@pytest.mark.usefixtures("models")
+def test_audit_a_class_with_findings_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "audited_models:Leaky", "--name", "net"]) == 1
+    assert capsys.readouterr().out == (
+        "audit(net): 1 error\n"
+        "[error] plain-attribute-tensor: net.mask is a tensor (f32[2,2] @ cpu) held as a plain "
+        "attribute of Leaky, not a registered buffer: Module.to() does not move it.\n"
+        '    fix: Register it in Leaky.__init__: self.register_buffer("mask", ..., '
+        "persistent=False) (persistent=True also saves it in the state_dict).\n"
+    )
+
+
+@pytest.mark.usefixtures("models")
+def test_audit_clean_instances_and_factories_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "audited_models:clean"]) == 0
+    assert capsys.readouterr().out == "audit(model): no findings.\n"
+    assert main(["audit", "audited_models:build", "--info"]) == 0  # info is not a failure
+    out = capsys.readouterr().out
+    assert out.startswith("audit(model): 1 info\n[info] non-persistent-buffer: ")
+    assert "model['rotary'].inv_freq" in out
+
+
+@pytest.mark.usefixtures("models")
+def test_audit_warnings_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "audited_models:split"]) == 1
+    assert capsys.readouterr().out.startswith("audit(model): 1 warning\n[warning] mixed-devices")
+
+
+@pytest.mark.usefixtures("models")
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            "audited_models",
+            "'audited_models': expected MODULE:ATTRIBUTE, such as mypackage.models:build_model "
+            "(a module instance, or a class or function that builds one with no arguments).",
+        ),
+        (
+            "no_such_module:model",
+            "'no_such_module:model': cannot import 'no_such_module': ModuleNotFoundError: No "
+            "module named 'no_such_module'",
+        ),
+        (
+            "audited_models:Missing",
+            "'audited_models:Missing': audited_models has no attribute 'Missing'.",
+        ),
+        (
+            "audited_models:broken",
+            "'audited_models:broken': calling broken() to build the model raised "
+            "RuntimeError: no weights here",
+        ),
+    ],
+    ids=["no-colon", "no-module", "no-attribute", "factory-raises"],
+)
+def test_audit_usage_errors_exit_2(
+    target: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"devicekit audit: error: {message}\n"
+
+
+def test_audit_from_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "audited_models.py").write_text(_MODELS)
+    done = subprocess.run(
+        [sys.executable, "-m", "devicekit", "audit", "audited_models:Leaky"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith("audit(model): 1 error\n[error] plain-attribute-tensor: ")
