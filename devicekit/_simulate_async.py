@@ -72,7 +72,7 @@ _HOST_WAITS = frozenset(
         "unique_consecutive", "numpy", "__array__",
     }
 )  # fmt: skip
-_COPIES = frozenset({"to", "cuda", "xpu", "mps", "copy_"})
+_COPIES = frozenset({"to", "cpu", "cuda", "xpu", "mps", "copy_"})
 _HOST = "the host"
 
 
@@ -310,7 +310,7 @@ class Races:
     ) -> tuple[torch.device | None, bool]:
         """The simulated device whose current stream runs the op, and whether the op is a copy
         between that device and the host."""
-        copy = name in ("to", "copy_") or name == self.session.type
+        copy = name in ("to", "cpu", "copy_") or name == self.session.type
         if copy and args and isinstance(args[0], torch.Tensor):
             first = _simulated(args[0])
             if name == "copy_":
@@ -337,7 +337,9 @@ class Races:
     def _target(
         self, name: str, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> torch.device | None:
-        """Where `.to(...)`/`.cuda(...)` sends its tensor (`None`: nowhere new)."""
+        """Where `.to(...)`/`.cuda(...)`/`.cpu()` sends its tensor (`None`: nowhere new)."""
+        if name == "cpu":
+            return torch.device("cpu")
         spec: object = kwargs.get("device")
         if spec is None:
             for value in args[1:]:

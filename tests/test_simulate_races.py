@@ -1,0 +1,566 @@
+"""The race finder: `simulated_devices(..., races=True)`.
+
+The corpus (`benchmarks/race_corpus.py`) holds the races and their fixes; here each buggy
+version must raise `RaceError` for its own race, each fixed version must give the values it
+gives without the race finder, and devicekit's own transfers must raise nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import devicekit
+from benchmarks import race_corpus
+from devicekit import _simulate_async, _simulate_mode
+from devicekit._errors import InvalidArgumentError, RaceError, SimulationError
+
+PATTERNS = {pattern.name: pattern for pattern in race_corpus.PATTERNS}
+
+#: What each buggy version's error says: the racing op, its stream, and the op it races with.
+FOUND = {
+    "d2h_read_before_sync": r"Tensor\.argmax on the host reads f32\[6\] @ cpu while "
+    r"Tensor\.to\(non_blocking=True\) on the default stream of cuda:0",
+    "tolist_of_nonblocking_copy": r"Tensor\.tolist on the host reads i64\[4\] @ cpu",
+    "numpy_of_nonblocking_copy": r"Tensor\.numpy on the host reads f32\[2,3\] @ cpu",
+    "pinned_copy_read_early": r"Tensor\.tolist on the host reads f32\[2\] @ cpu while "
+    r"Tensor\.copy_\(non_blocking=True\)",
+    "mps_nonblocking_host_copy": r"on the host reads f32\[5\] @ cpu while "
+    r"Tensor\.to\(non_blocking=True\) on the default stream of mps:0",
+    "prefetcher_without_wait_stream": r"Tensor\.mul on the default stream of cuda:0 reads "
+    r"f32\[4\] @ cuda:0 while Tensor\.cuda\(non_blocking=True\) on the side stream \d+ of cuda:0",
+    "prefetcher_without_record_stream": r"f32\[4\] @ cuda:0 was freed while the default stream "
+    r"of cuda:0 may still use it \(Tensor\.mul, .*It was allocated on the side stream \d+ of "
+    r"cuda:0.*record_stream",
+    "staging_buffer_reused_early": r"Tensor\.copy_ on the host writes f32\[4\] @ cpu while "
+    r"Tensor\.to\(non_blocking=True\) on the default stream of cuda:0 may still be reading it",
+    "event_on_wrong_stream": r"Tensor\.mean on the default stream of cuda:0 reads f32\[3\] "
+    r"@ cuda:0 while Tensor\.to\(non_blocking=True\) on the side stream",
+    "side_compute_without_wait": r"on the default stream of cuda:0 reads f32\[4\] @ cuda:0 "
+    r"while Tensor\.matmul on the side stream",
+    "side_copy_read_by_default": r"Tensor\.square on the default stream of cuda:0 reads "
+    r"f32\[4\] @ cuda:0 while Tensor\.copy_\(non_blocking=True\) on the side stream",
+    "double_buffering_one_event": r"Tensor\.copy_ on the side stream \d+ of cuda:0 writes "
+    r"f32\[4\] @ cuda:0 while Tensor\.sum on the default stream of cuda:0 may still be reading",
+}
+
+
+def test_the_corpus_has_at_least_ten_patterns_each_with_its_expected_finding() -> None:
+    assert len(PATTERNS) >= 10
+    assert set(FOUND) == set(PATTERNS)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_each_buggy_version_raises_for_its_race(name: str) -> None:
+    pattern = PATTERNS[name]
+    expected = race_corpus.run(pattern, pattern.fixed, races=False).values
+    unchecked = race_corpus.run(pattern, pattern.buggy, races=False)
+    assert unchecked.values == expected  # on the CPU the race cannot show by itself
+    found = race_corpus.run(pattern, pattern.buggy, races=True)
+    assert found.error is not None, f"{name}: not found, gave {found.values}"
+    assert isinstance(found.error, SimulationError)
+    assert isinstance(found.error, RuntimeError)
+    message = str(found.error)
+    assert message.startswith("Race: ")
+    assert "races=True" in message
+    assert re.search(FOUND[name], message, flags=re.DOTALL), message
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_each_fixed_version_raises_nothing_and_gives_the_same_values(name: str) -> None:
+    pattern = PATTERNS[name]
+    expected = race_corpus.run(pattern, pattern.fixed, races=False)
+    checked = race_corpus.run(pattern, pattern.fixed, races=True)
+    assert checked.error is None, str(checked.error)
+    assert checked.values == expected.values
+
+
+def test_the_corpus_table_says_every_race_is_found_with_no_false_alarm() -> None:
+    headers, rows = race_corpus.table()
+    assert headers == ["#", "pattern", "buggy version", "fixed version"]
+    assert [row[2] for row in rows] == ["found (RaceError)"] * len(rows)
+    assert [row[3] for row in rows] == ["ok"] * len(rows)
+
+
+# --- the model, piece by piece -----------------------------------------------------------------
+
+
+def _escaping_read(tensor: torch.Tensor) -> torch.Tensor:
+    """What code that reads past the race finder (C++ extensions, other libraries) sees."""
+    with torch._C.DisableTorchFunction():
+        return tensor.clone()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "poison"),
+    [
+        (torch.float32, float("nan")),
+        (torch.float16, float("nan")),
+        (torch.bfloat16, float("nan")),
+        (torch.float64, float("nan")),
+        (torch.complex64, complex("nan+nanj")),
+        (torch.int64, -(2**63)),
+        (torch.int32, -(2**31)),
+        (torch.int8, -128),
+        (torch.uint8, 255),
+        (torch.bool, True),
+    ],
+)
+def test_an_unlanded_copy_to_the_host_holds_poison(dtype: torch.dtype, poison: object) -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        source = torch.zeros(3, dtype=dtype, device="cuda")
+        host = source.to("cpu", non_blocking=True)
+        seen = _escaping_read(host)
+        if isinstance(poison, (float, complex)):
+            assert bool(torch.isnan(seen).all())
+        else:
+            assert seen.tolist() == [poison] * 3
+        torch.cuda.synchronize()
+        assert torch.equal(host, torch.zeros(3, dtype=dtype))
+
+
+def _sync_device() -> None:
+    torch.cuda.synchronize()
+
+
+def _sync_accelerator() -> None:
+    torch.accelerator.synchronize()
+
+
+def _sync_stream() -> None:
+    torch.cuda.current_stream().synchronize()
+
+
+def _query_stream() -> None:
+    assert torch.cuda.current_stream().query()
+
+
+def _sync_event() -> None:
+    event = torch.cuda.Event()
+    event.record()
+    event.synchronize()
+
+
+def _query_event() -> None:
+    event = torch.cuda.current_stream().record_event()
+    assert event.query()
+
+
+def _item_on_the_stream() -> None:
+    torch.ones((), device="cuda").item()  # waits for the current stream, the copy's
+
+
+def _blocking_copy_on_the_stream() -> None:
+    torch.ones(2, device="cuda").cpu()
+
+
+HOST_WAITS: dict[str, Callable[[], None]] = {
+    "torch.cuda.synchronize": _sync_device,
+    "torch.accelerator.synchronize": _sync_accelerator,
+    "stream.synchronize": _sync_stream,
+    "stream.query": _query_stream,
+    "event.synchronize": _sync_event,
+    "event.query": _query_event,
+    ".item() on the copying stream": _item_on_the_stream,
+    "a blocking copy on the copying stream": _blocking_copy_on_the_stream,
+}
+
+
+@pytest.mark.parametrize("wait", sorted(HOST_WAITS))
+def test_every_host_wait_lands_a_copy_to_the_host(wait: str) -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        host = torch.arange(4.0, device="cuda").to("cpu", non_blocking=True)
+        assert host.is_pinned()  # as torch pins what a non_blocking copy to the host makes
+        HOST_WAITS[wait]()
+        assert host.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_wait_on_another_stream_does_not_land_a_copy_to_the_host() -> None:
+    with devicekit.simulated_devices("cuda", 2, races=True):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            host = torch.arange(3.0, device="cuda").to("cpu", non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # not the copying stream
+        torch.cuda.synchronize(1)  # not the copying device
+        with pytest.raises(RaceError, match=r"Tensor\.sum on the host reads f32\[3\] @ cpu"):
+            host.sum()
+        side.synchronize()
+        assert host.sum().item() == 3.0
+
+
+def _wait_stream(side: torch.Stream) -> None:
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _wait_event(side: torch.Stream) -> None:
+    torch.cuda.current_stream().wait_event(side.record_event())
+
+
+def _event_wait(side: torch.Stream) -> None:
+    event = torch.cuda.Event()
+    event.record(side)
+    event.wait()
+
+
+def _host_waits_for_side(side: torch.Stream) -> None:
+    side.synchronize()
+
+
+ORDERINGS: dict[str, Callable[[torch.Stream], None]] = {
+    "current_stream().wait_stream(side)": _wait_stream,
+    "current_stream().wait_event(side.record_event())": _wait_event,
+    "event.record(side); event.wait()": _event_wait,
+    "side.synchronize()": _host_waits_for_side,
+}
+
+
+@pytest.mark.parametrize("order", sorted(ORDERINGS))
+def test_an_ordered_stream_reads_a_side_stream_copy(order: str) -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        source = torch.arange(4.0).pin_memory()
+        with torch.cuda.stream(side):
+            batch = source.to("cuda", non_blocking=True)
+            assert batch.sum().item() == 6.0  # the copying stream itself is ordered after it
+        ORDERINGS[order](side)
+        assert (batch * 2).tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_a_race_names_both_ops_their_streams_and_call_sites() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            batch = torch.ones(2, 3).pin_memory().to("cuda", non_blocking=True)
+        with pytest.raises(RaceError) as caught:
+            batch.sum()
+    error = caught.value
+    message = str(error)
+    assert message.splitlines()[0] == (
+        f"Race: Tensor.sum on the default stream of cuda:0 reads f32[2,3] @ cuda:0 while "
+        f"Tensor.to(non_blocking=True) on the side stream {side.stream_id} of cuda:0 may "
+        "still be writing it."
+    )
+    assert "  this op: " in message
+    assert "batch.sum()" in message
+    assert "Tensor.to(non_blocking=True): " in message
+    assert ".pin_memory().to(" in message
+    assert "Fix: order the default stream of cuda:0 after it: " in message
+    assert "wait_stream(side)" in message
+    assert error.op == "Tensor.sum"
+    assert error.stream == "the default stream of cuda:0"
+    assert (
+        error.other == f"Tensor.to(non_blocking=True) on the side stream {side.stream_id} of cuda:0"
+    )
+    assert error.location is not None
+    assert "test_simulate_races.py" in error.location
+
+
+def test_a_read_on_the_copying_stream_sees_real_values() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        batch = torch.arange(5).pin_memory().to("cuda", non_blocking=True)
+        assert _escaping_read(batch).tolist() == [-(2**63)] * 5  # not landed yet
+        assert (batch + 1).tolist() == [1, 2, 3, 4, 5]  # the same stream: it has landed
+        assert _escaping_read(batch).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_view_of_an_unlanded_copy_is_checked_as_the_copy() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        host = torch.arange(6.0, device="cuda").to("cpu", non_blocking=True)
+        row = host.view(2, 3)[1]  # making views reads nothing
+        with pytest.raises(RaceError, match=r"Tensor\.tolist on the host reads f32\[3\] @ cpu"):
+            row.tolist()
+
+
+def test_disjoint_parts_of_one_buffer_do_not_race() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        ring = torch.zeros(2, 3, device="cuda")
+        torch.cuda.synchronize()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ring[1].copy_(torch.ones(3).pin_memory(), non_blocking=True)
+        assert ring[0].sum().item() == 0.0  # the other slot: no race
+        with pytest.raises(RaceError, match=r"Tensor\.sum on the default stream"):
+            ring[1].sum()
+
+
+def test_a_pinned_source_is_read_when_the_copy_lands() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        source = torch.ones(3).pin_memory()
+        batch = source.to("cuda", non_blocking=True)
+        source.numpy()[:] = 5.0  # a write the race finder cannot see: it lands in `batch`
+        assert batch.tolist() == [5.0, 5.0, 5.0]
+
+
+def test_a_pageable_source_is_staged_at_once() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        source = torch.ones(3)
+        batch = source.to("cuda", non_blocking=True)
+        source.fill_(5.0)  # CUDA copies pageable memory to its own staging first: no race
+        assert batch.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_copy_to_pageable_host_memory_is_synchronous() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        host = torch.empty(3)
+        host.copy_(torch.ones(3, device="cuda"), non_blocking=True)
+        assert host.tolist() == [1.0, 1.0, 1.0]
+
+
+def _side_tensor(side: torch.Stream) -> torch.Tensor:
+    with torch.cuda.stream(side):
+        return torch.ones(4, device="cuda") * 3
+
+
+def test_freeing_memory_another_stream_may_still_read_raises_at_the_next_op() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        batch = _side_tensor(side)
+        torch.cuda.current_stream().wait_stream(side)
+        total = batch.sum()
+        del batch  # allocated on `side`, still read by the default stream
+        with pytest.raises(
+            RaceError,
+            match=r"Race: f32\[4\] @ cuda:0 was freed while the "
+            r"default stream of cuda:0 may still use it \(Tensor\.sum",
+        ):
+            total + 1
+
+
+def _record_stream(batch: torch.Tensor, side: torch.Stream) -> None:
+    batch.record_stream(torch.cuda.current_stream())
+
+
+def _host_sync(batch: torch.Tensor, side: torch.Stream) -> None:
+    torch.cuda.synchronize()
+
+
+def _allocating_stream_waits(batch: torch.Tensor, side: torch.Stream) -> None:
+    side.wait_stream(torch.cuda.current_stream())
+
+
+FREE_SAFELY: dict[str, Callable[[torch.Tensor, torch.Stream], None]] = {
+    "record_stream": _record_stream,
+    "host synchronize": _host_sync,
+    "allocating stream waits": _allocating_stream_waits,
+}
+
+
+@pytest.mark.parametrize("way", sorted(FREE_SAFELY))
+def test_freeing_after_record_stream_or_a_wait_is_safe(way: str) -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        batch = _side_tensor(side)
+        torch.cuda.current_stream().wait_stream(side)
+        total = batch.sum()
+        FREE_SAFELY[way](batch, side)
+        del batch
+        assert (total + 1).item() == 13.0
+
+
+def test_record_stream_is_accepted_for_host_streams_and_tensors_never_seen() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        torch.ones(2, device="cuda").record_stream(torch.cuda.current_stream())
+
+
+def test_streams_are_per_thread_and_a_worker_copy_needs_an_event() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        ready = torch.cuda.Event()
+        made: list[torch.Tensor] = []
+
+        def worker(record: bool) -> None:
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                made.append(torch.arange(3.0).pin_memory().to("cuda", non_blocking=True))
+                if record:
+                    ready.record(side)
+
+        thread = threading.Thread(target=worker, args=(True,))
+        thread.start()
+        thread.join()
+        torch.cuda.current_stream().wait_event(ready)
+        assert made.pop().tolist() == [0.0, 1.0, 2.0]
+        thread = threading.Thread(target=worker, args=(False,))
+        thread.start()
+        thread.join()
+        with pytest.raises(RaceError, match=r"Tensor\.tolist on the default stream of cuda:0"):
+            made.pop().tolist()
+
+
+# --- devicekit's own transfers raise nothing --------------------------------------------------
+
+
+@pytest.mark.parametrize("non_blocking", ["auto", True, False])
+@pytest.mark.parametrize("coalesce", ["auto", True, False])
+def test_to_device_and_coalesced_transfers_raise_nothing(
+    non_blocking: bool | str, coalesce: bool | str
+) -> None:
+    batch = {
+        "x": torch.randn(8, 4),
+        "y": torch.arange(8),
+        "small": [torch.full((3,), float(i)) for i in range(12)],
+    }
+    with devicekit.simulated_devices("cuda", 2, races=True):
+        for source in (batch, devicekit.to_device(batch, "cpu")):
+            pinned = {
+                "x": source["x"].pin_memory(),
+                "y": source["y"].pin_memory(),
+                "small": [t.pin_memory() for t in source["small"]],
+            }
+            for inputs in (source, pinned):
+                moved = devicekit.to_device(
+                    inputs, "cuda:1", non_blocking=non_blocking, coalesce=coalesce
+                )  # type: ignore[arg-type]
+                total = moved["x"].sum() + moved["y"].sum() + sum(t.sum() for t in moved["small"])
+                back = devicekit.to_device(
+                    moved, "cpu", non_blocking=non_blocking, coalesce=coalesce
+                )  # type: ignore[arg-type]
+                assert torch.equal(back["x"], batch["x"])
+                assert torch.equal(back["y"], batch["y"])
+                assert all(
+                    torch.equal(a, b) for a, b in zip(back["small"], batch["small"], strict=True)
+                )
+                assert total.item() == pytest.approx(
+                    float(batch["x"].sum() + batch["y"].sum() + 3 * sum(range(12))), rel=1e-5
+                )
+
+
+def test_to_device_on_a_side_stream_is_checked_like_any_copy() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        batch = [torch.ones(3).pin_memory() for _ in range(4)]
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            moved = devicekit.to_device(batch, "cuda", non_blocking=True)
+        with pytest.raises(RaceError, match="on the default stream of cuda:0 reads f32"):
+            moved[0].sum()
+        torch.cuda.current_stream().wait_stream(side)
+        assert sum(t.sum() for t in moved).item() == 12.0
+
+
+def test_module_to_non_blocking_and_a_pinned_data_loader_raise_nothing() -> None:
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        model = torch.nn.Linear(4, 1).to("cuda", non_blocking=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for inputs, targets in torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True):
+            inputs, targets = devicekit.to_device((inputs, targets), "cuda", non_blocking=True)
+            loss = torch.nn.functional.mse_loss(model(inputs), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert len(losses) == 4
+    assert all(loss == loss for loss in losses)
+
+
+# --- the option ---------------------------------------------------------------------------------
+
+
+def test_races_are_off_by_default_at_no_cost() -> None:
+    with devicekit.simulated_devices("cuda", 1):
+        session = _simulate_mode._active
+        assert session is not None
+        assert type(session.mode) is _simulate_mode._SimulationMode
+        assert _simulate_async.active is None
+        host = torch.arange(3.0, device="cuda").to("cpu", non_blocking=True)
+        assert host.tolist() == [0.0, 1.0, 2.0]
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        session = _simulate_mode._active
+        assert session is not None
+        assert type(session.mode) is _simulate_async.RacingMode
+        assert _simulate_async.active is not None
+    assert _simulate_async.active is None
+
+
+def test_races_must_be_a_bool() -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        devicekit.simulated_devices("cuda", 2, races="yes")  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "simulated_devices('cuda', 2, races='yes'): races must be True or False, got 'yes'."
+    )
+
+
+def test_repr_and_decorator_keep_races() -> None:
+    simulation = devicekit.simulated_devices("cuda", 1, races=True)
+    assert repr(simulation) == "simulated_devices('cuda', 1, races=True)"
+    assert repr(devicekit.simulated_devices("cuda", 1)) == "simulated_devices('cuda', 1)"
+
+    @simulation
+    def read_early() -> list[float]:
+        return torch.ones(2, device="cuda").to("cpu", non_blocking=True).tolist()
+
+    with pytest.raises(RaceError):
+        read_early()
+
+
+def test_a_racing_block_inside_a_plain_one_is_its_own_simulation() -> None:
+    with devicekit.simulated_devices("cuda", 1):
+        with devicekit.simulated_devices("cuda", 1, races=True):
+            assert _simulate_async.active is not None
+            with pytest.raises(RaceError):
+                torch.ones(2, device="cuda").to("cpu", non_blocking=True).tolist()
+        assert _simulate_async.active is None
+        assert torch.ones(2, device="cuda").to("cpu", non_blocking=True).tolist() == [1.0, 1.0]
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 3), min_size=0, max_size=3), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    wait=st.sampled_from(sorted(HOST_WAITS)),
+    order=st.sampled_from(sorted(ORDERINGS)),
+    seed=st.integers(0, 2**16),
+)
+def test_correctly_ordered_copies_never_raise_and_keep_every_value(
+    shapes: list[list[int]], dtype: torch.dtype, wait: str, order: str, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    batches = [
+        (torch.rand(shape, generator=generator) * 100).to(dtype) for shape in map(tuple, shapes)
+    ]
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            on_device = [batch.pin_memory().to("cuda", non_blocking=True) for batch in batches]
+        ORDERINGS[order](side)
+        doubled = [t.clone() for t in on_device]  # the default stream reads each
+        back = [t.to("cpu", non_blocking=True) for t in doubled]
+        HOST_WAITS[wait]()
+        for batch, host in zip(batches, back, strict=True):
+            assert torch.equal(host, batch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    read=st.sampled_from(["tolist", "sum", "clone", "numpy", "eq", "index"]),
+)
+def test_any_host_read_of_an_unlanded_copy_raises(
+    shape: list[int], dtype: torch.dtype, read: str
+) -> None:
+    reads: dict[str, Callable[[torch.Tensor], object]] = {
+        "tolist": torch.Tensor.tolist,
+        "sum": torch.Tensor.sum,
+        "clone": torch.Tensor.clone,
+        "numpy": torch.Tensor.numpy,
+        "eq": lambda t: t == t,
+        "index": lambda t: t.reshape(-1)[torch.tensor([0])],
+    }
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        host = torch.ones(shape, dtype=dtype, device="cuda").to("cpu", non_blocking=True)
+        with pytest.raises(RaceError, match="on the host reads"):
+            reads[read](host)
