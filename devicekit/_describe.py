@@ -19,12 +19,15 @@ import torch
 
 __all__ = [
     "CallSite",
+    "call_site",
     "describe_tensor",
+    "is_internal",
     "labelled_tensors",
     "op_name",
     "op_name_at",
     "torch_sentence",
     "user_call_site",
+    "user_frame",
 ]
 
 _DTYPES = {
@@ -288,6 +291,36 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _DEVICEKIT_DIR = os.path.dirname(__file__) + os.sep
 
 
+_INTERNAL = (_TORCH_DIR, _DEVICEKIT_DIR)
+
+
+def is_internal(filename: str) -> bool:
+    """Whether `filename` is torch's or devicekit's own code, not the user's."""
+    return filename.startswith(_INTERNAL)
+
+
+def user_frame(depth: int = 1) -> FrameType | None:
+    """The innermost frame of the current stack outside torch and devicekit, `depth` frames up
+    from the caller's; `None` if there is none. Reads no source: cheap enough for every
+    factory call while provenance is recorded.
+
+    Example:
+        >>> frame = user_frame()
+        >>> frame is not None and frame.f_lineno > 0
+        True
+    """
+    frame: FrameType | None = sys._getframe(depth)
+    internal = _INTERNAL
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame = frame.f_back
+    return frame
+
+
+def call_site(filename: str, lineno: int) -> CallSite:
+    """The `CallSite` of `filename:lineno`, with its source text."""
+    return CallSite(filename, lineno, linecache.getline(filename, lineno).strip())
+
+
 def user_call_site() -> CallSite | None:
     """The first frame of the current stack outside torch and devicekit, `None` if there is none.
 
@@ -296,11 +329,5 @@ def user_call_site() -> CallSite | None:
         >>> site is not None and site.lineno > 0
         True
     """
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith((_TORCH_DIR, _DEVICEKIT_DIR)):
-            line = linecache.getline(filename, frame.f_lineno).strip()
-            return CallSite(filename, frame.f_lineno, line)
-        frame = frame.f_back
-    return None
+    frame = user_frame(2)
+    return None if frame is None else call_site(frame.f_code.co_filename, frame.f_lineno)

@@ -9,7 +9,8 @@ device that is not there or a device mismatch is a `RuntimeError` (as torch rais
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 __all__ = [
     "AuditError",
@@ -127,8 +128,52 @@ class UnmovableError(DevicekitError, TypeError):
         self.obj = obj
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where one operand of a cross-device error came from, as far as devicekit can tell.
+
+    While a `device_guard` or a simulation is active, devicekit records the user's line of every
+    tensor factory call (`torch.arange`, `torch.zeros`, `torch.tensor`, ...); when an op mixes
+    devices it looks up each offending operand in that record, in the modules and optimizers on
+    the stack, and in the caller's variables.
+
+    Attributes:
+        label: The operand as the op names it (`"other"`, `"weight"`, `"tensors[1]"`).
+        device: Where the operand is (the simulated device under a simulation).
+        origin: How it came to be, one of `"made"` (a factory call inside the block made it, or
+            the value it was computed from), `"moved"` (a `.to()`/`.cpu()`/`.cuda()` inside the
+            block put it there), `"assigned"` (the line that assigned the variable holding it;
+            no factory was recorded there), `"argument"` (it was passed into the function
+            that uses it) or `"outside"` (nothing inside the block made it: it was passed in,
+            loaded or made before the block).
+        op: The factory or move that made it (`"torch.arange"`), or `None`.
+        location: The line that made or assigned it (`"model.py:41: pos = torch.arange(t)"`),
+            or `None`.
+        via: The expression on the failing line it was computed from (`"self.mask"`) when the
+            operand itself is an intermediate result, else `None`.
+        owner: Where it is held (`"model.blocks[3].attn.mask"`, `"batch['labels']"`), or
+            `None`.
+        owner_kind: What holds it: `"parameter"`, `"buffer"`, `"attribute"` (a plain attribute
+            of a module, which `Module.to` does not move), `"list item"`, `"dict item"`,
+            `"optimizer state"`, `"local variable"` or `"argument"`; `None` with no owner.
+    """
+
+    label: str
+    device: str
+    origin: Literal["made", "moved", "assigned", "argument", "outside"]
+    op: str | None = None
+    location: str | None = None
+    via: str | None = None
+    owner: str | None = None
+    owner_kind: str | None = None
+
+
 class CrossDeviceError(DevicekitError, RuntimeError):
-    """A torch operation received tensors on different devices (`device_guard`).
+    """A torch operation received tensors on different devices.
+
+    Raised by `device_guard`, by simulated devices and by `colocate`, all with one format: torch's
+    own sentence first (`"Expected all tensors to be on the same device, ..."`), then the op,
+    each operand with where it came from, the user's line and a fix for the pattern found.
 
     Attributes:
         op: The op as users write it (`"torch.nn.functional.linear"`, `"Tensor.__matmul__"`).
@@ -137,6 +182,7 @@ class CrossDeviceError(DevicekitError, RuntimeError):
         devices: The distinct devices that met, in order of appearance.
         location: The user's source line that called the op (`"train.py:12: y = f(x)"`), or
             `None` where there is none.
+        provenance: Where each offending operand came from (`Provenance`), in operand order.
     """
 
     def __init__(
@@ -147,12 +193,14 @@ class CrossDeviceError(DevicekitError, RuntimeError):
         operands: tuple[tuple[str, str], ...],
         devices: tuple[object, ...],
         location: str | None,
+        provenance: tuple[Provenance, ...] = (),
     ) -> None:
         super().__init__(message)
         self.op = op
         self.operands = operands
         self.devices = devices
         self.location = location
+        self.provenance = provenance
 
 
 class TransferGuardError(DevicekitError, RuntimeError):

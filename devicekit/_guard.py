@@ -23,19 +23,18 @@ from typing_extensions import ParamSpec
 from devicekit import _context
 from devicekit._describe import (
     CallSite,
-    describe_tensor,
     labelled_tensors,
     op_name_at,
-    torch_sentence,
     user_call_site,
 )
 from devicekit._errors import (
-    CrossDeviceError,
     DeviceMismatchWarning,
     DeviceMoveWarning,
     InvalidArgumentError,
 )
 from devicekit._modes import ModeKind
+from devicekit._provenance import FACTORIES, MOVES, record
+from devicekit._report import Report
 from devicekit._resolve import resolve
 from devicekit._scope import Scoped
 from devicekit._types import DeviceLike
@@ -138,6 +137,7 @@ class _DeviceGuardMode(TorchFunctionMode):
         # building a `torch.device`), or else `False`, with their common `device`. The first
         # tensor that breaks it sends the call to `_mixed`, which decides whether that is a
         # violation and whether a guard is active in this context at all.
+        __tracebackhide__ = True  # pytest shows the user's line, not devicekit's internals
         scanned = args
         if kwargs:
             for arg in kwargs.values():
@@ -199,12 +199,28 @@ class _DeviceGuardMode(TorchFunctionMode):
                             return _mixed(func, args, kwargs)
                 elif (_KINDS.get(kind) or _kind(kind)) is _SUBCLASS:
                     return _checked(func, args, kwargs)
+        if func in _RECORDED:  # a tensor factory or a move: where it ran is kept
+            return _recorded(func, args, kwargs)
         return func(*args, **kwargs) if kwargs else func(*args)
+
+
+#: The ops whose results `devicekit._provenance` records while a guard is active.
+_RECORDED = FACTORIES | MOVES
+
+
+def _recorded(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None
+) -> Any:
+    result = func(*args, **kwargs) if kwargs else func(*args)
+    if not (args and result is args[0]):  # `.to()` of a tensor already there hands it back
+        record(func, result)
+    return result
 
 
 def _checked(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
     """Run `func` once the `.device` of every tensor among the arguments, and in lists or tuples
     among them, matches the first one's; a call that mixes devices goes on to `_mixed`."""
+    __tracebackhide__ = True
     device = None
     for value in _scanned(args, kwargs or {}):
         if isinstance(value, _Tensor):
@@ -253,20 +269,22 @@ class _Call:
     def op(self) -> str:
         return op_name_at(self.func, self.site.line if self.site is not None else "")
 
-    def describe(self) -> str:
-        lines = [f"  {label}: {describe_tensor(tensor)}" for label, tensor in self.operands]
-        devices = ", ".join(str(device) for device in self.devices)
-        head = f"{self.op} got tensors on different devices ({devices}):"
-        return "\n".join([head, *lines, _called_at(self.site)])
-
-    def error(self, message: str) -> CrossDeviceError:
-        """The error to raise, its first line torch's own sentence (which programs match)."""
-        return CrossDeviceError(
-            f"{torch_sentence(self.devices)}\n{message}",
-            op=self.op,
-            operands=tuple((label, describe_tensor(t)) for label, t in self.operands),
-            devices=tuple(self.devices),
-            location=str(self.site) if self.site is not None else None,
+    def report(self, target: torch.device | None) -> Report:
+        """The report of this call, its offending operands those not on `target` (all of the
+        relevant ones when `target` is `None`)."""
+        __tracebackhide__ = True
+        relevant = _relevant(self.func, self.operands, self.home)
+        if target is None:
+            strays = [label for label, _ in relevant]
+        else:
+            strays = [label for label, tensor in relevant if tensor.device != target]
+        return Report(
+            self.op,
+            self.operands,
+            devices=self.devices,
+            target=target,
+            block="device_guard",
+            strays=strays,
         )
 
 
@@ -395,34 +413,27 @@ def _strays(call: _Call, target: torch.device) -> list[tuple[str, torch.Tensor]]
     ]
 
 
-def _fix(call: _Call, target: torch.device | None) -> str:
-    if target is None:
-        first = str(call.devices[0])
-        return (
-            f'Fix: choose the device, e.g. `devicekit.device_guard("move", target="{first}")`, '
-            "or move the operands to one device with `devicekit.to_device` first."
-        )
-    labels = [label for label, _ in _strays(call, target)]
-    example = "tensor" if labels[0].startswith("argument ") else labels[0]
-    return (
-        f"Fix: move {', '.join(labels)} to {target} first, e.g. "
-        f'`devicekit.to_device({example}, "{target}")`, '
-        'or let `devicekit.device_guard("move")` move operands for you.'
-    )
+def _first_at_site(call: _Call, state: _GuardState) -> bool:
+    """Whether this is the first report from `call`'s line under this guard (then marked)."""
+    if call.site is None:
+        return True
+    key = (call.site.filename, call.site.lineno)
+    if key in state.reported:
+        return False
+    state.reported.add(key)
+    return True
 
 
-def _report(call: _Call, state: _GuardState, category: type[Warning], message: str) -> None:
-    """Warn once per call site and guard, pointing the warning at the user's line."""
+def _report(call: _Call, category: type[Warning], message: str) -> None:
+    """Warn, pointing the warning at the user's line."""
     if call.site is None:
         warnings.warn(message, category, stacklevel=2)
-        return
-    key = (call.site.filename, call.site.lineno)
-    if key not in state.reported:
-        state.reported.add(key)
+    else:
         warnings.warn_explicit(message, category, call.site.filename, call.site.lineno)
 
 
 def _mixed(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
+    __tracebackhide__ = True  # pytest shows the user's line, not devicekit's internals
     if kwargs is None:
         kwargs = {}
     state = _KIND.current()
@@ -434,35 +445,35 @@ def _mixed(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     if not _is_violation(call):
         return func(*args, **kwargs)
     target = _target(call, state)
-    strays = [] if target is None else _strays(call, target)
-    if state.policy != "move" or target is None:
-        message = f"{call.describe()}\n{_fix(call, target)}"
-    else:
-        labels = ", ".join(label for label, _ in strays)
-        message = (
-            f'device_guard("move") moved {labels} to {target} to run {call.op}, '
-            f"{_called_at(call.site)}.\n"
-            "Each call copies them again: move them once with `devicekit.to_device`, or "
-            "silence this with "
-            '`warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.'
-        )
     if state.policy == "warn":
-        _report(call, state, DeviceMismatchWarning, message)
+        if _first_at_site(call, state):
+            _report(call, DeviceMismatchWarning, call.report(target).body())
         return func(*args, **kwargs)
     if state.policy == "error" or target is None:
-        raise call.error(message)
+        raise call.report(target).error()
+    strays = _strays(call, target)
     moved: dict[int, torch.Tensor] = {}
     for label, tensor in strays:
         try:
             moved[id(tensor)] = tensor.to(target)
         except (RuntimeError, NotImplementedError) as error:
-            raise call.error(
-                f'{call.describe()}\ndevice_guard("move") cannot run it on {target}: moving '
+            raise call.report(target).error(
+                fix=f'device_guard("move") cannot run it on {target}: moving '
                 f"{label} there failed ({type(error).__name__}: {error}).\n"
                 f"Fix: move the operands to one device yourself first, with "
                 f"`devicekit.to_device`."
             ) from error
-    _report(call, state, DeviceMoveWarning, message)
+    if _first_at_site(call, state):
+        labels = ", ".join(label for label, _ in strays)
+        _report(
+            call,
+            DeviceMoveWarning,
+            f'device_guard("move") moved {labels} to {target} to run {call.op}, '
+            f"{_called_at(call.site)}.\n"
+            "Each call copies them again: move them once with `devicekit.to_device`, or "
+            "silence this with "
+            '`warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.',
+        )
     return func(*_replace(args, moved), **_replace(kwargs, moved))
 
 

@@ -22,15 +22,14 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._device import DeviceContext, _device_constructors
 
-from devicekit import _simulate_facts, _simulate_rng
+from devicekit import _provenance, _simulate_facts, _simulate_rng
 from devicekit._describe import (
-    describe_tensor,
     labelled_tensors,
     op_name_at,
-    torch_sentence,
     user_call_site,
 )
 from devicekit._errors import CrossDeviceError, SimulationError
+from devicekit._report import Report
 
 __all__ = ["_Session", "_SimulationMode", "_simulated"]
 
@@ -255,44 +254,29 @@ def _cross_device_error(
         if len(mine) == len(theirs):
             rename = dict(zip(mine, theirs, strict=True))
             operands = [(rename.get(label, label), tensor) for label, tensor in operands]
-    devices: list[torch.device] = []
-    for _, tensor in operands:
-        device = _device_of(tensor)
-        if device not in devices:
-            devices.append(device)
-    listed = " and ".join(str(device) for device in devices)
-    lines = [
-        torch_sentence(devices),
-        f"{op}: expected all tensors on one device, but found {listed}.",
-    ]
-    described = tuple((label, describe_tensor(t, _device_of(t))) for label, t in operands)
-    lines.extend(f"  {label}: {text}" for label, text in described)
-    if site is not None:
-        lines.append(f"  called from {site}")
-    target = next((d for d in devices if d.type != "cpu"), devices[0])
-    lines.append(
-        f"Fix: create or move every operand onto {target} first, e.g. "
-        f"devicekit.to_device(x, {str(target)!r}), or torch.arange(n, device=x.device) for "
-        "tensors made inside forward(); 0-dim CPU tensors may mix with any device."
-    )
-    session = _active
+    devices = list(dict.fromkeys(_device_of(tensor) for _, tensor in operands))
+    accelerators = [device for device in devices if device.type != "cpu"]
+    session, note = _active, None
     if session is not None:
         simulated = (
             f"Device {session.type}:0 is"
             if session.count == 1
             else f"Devices {session.type}:0 to {session.type}:{session.count - 1} are"
         )
-        lines.append(
+        note = (
             f"({simulated} simulated on the CPU by devicekit.simulated_devices; real hardware "
             "raises here too.)"
         )
-    return CrossDeviceError(
-        "\n".join(lines),
-        op=op,
-        operands=described,
-        devices=tuple(devices),
-        location=None if site is None else str(site),
+    target = accelerators[0] if len(accelerators) == 1 else None
+    report = Report(
+        op,
+        operands,
+        devices=devices,
+        target=target,
+        block="simulated_devices",
+        device_of=_device_of,
     )
+    return report.error(note=note)
 
 
 def _check(
@@ -432,8 +416,8 @@ def _op(
         operands = operands[:1]
     elif name == "__setitem__" and len(args) > 2 and _copies_value(args[1], args[2]):
         operands = [(label, tensor) for label, tensor in operands if label != "args[2]"]
-    if not operands:
-        return func(*args, **kwargs)
+    if not operands:  # a factory, recorded for a cross-device error's provenance
+        return _provenance.made(func, func(*args, **kwargs))
     exempt = _exemption(name) if method else _never
     device = _check(func, operands, exempt, (args, kwargs))
     if device is not None and torch._C._is_any_autocast_enabled():
@@ -787,7 +771,7 @@ def _factory(
     result = run(_simulate_rng.seeded(func, target), args, kwargs)
     if isinstance(result, torch.Tensor):
         result = _fresh(result, inputs)
-    return _tag_results(result, target, set())
+    return _provenance.made(func, _tag_results(result, target, set()), target)
 
 
 def _foreach(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:

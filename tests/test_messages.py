@@ -56,6 +56,7 @@ def test_device_guard_error() -> None:
         f"{SAME_DEVICE}cpu and meta!\n"
         "torch.nn.functional.linear got tensors on different devices (cpu, meta):\n"
         "  input: f32[32,64] @ cpu\n"
+        "    came from outside the guarded block (passed in, loaded or made before it)\n"
         "  weight: f32[16,64] @ meta\n"
         "  bias: f32[16] @ meta\n"
         f"called at {site(call_linear, 'return F.linear(x, weight, bias)')}\n"
@@ -71,6 +72,7 @@ def test_device_guard_error_for_an_operator() -> None:
         f"{SAME_DEVICE}cpu and meta!\n"
         "Tensor.__matmul__ got tensors on different devices (cpu, meta):\n"
         "  self: f32[32,64] @ cpu\n"
+        "    came from outside the guarded block (passed in, loaded or made before it)\n"
         "  other: f32[64,16] @ meta\n"
         f"called at {site(call_matmul, 'return x @ weight.T')}\n"
         'Fix: move self to meta first, e.g. `devicekit.to_device(self, "meta")`, '
@@ -86,6 +88,7 @@ def test_device_guard_error_for_a_list_argument() -> None:
         "torch.cat got tensors on different devices (meta, cpu):\n"
         "  tensors[0]: f32[2,64] @ meta\n"
         "  tensors[1]: f32[32,64] @ cpu\n"
+        "    came from outside the guarded block (passed in, loaded or made before it)\n"
         "  tensors[2]: f32[3,64] @ meta\n"
         f"called at {site(call_cat, 'return torch.cat([weight[:2], x, weight[:3]])')}\n"
         'Fix: move tensors[1] to meta first, e.g. `devicekit.to_device(tensors[1], "meta")`, '
@@ -103,6 +106,7 @@ def test_device_guard_error_for_indexing() -> None:
         f"{SAME_DEVICE}cpu and meta!\n"
         "Tensor.__getitem__ got tensors on different devices (cpu, meta):\n"
         "  self: f32[32,64] @ cpu\n"
+        "    came from outside the guarded block (passed in, loaded or made before it)\n"
         "  key: i64[2] @ meta\n"
         f"called at {site(call_index, INDEX_SOURCE)}\n"
         'Fix: move self to meta first, e.g. `devicekit.to_device(self, "meta")`, '
@@ -116,6 +120,7 @@ def test_device_guard_warn() -> None:
     assert str(record[0].message) == (
         "Tensor.__matmul__ got tensors on different devices (cpu, meta):\n"
         "  self: f32[32,64] @ cpu\n"
+        "    came from outside the guarded block (passed in, loaded or made before it)\n"
         "  other: f32[64,16] @ meta\n"
         f"called at {site(call_matmul, 'return x @ weight.T')}\n"
         'Fix: move self to meta first, e.g. `devicekit.to_device(self, "meta")`, '
@@ -139,11 +144,11 @@ def test_device_guard_move() -> None:
 
 
 def test_device_guard_move_without_a_target() -> None:
-    from devicekit import _guard
+    from devicekit._report import Report
 
     a, b = torch.device("cuda", 0), torch.device("cuda", 1)
-    call = _guard._Call(torch.add, [], [a, b], None, None)
-    assert _guard._fix(call, None) == (
+    report = Report("torch.add", [], devices=[a, b], target=None, block="device_guard")
+    assert report.fix() == (
         'Fix: choose the device, e.g. `devicekit.device_guard("move", target="cuda:0")`, '
         "or move the operands to one device with `devicekit.to_device` first."
     )

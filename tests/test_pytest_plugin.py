@@ -67,11 +67,12 @@ def test_planted_bug_is_caught_under_simulation(pytester: pytest.Pytester) -> No
         [
             "*test_forward?cuda:0?*",
             "E *CrossDeviceError: *cuda:0 and cpu*",
-            "E *Tensor.__mul__: expected all tensors on one device, but found cuda:0 and cpu.",
+            "E *Tensor.__mul__ got tensors on different devices (cuda:0, cpu):",
             "E *self: f32?2,4? @ cuda:0",
             "E *other: i64?4? @ cpu",
-            "E *called from *test_model.py:12: return self.linear(x) * positions",
-            "E *Fix: create or move every operand onto cuda:0 first*",
+            "E *made by torch.arange at *test_model.py:11: positions = torch.arange(self.n)",
+            "E *called at *test_model.py:12: return self.linear(x) * positions",
+            "E *Fix: create it where it is used: `torch.arange(..., device=x.device)`*",
         ]
     )
     result.stdout.no_fnmatch_line("*_simulate.py:*in __torch_function__*")

@@ -332,7 +332,7 @@ def check_torchscript(scripted: Any, module: Any) -> None:
     added, same = scripted(a, a)
     assert (added.device, same.device) == (CUDA1, CUDA1)
     assert added.tolist() == [3.0, 3.0]
-    with pytest.raises(CrossDeviceError, match=r"\nTorchScript scripted: expected all tensors"):
+    with pytest.raises(CrossDeviceError, match=r"\nTorchScript scripted got tensors on different devices"):
         scripted(a, torch.ones(2, device="cuda:0"))
     assert module(torch.ones(2, device="cuda:1")).device == CUDA1
 
@@ -363,7 +363,7 @@ def test_cross_device_errors_start_with_torchs_sentence(sim: object) -> None:
     assert lines[0] == f"{SAME_DEVICE}cuda:0 and cuda:1!"
     assert (
         lines[1]
-        == "Tensor.__add__: expected all tensors on one device, but found cuda:0 and cuda:1."
+        == "Tensor.__add__ got tensors on different devices (cuda:0, cuda:1):"
     )
 
 

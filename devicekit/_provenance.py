@@ -1,0 +1,535 @@
+"""Where the stray tensor of a cross-device error came from: the line that made it, who holds it.
+
+Recording costs time only while a `device_guard` or a simulation is active, and only on tensor
+factory calls (`torch.arange`, `torch.zeros`, `torch.tensor`, ...) and moves (`.to()`, `.cpu()`):
+`record` keeps the user's file and line of the call, keyed by the tensor's identity in a table
+whose entries go with their tensors, and the set of lines where factories ran. Every other op
+costs nothing here.
+
+The rest is worked out only when an error is reported (`explain`), from the live stack of the
+failing call: the tensor's record (or its view base's); the module, optimizer or variable that
+holds it, found by identity among the modules and optimizers the frames run (`self`) or name
+(locals); for a variable, the line that assigned it; and for an intermediate result (`mask == 0`),
+the names on the failing line it was computed from.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import linecache
+import re
+import sys
+import textwrap
+import weakref
+from collections.abc import Callable, Iterator
+from types import CodeType, FrameType
+from typing import Any, Literal
+
+import torch
+
+from devicekit._describe import call_site, is_internal, op_name, user_frame
+from devicekit._errors import Provenance
+
+__all__ = ["FACTORIES", "MOVES", "explain", "made", "record"]
+
+
+def _existing(owner: object, names: str) -> frozenset[object]:
+    return frozenset(getattr(owner, name) for name in names.split() if hasattr(owner, name))
+
+
+#: The tensor factories whose calls are recorded: each makes a new tensor on the device its
+#: `device=` names, the CPU without one (where a forgotten `device=` shows).
+FACTORIES = _existing(
+    torch,
+    "arange range zeros ones empty full tensor as_tensor asarray rand randn randint randperm "
+    "linspace logspace eye empty_strided tril_indices triu_indices scalar_tensor "
+    "bartlett_window blackman_window hamming_window hann_window kaiser_window",
+)
+#: The moves whose results are recorded: a `.cpu()` in the middle of a computation shows here.
+MOVES = _existing(torch.Tensor, "to cpu cuda")
+
+
+class _Entry(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a recorded tensor, with where it was made."""
+
+    __slots__ = ("filename", "func", "key", "lineno")
+
+    def __new__(cls, tensor: torch.Tensor, func: object, filename: str, lineno: int) -> _Entry:
+        return super().__new__(cls, tensor, _forget)
+
+    def __init__(self, tensor: torch.Tensor, func: object, filename: str, lineno: int) -> None:
+        super().__init__(tensor, _forget)  # type: ignore[call-arg]
+        self.key = id(tensor)
+        self.func = func
+        self.filename = filename
+        self.lineno = lineno
+
+
+#: Recorded tensors by `id`, each entry removed when its tensor is freed.
+ENTRIES: dict[int, _Entry] = {}
+#: The lines where a recorded factory or move ran, with the op and the device of its result as
+#: torch reports it: `(filename, lineno) -> (func, device)`.
+SITES: dict[tuple[str, int], tuple[object, torch.device]] = {}
+_MAX_SITES = 10_000
+
+
+def _forget(entry: weakref.ref[Any]) -> None:
+    key = entry.key  # type: ignore[attr-defined]
+    if ENTRIES.get(key) is entry:
+        del ENTRIES[key]
+
+
+def record(func: object, result: object, device: torch.device | None = None) -> None:
+    """Remember where the factory or move `func` made `result` (a tensor, else nothing), on
+    `device` as the user sees it (`None`: where torch says it is)."""
+    if not isinstance(result, torch.Tensor):
+        return
+    frame = user_frame(2)
+    if frame is None:
+        return
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    ENTRIES[id(result)] = _Entry(result, func, filename, lineno)
+    if len(SITES) > _MAX_SITES:
+        SITES.clear()
+    SITES[filename, lineno] = (func, result.device if device is None else device)
+
+
+def made(func: object, result: Any, device: torch.device | None = None) -> Any:
+    """`result`, recorded first when `func` is a tensor factory (the simulation's hook; a
+    simulated tensor's `device` is given)."""
+    if func in FACTORIES:
+        record(func, result, device)
+    return result
+
+
+# --- explaining one operand -----------------------------------------------------------------------
+
+
+def explain(
+    label: str,
+    tensor: torch.Tensor,
+    device: torch.device,
+    frame: FrameType | None,
+    device_of: Callable[[torch.Tensor], torch.device],
+) -> Provenance:
+    """Where `tensor` (operand `label`, on `device`) came from, seen from the user's `frame`."""
+    context = _Context(frame, device, device_of)
+    first = context.identify(label, tensor, via=None)
+    if first is not None and _known(first):
+        return first
+    # An intermediate result (`self.mask[:t] == 0`): what the failing line computed it from.
+    for name, value in context.named_on_line():
+        if value is not tensor:
+            found = context.identify(label, value, via=name)
+            if found is not None and _known(found):
+                return found
+    site = context.line_site()
+    if site is not None:  # made on the failing line itself: `x + torch.arange(t)`
+        func, where = site
+        return Provenance(label, str(device), _how(func), _op(func), str(where))
+    return first if first is not None else Provenance(label, str(device), "outside")
+
+
+def _how(func: object) -> Literal["made", "moved"]:
+    return "moved" if func in MOVES else "made"
+
+
+def _op(func: object) -> str:
+    return op_name(func) if callable(func) else str(func)
+
+
+def _known(found: Provenance) -> bool:
+    return found.origin != "outside" or found.owner is not None
+
+
+class _Context:
+    """What the stack of the failing call offers: its modules, optimizers and variables."""
+
+    def __init__(
+        self,
+        frame: FrameType | None,
+        device: torch.device,
+        device_of: Callable[[torch.Tensor], torch.device],
+    ) -> None:
+        self.frame = frame
+        self.device = device
+        self.device_of = device_of
+        self._roots: list[tuple[str, object]] | None = None
+
+    # -- one tensor ---------------------------------------------------------------------------
+
+    def identify(self, label: str, value: object, via: str | None) -> Provenance | None:
+        """The provenance of `value`, `None` when it is no tensor on the operand's device."""
+        tensor = _tensor_on(value, self.device, self.device_of)
+        if tensor is None:
+            return None
+        device = str(self.device)
+        owner = self.owner(tensor)
+        kind: str | None = None if owner is None else owner[1]
+        where: str | None = None if owner is None else owner[0]
+        entry = _entry_of(tensor)
+        if entry is not None:
+            location = str(call_site(entry.filename, entry.lineno))
+            return Provenance(
+                label, device, _how(entry.func), _op(entry.func), location, via, where, kind
+            )
+        local = self.local(tensor)
+        if local is not None:
+            name, frame, is_argument = local
+            if owner is None:
+                where, kind = name, "argument" if is_argument else "local variable"
+            if is_argument:
+                caller = _user_caller(frame)
+                passed = None if caller is None else str(caller)
+                return Provenance(label, device, "argument", None, passed, via, where, kind)
+            lineno = _assigned_at(frame, name.split("[", 1)[0])
+            if lineno is not None:
+                filename = frame.f_code.co_filename
+                func = self.made_at(filename, lineno)
+                location = str(call_site(filename, lineno))
+                if func is not None:
+                    return Provenance(
+                        label, device, _how(func), _op(func), location, via, where, kind
+                    )
+                return Provenance(label, device, "assigned", None, location, via, where, kind)
+        return Provenance(label, device, "outside", None, None, via, where, kind)
+
+    # -- who holds it -------------------------------------------------------------------------
+
+    def roots(self) -> list[tuple[str, object]]:
+        """The modules and optimizers on the stack, named as the user's code names them where
+        it does, the outermost first."""
+        if self._roots is None:
+            self._roots = _roots(sys._getframe(1))
+        return self._roots
+
+    def owner(self, tensor: torch.Tensor) -> tuple[str, str] | None:
+        """The attribute path that holds `tensor` (or the tensor it is a view of), and how."""
+        targets = _with_bases(tensor)
+        roots = self.roots()
+        for name, root in roots:
+            if isinstance(root, torch.nn.Module):
+                found = _in_module(root, name, targets)
+            else:
+                found = _in_optimizer(root, name, targets, roots)
+            if found is not None:
+                return found
+        return None
+
+    def local(self, tensor: torch.Tensor) -> tuple[str, FrameType, bool] | None:
+        """The user's variable that holds `tensor`, in the innermost user frame that has one:
+        `(name, frame, whether it is an argument of the function)`."""
+        targets = _with_bases(tensor)
+        for frame in _user_frames(self.frame, limit=8):
+            code = frame.f_code
+            arguments = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+            for name, value in _locals(frame).items():
+                found = _holding(name, value, targets)
+                if found is not None:
+                    return found, frame, name in arguments and not _assigned_at(frame, name)
+        return None
+
+    # -- the failing line ---------------------------------------------------------------------
+
+    def named_on_line(self) -> Iterator[tuple[str, object]]:
+        """The values the names on the failing line refer to (`self.mask`, `pos`), in order."""
+        frame = self.frame
+        if frame is None:
+            return
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        f_locals = _locals(frame)
+        seen: set[str] = set()
+        for match in _NAME.finditer(line):
+            name = match.group(0)
+            if name in seen:
+                continue
+            seen.add(name)
+            parts = name.split(".")
+            if parts[0] not in f_locals:
+                continue
+            value: object = f_locals[parts[0]]
+            for part in parts[1:]:
+                value = _attribute(value, part)
+                if value is _MISSING:
+                    break
+            if value is not _MISSING:
+                yield name, value
+
+    def line_site(self) -> tuple[object, Any] | None:
+        """The factory recorded on the failing line, with the line."""
+        frame = self.frame
+        if frame is None:
+            return None
+        filename, lineno = frame.f_code.co_filename, frame.f_lineno
+        func = self.made_at(filename, lineno)
+        return None if func is None else (func, call_site(filename, lineno))
+
+    def made_at(self, filename: str, lineno: int) -> object:
+        """The factory or move recorded on a line that made a tensor on the operand's device
+        (as torch saw it), else `None`."""
+        found = SITES.get((filename, lineno))
+        if found is None:
+            return None
+        func, device = found
+        return func if device == self.device else None
+
+
+_NAME = re.compile(r"(?<![\w.'\"])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_MISSING = object()
+
+
+def _attribute(value: object, name: str) -> object:
+    """`value.name` for a module's or a plain object's own attribute, never a property."""
+    if isinstance(value, torch.nn.Module):
+        for table in ("_parameters", "_buffers", "_modules"):
+            found = value.__dict__.get(table, {})
+            if name in found:
+                return found[name]
+    try:
+        return vars(value).get(name, _MISSING)
+    except TypeError:
+        return _MISSING
+
+
+def _tensor_on(
+    value: object, device: torch.device, device_of: Callable[[torch.Tensor], torch.device]
+) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        try:
+            return value if device_of(value) == device else None
+        except Exception:
+            return None
+    return None
+
+
+def _with_bases(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """`tensor` and the tensors it is a view of (`pos[None]` is a view of `pos`)."""
+    found = [tensor]
+    base = tensor._base
+    while base is not None and len(found) < 8:
+        found.append(base)
+        base = base._base
+    return found
+
+
+def _entry_of(tensor: torch.Tensor) -> _Entry | None:
+    for candidate in _with_bases(tensor):
+        entry = ENTRIES.get(id(candidate))
+        if entry is not None and entry() is candidate:
+            return entry
+    return None
+
+
+def _is(value: object, targets: list[torch.Tensor]) -> bool:
+    return any(value is target for target in targets)
+
+
+def _holding(name: str, value: object, targets: list[torch.Tensor]) -> str | None:
+    """`name`, or `name[key]`, when `value`, or an item of it (a list, tuple or dict), is one
+    of `targets`."""
+    if isinstance(value, torch.Tensor):
+        return name if _is(value, targets) else None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value[:1000]):
+            if isinstance(item, torch.Tensor) and _is(item, targets):
+                return f"{name}[{index}]"
+    elif isinstance(value, dict):
+        for key, item in list(value.items())[:1000]:
+            if isinstance(item, torch.Tensor) and _is(item, targets):
+                return f"{name}[{key!r}]"
+    return None
+
+
+def _locals(frame: FrameType) -> dict[str, Any]:
+    try:
+        return dict(frame.f_locals)
+    except Exception:
+        return {}
+
+
+def _user_frames(frame: FrameType | None, limit: int) -> Iterator[FrameType]:
+    while frame is not None and limit > 0:
+        if not is_internal(frame.f_code.co_filename):
+            yield frame
+            limit -= 1
+        frame = frame.f_back
+
+
+def _user_caller(frame: FrameType) -> object:
+    """The user's line that called the function running in `frame`."""
+    caller = frame.f_back
+    while caller is not None and is_internal(caller.f_code.co_filename):
+        caller = caller.f_back
+    return None if caller is None else call_site(caller.f_code.co_filename, caller.f_lineno)
+
+
+_assignments: dict[CodeType, dict[str, list[int]]] = {}
+
+
+def _assigned_at(frame: FrameType, name: str) -> int | None:
+    """The last line of `frame`'s function, up to the running one, that assigns `name`."""
+    lines = _assignment_lines(frame.f_code).get(name, [])
+    before = [line for line in lines if line <= frame.f_lineno]
+    return before[-1] if before else None
+
+
+def _assignment_lines(code: CodeType) -> dict[str, list[int]]:
+    found = _assignments.get(code)
+    if found is not None:
+        return found
+    found = {}
+    try:
+        lines = linecache.getlines(code.co_filename)
+        first = code.co_firstlineno
+        block = inspect.getblock(lines[first - 1 :]) if code.co_name != "<module>" else lines
+        offset = first - 1 if code.co_name != "<module>" else 0
+        tree = ast.parse(textwrap.dedent("".join(block)))
+    except Exception:  # no source (a REPL, exec'd code), or source that does not parse
+        tree, offset = None, 0
+    if tree is not None:
+        for node in ast.walk(tree):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = list(node.targets)
+            elif isinstance(
+                node, (ast.AnnAssign, ast.AugAssign, ast.NamedExpr, ast.For, ast.comprehension)
+            ):
+                targets = [node.target]
+            elif isinstance(node, ast.withitem) and node.optional_vars is not None:
+                targets = [node.optional_vars]
+            for target in targets:
+                for named in ast.walk(target):
+                    if isinstance(named, ast.Name):
+                        line: int = getattr(node, "lineno", None) or target.lineno
+                        found.setdefault(named.id, []).append(line + offset)
+        for values in found.values():
+            values.sort()
+    if len(_assignments) > 1000:
+        _assignments.clear()
+    _assignments[code] = found
+    return found
+
+
+# --- the modules and optimizers on the stack ------------------------------------------------------
+
+
+def _roots(frame: FrameType | None) -> list[tuple[str, object]]:
+    """The modules and optimizers that the stack's functions run (`self`) or hold in variables,
+    named by the user's variable where one holds them, outermost first."""
+    named: list[tuple[str, object]] = []
+    running: list[object] = []
+    depth = 0
+    while frame is not None and depth < 200:
+        depth += 1
+        user = not is_internal(frame.f_code.co_filename)
+        for name, value in _locals(frame).items():
+            if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
+                if user and name != "self":
+                    named.append((name, value))
+                else:
+                    running.append(value)
+            elif user and name == "self":
+                for attribute, held in _plain_attributes(value):
+                    if isinstance(held, (torch.nn.Module, torch.optim.Optimizer)):
+                        named.append((f"self.{attribute}", held))
+        frame = frame.f_back
+    found: list[tuple[str, object]] = []
+    seen: set[int] = set()
+    for name, root in [*reversed(named), *((_default_name(r), r) for r in reversed(running))]:
+        if id(root) not in seen:
+            seen.add(id(root))
+            found.append((name, root))
+    return found
+
+
+def _plain_attributes(value: object) -> list[tuple[str, object]]:
+    try:
+        return list(vars(value).items())
+    except TypeError:
+        return []
+
+
+def _default_name(root: object) -> str:
+    return "optimizer" if isinstance(root, torch.optim.Optimizer) else "model"
+
+
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+def _in_module(
+    root: torch.nn.Module, name: str, targets: list[torch.Tensor]
+) -> tuple[str, str] | None:
+    """Where in `root` one of `targets` is held: a parameter, a buffer, a plain attribute, or an
+    item of a list, tuple or dict attribute."""
+    stack: list[tuple[str, torch.nn.Module]] = [(name, root)]
+    seen: set[int] = set()
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        state = module.__dict__
+        for key, value in state.get("_parameters", {}).items():
+            if value is not None and _is(value, targets):
+                return f"{path}.{key}", "parameter"
+        for key, value in state.get("_buffers", {}).items():
+            if value is not None and _is(value, targets):
+                return f"{path}.{key}", "buffer"
+        for key, value in state.items():
+            if key in _MODULE_INTERNALS:
+                continue
+            found = _holding(f"{path}.{key}", value, targets)
+            if found is not None:
+                kind = "attribute" if isinstance(value, torch.Tensor) else "dict item"
+                if isinstance(value, (list, tuple)):
+                    kind = "list item"
+                return found, kind
+        children = [
+            (_child_path(path, module, key), child)
+            for key, child in state.get("_modules", {}).items()
+            if child is not None
+        ]
+        stack.extend(reversed(children))
+    return None
+
+
+def _child_path(path: str, parent: torch.nn.Module, key: str) -> str:
+    if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)) and key.isdigit():
+        return f"{path}[{key}]"
+    if isinstance(parent, torch.nn.ModuleDict):
+        return f"{path}[{key!r}]"
+    return f"{path}.{key}"
+
+
+def _in_optimizer(
+    optimizer: Any, name: str, targets: list[torch.Tensor], roots: list[tuple[str, object]]
+) -> tuple[str, str] | None:
+    """Where in `optimizer.state` one of `targets` is held, the parameter named by its path in
+    a module on the stack where one holds it."""
+    try:
+        state = list(optimizer.state.items())
+    except Exception:
+        return None
+    for parameter, values in state:
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and _is(value, targets):
+                return f"{name}.state[{_parameter_name(optimizer, parameter, roots)}][{key!r}]", (
+                    "optimizer state"
+                )
+    return None
+
+
+def _parameter_name(optimizer: Any, parameter: object, roots: list[tuple[str, object]]) -> str:
+    for root_name, root in roots:
+        if isinstance(root, torch.nn.Module) and isinstance(parameter, torch.Tensor):
+            found = _in_module(root, root_name, [parameter])
+            if found is not None:
+                return found[0]
+    for number, group in enumerate(getattr(optimizer, "param_groups", [])):
+        for index, candidate in enumerate(group.get("params", [])):
+            if candidate is parameter:
+                return f"<param_groups[{number}]['params'][{index}]>"
+    return "<parameter>"

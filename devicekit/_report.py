@@ -1,0 +1,287 @@
+"""The one report of a cross-device error: what `device_guard`, simulated devices and
+`colocate` raise (and the guard's warnings say), built here and nowhere else.
+
+```text
+Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!
+Tensor.__add__ got tensors on different devices (cuda:0, cpu):
+  self: f32[2,8,16] @ cuda:0
+  other: i64[8] @ cpu
+    made by torch.arange at model.py:41: pos = torch.arange(t)
+called at model.py:42: return x + pos
+Fix: create it where it is used: `torch.arange(..., device=x.device)`.
+```
+
+The first line is torch's own sentence, which programs and test suites match; then the op, each
+operand, where each offending operand came from (`devicekit._provenance`), the user's line, and
+one fix chosen for the pattern found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+import torch
+
+from devicekit._describe import CallSite, call_site, describe_tensor, torch_sentence, user_frame
+from devicekit._errors import CrossDeviceError, Provenance
+from devicekit._provenance import explain
+
+__all__ = ["Report"]
+
+#: How each kind of block is named in "came from outside the ... block".
+_BLOCKS = {"device_guard": "guarded", "simulated_devices": "simulated_devices"}
+_LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy", "multilabel_soft_margin_loss")
+
+
+def _device(tensor: torch.Tensor) -> torch.device:
+    return tensor.device
+
+
+class Report:
+    """A cross-device error under construction: its operands, their provenance, and the fix.
+
+    Args:
+        op: The op as users write it.
+        operands: `(label, tensor)` of each operand to list, or `(label, text)` where there is
+            no one tensor to describe (`colocate`'s objects).
+        devices: The distinct devices that met, in order.
+        target: Where the op should run; `None` where that is ambiguous.
+        block: `"device_guard"`, `"simulated_devices"` or `"colocate"`: which kind of check
+            found it (provenance is looked up only inside the first two).
+        device_of: Where a tensor is as the user sees it (a simulated device under a
+            simulation).
+        strays: The labels of the offending operands; `None` for those not on `target` (all
+            of them when `target` is `None`).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        operands: Sequence[tuple[str, torch.Tensor | str]],
+        *,
+        devices: Sequence[torch.device],
+        target: torch.device | None,
+        block: str,
+        device_of: Callable[[torch.Tensor], torch.device] = _device,
+        strays: Sequence[str] | None = None,
+    ) -> None:
+        self.op = op
+        self.devices = list(devices)
+        self.target = target
+        self.block = block
+        self.frame: FrameType | None = user_frame(2)
+        self.site: CallSite | None = (
+            None
+            if self.frame is None
+            else call_site(self.frame.f_code.co_filename, self.frame.f_lineno)
+        )
+        self.lines: list[tuple[str, str]] = []
+        self.strays: list[str] = []
+        provenance: dict[str, Provenance] = {}
+        on_target: list[torch.Tensor] = []
+        for label, value in operands:
+            if isinstance(value, str):
+                self.lines.append((label, value))
+                continue
+            device = device_of(value)
+            self.lines.append((label, describe_tensor(value, device)))
+            if target is not None and device == target:
+                on_target.append(value)
+            if (label not in strays) if strays is not None else device == target:
+                continue
+            self.strays.append(label)
+            if block in _BLOCKS:
+                provenance[label] = explain(label, value, device, self.frame, device_of)
+        self.provenance = provenance
+        self._on_target = on_target
+        self._device_of = device_of
+
+    @property
+    def location(self) -> str | None:
+        return None if self.site is None else str(self.site)
+
+    def body(self, fix: str | None = None) -> str:
+        """The message without torch's sentence (what the guard's warnings say)."""
+        devices = ", ".join(str(device) for device in self.devices)
+        lines = [f"{self.op} got tensors on different devices ({devices}):"]
+        for label, text in self.lines:
+            lines.append(f"  {label}: {text}")
+            found = self.provenance.get(label)
+            if found is not None:
+                lines.extend(f"    {line}" for line in self._explained(found))
+        lines.append(
+            f"called at {self.site}" if self.site is not None else "called at an unknown line"
+        )
+        lines.append(fix if fix is not None else self.fix())
+        return "\n".join(lines)
+
+    def error(self, fix: str | None = None, note: str | None = None) -> CrossDeviceError:
+        """The error to raise, its first line torch's own sentence."""
+        text = f"{torch_sentence(self.devices)}\n{self.body(fix)}"
+        if note:
+            text = f"{text}\n{note}"
+        return CrossDeviceError(
+            text,
+            op=self.op,
+            operands=tuple(self.lines),
+            devices=tuple(self.devices),
+            location=self.location,
+            provenance=tuple(self.provenance.values()),
+        )
+
+    # -- provenance lines ---------------------------------------------------------------------
+
+    def _explained(self, found: Provenance) -> list[str]:
+        head = f"computed from {found.via}, " if found.via is not None else ""
+        named = found.owner_kind in ("local variable", "argument")
+        if found.origin in ("made", "moved"):
+            line = f"{head}{found.origin} by {found.op} at {found.location}"
+        elif found.origin == "assigned":
+            line = f"{head}assigned at {found.location}"
+        elif found.origin == "argument":
+            where = f" by {found.location}" if found.location is not None else ""
+            line = f"{head}passed in as the argument {found.owner}{where}"
+        elif found.owner is not None and not named:  # made before the block; its holder says
+            return [f"{head}held by {found.owner} ({_held(found)})"]
+        else:
+            block = _BLOCKS.get(self.block, self.block)
+            line = (
+                f"{head}came from outside the {block} block (passed in, loaded or made before it)"
+            )
+            if named:
+                line += f"; here it is {found.owner}"
+        lines = [line]
+        if found.owner is not None and not named:
+            lines.append(f"held by {found.owner} ({_held(found)})")
+        return lines
+
+    # -- the fix ------------------------------------------------------------------------------
+
+    def fix(self) -> str:
+        """The fix for the first offending operand whose pattern is known, else the generic one."""
+        for found in self.provenance.values():
+            text = self._fix_for(found)
+            if text is not None:
+                return f"Fix: {text}"
+        return f"Fix: {self._generic()}"
+
+    def _fix_for(self, found: Provenance) -> str | None:
+        target, kind = self.target, found.owner_kind
+        owner = found.owner or ""
+        attribute = owner.rsplit(".", 1)[-1]
+        if kind == "attribute":
+            return (
+                f'register {attribute} as a buffer, which Module.to moves: `self.register_buffer("'
+                f'{attribute}", ..., persistent=False)` in __init__ instead of `self.{attribute} '
+                "= ...`."
+            )
+        if kind in ("list item", "dict item"):
+            container = owner.rsplit("[", 1)[0].rsplit(".", 1)[-1]
+            return (
+                f"register each tensor of {container} as a buffer (`self.register_buffer(name, "
+                f"t, persistent=False)`) instead of keeping them in a plain "
+                f"{kind.split()[0]}: Module.to does not look inside it."
+            )
+        if kind in ("parameter", "buffer"):
+            module = owner.rsplit(".", 1)[0]
+            if target is not None:
+                return (
+                    f'move {module} to {target} with the other operands: `{module}.to("{target}")` '
+                    "(Module.to moves its parameters and buffers)."
+                )
+            other = next((d for d in self.devices if str(d) != found.device), None)
+            return (
+                f"put both on one device: move the input to {found.device} before calling "
+                f'{module} (`x.to("{found.device}")`), or `{module}.to("{other}")`; with two '
+                "models, put both models on one device."
+            )
+        if kind == "optimizer state":
+            return (
+                "create the optimizer after moving the model (`model.to(device)` first), or move "
+                "its state to the parameters' devices with "
+                "`optimizer.load_state_dict(optimizer.state_dict())`."
+            )
+        if found.origin == "made":
+            reference = self._reference()
+            where = (
+                f"device={reference}.device"
+                if reference is not None
+                else f'device="{target or self.devices[0]}"'
+            )
+            return (
+                f"create it where it is used: `{found.op}(..., {where})`; a constant belongs in "
+                "`self.register_buffer(..., persistent=False)`."
+            )
+        if found.origin == "moved" and target is not None:
+            return (
+                f"keep it on {target}: drop the {found.op} at {found.location}, or move the "
+                "result back before this op."
+            )
+        if target is None or found.origin not in ("argument", "outside", "assigned"):
+            return None
+        if found.label == "weight" and any(loss in self.op for loss in _LOSSES):
+            return (
+                "move the weight with the model: pass it to the loss module "
+                f"(`nn.CrossEntropyLoss(weight=w)` registers it as a buffer) and move that with "
+                f'`.to("{target}")`, or pass `w.to("{target}")`.'
+            )
+        if kind not in ("local variable", "argument"):
+            return None
+        name = found.owner
+        return (
+            f'move it to {target} where it enters, with the batch: `devicekit.to_device(batch, "'
+            f'{target}")`, or `{name} = {name}.to("{target}")`.'
+        )
+
+    def _reference(self) -> str | None:
+        """The name of a tensor on the target device in the user's frame (an operand's first),
+        else `None`."""
+        if self.frame is None or self.target is None:
+            return None
+        try:
+            names = {k: v for k, v in self.frame.f_locals.items() if k != "self"}
+        except Exception:
+            names = {}
+        for name, value in names.items():
+            if any(value is tensor for tensor in self._on_target):
+                return name
+        for name, value in names.items():
+            if isinstance(value, torch.Tensor) and self._device_of(value) == self.target:
+                return name
+        return None
+
+    def _generic(self) -> str:
+        guard = self.block == "device_guard"
+        if self.target is None:
+            first = str(self.devices[0])
+            if guard:
+                return (
+                    f'choose the device, e.g. `devicekit.device_guard("move", target="{first}")`, '
+                    "or move the operands to one device with `devicekit.to_device` first."
+                )
+            return (
+                f"put the operands on one device first, e.g. `devicekit.to_device(x, "
+                f'"{first}")`; with two models, put both models on one device.'
+            )
+        labels = self.strays or [label for label, _ in self.lines]
+        example = "tensor" if labels[0].startswith(("argument ", "args[")) else labels[0]
+        text = (
+            f"move {', '.join(labels)} to {self.target} first, e.g. "
+            f'`devicekit.to_device({example}, "{self.target}")`'
+        )
+        if guard:
+            return f'{text}, or let `devicekit.device_guard("move")` move operands for you.'
+        return f"{text}."
+
+
+def _held(found: Provenance) -> str:
+    kind = found.owner_kind
+    if kind == "attribute":
+        return "a plain attribute, not a registered buffer: Module.to does not move it"
+    if kind in ("list item", "dict item"):
+        return (
+            f"in a plain {kind.split()[0]} attribute, not a registered buffer: Module.to does "
+            "not move it"
+        )
+    return f"{kind}, on {found.device}"
