@@ -491,11 +491,13 @@ def _split_ties(walk: _Walk, name: str) -> Iterator[AuditFinding]:
                 f"Tie them by assigning one parameter object to both ({path} = {tied_to}), "
                 "not nn.Parameter(...) of the other or a view of it.",
             )
+    reported: set[str] = set()  # a tie declared by a model and by its submodel is one tie
     for module, where in walk.modules.values():
         for target, source in _declared_ties(module):
-            if target[0] is source[0]:
-                continue
             target_path = render(name, (where, _dotted_step, target[1]))
+            if target[0] is source[0] or target_path in reported:
+                continue
+            reported.add(target_path)
             source_path = render(name, (where, _dotted_step, source[1]))
             yield AuditFinding(
                 target_path,
@@ -606,12 +608,19 @@ def _optimizer_states(walk: _Walk, name: str) -> Iterator[AuditFinding]:
                     )
 
 
+def _listing(name: str, wheres: list[Where], limit: int = 3) -> str:
+    """The first `limit` paths, and how many more (only those shown are rendered)."""
+    shown = listing([render(name, where) for where in wheres[:limit]], limit)
+    more = len(wheres) - limit
+    return shown if more <= 0 else f"{shown} and {more} more"
+
+
 def _mixed_devices(walk: _Walk, name: str, obj: Any) -> Iterator[AuditFinding]:
-    devices: dict[torch.device, list[str]] = {}
+    devices: dict[torch.device, list[Where]] = {}
     for registered in walk.registered.values():
-        devices.setdefault(registered.tensor.device, []).append(render(name, registered.where))
+        devices.setdefault(registered.tensor.device, []).append(registered.where)
     for tensor, where in walk.data:
-        devices.setdefault(tensor.device, []).append(render(name, where))
+        devices.setdefault(tensor.device, []).append(where)
     if len(devices) < 2:
         return
     what = (
@@ -619,7 +628,7 @@ def _mixed_devices(walk: _Walk, name: str, obj: Any) -> Iterator[AuditFinding]:
         if isinstance(obj, torch.nn.Module) and not walk.data
         else "tensors"
     )
-    listed = "; ".join(f"{device}: {listing(paths)}" for device, paths in devices.items())
+    listed = "; ".join(f"{device}: {_listing(name, wheres)}" for device, wheres in devices.items())
     yield AuditFinding(
         name,
         "mixed-devices",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -152,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also list what is not a bug by itself (non-persistent buffers)",
     )
+    audit.add_argument(
+        "--json",
+        dest="audit_json",
+        action="store_true",
+        help="print the findings as JSON (a list of objects with path, kind, message, fix and "
+        "severity)",
+    )
     return parser
 
 
@@ -290,7 +298,10 @@ def _run_audit(args: argparse.Namespace) -> int:
     from devicekit._audit import audit
 
     report = audit(_load_target(args.target), name=args.name, info=args.info)
-    print(report.format())
+    if args.audit_json:
+        print(json.dumps([dataclasses.asdict(finding) for finding in report], indent=2))
+    else:
+        print(report.format())
     return 1 if report.at_least("warning") else 0
 
 

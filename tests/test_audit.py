@@ -212,6 +212,29 @@ def test_split_tie_by_shared_storage() -> None:
     assert audit(TiedLM(tie="none")) == []
 
 
+def _declaring(ties: dict[str, str], **children: nn.Module) -> nn.Module:
+    """A module declaring ties as Hugging Face models do (`all_tied_weights_keys`)."""
+    model = nn.Module()
+    for name, child in children.items():
+        model.add_module(name, child)
+    _hold(model, all_tied_weights_keys=ties)
+    return model
+
+
+def test_declared_ties_of_a_model_and_its_submodel_are_one_finding() -> None:
+    inner = _declaring(
+        {"head.weight": "embed.weight", "r'blocks.\\d+'": "embed.weight"},
+        embed=nn.Embedding(4, 2),
+        head=nn.Linear(2, 4, bias=False),
+    )
+    outer = _declaring({"lm.head.weight": "lm.embed.weight"}, lm=inner)
+    assert [(finding.path, finding.kind) for finding in audit(outer)] == [
+        ("model.lm.head.weight", "split-tie")
+    ]
+    inner.get_submodule("head").weight = inner.get_submodule("embed").weight
+    assert audit(outer) == []
+
+
 def test_buffers_sharing_storage_are_not_a_tie() -> None:
     model = nn.Module()
     cache = torch.randn(2, 8)

@@ -167,6 +167,18 @@ def test_audit_clean_instances_and_factories_exit_0(capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.usefixtures("models")
+def test_audit_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "audited_models:Leaky", "--json"]) == 1
+    (finding,) = json.loads(capsys.readouterr().out)
+    assert finding["path"] == "model.mask"
+    assert finding["kind"] == "plain-attribute-tensor"
+    assert finding["severity"] == "error"
+    assert finding["fix"].startswith('Register it in Leaky.__init__: self.register_buffer("mask"')
+    assert main(["audit", "audited_models:clean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.usefixtures("models")
 def test_audit_warnings_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "audited_models:split"]) == 1
     assert capsys.readouterr().out.startswith("audit(model): 1 warning\n[warning] mixed-devices")
