@@ -15,11 +15,6 @@ import typing as _typing
 from importlib import metadata as _metadata
 
 if _typing.TYPE_CHECKING:
-    from devicekit._audit import (
-        AuditFinding,
-        AuditReport,
-        audit,
-    )
     from devicekit._colocate import (
         colocate,
         colocated,
@@ -40,7 +35,6 @@ if _typing.TYPE_CHECKING:
         local_device,
     )
     from devicekit._errors import (
-        AuditError,
         CrossDeviceError,
         DevicekitError,
         DevicekitWarning,
@@ -51,7 +45,6 @@ if _typing.TYPE_CHECKING:
         InvalidDeviceSpecError,
         MixedDevicesError,
         MoveError,
-        RaceError,
         ScopeError,
         SimulationError,
         TransferGuardError,
@@ -86,13 +79,11 @@ if _typing.TYPE_CHECKING:
 
 # Where each public name lives; `__getattr__` imports it from there on first access.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "devicekit._audit": ("AuditFinding", "AuditReport", "audit"),
     "devicekit._colocate": ("colocate", "colocated"),
     "devicekit._containers": ("register_mover",),
     "devicekit._context": ("as_device", "carry_default_device", "current_device", "default_device"),
     "devicekit._discovery": ("DeviceInfo", "accelerator_type", "devices", "local_device"),
     "devicekit._errors": (
-        "AuditError",
         "CrossDeviceError",
         "DevicekitError",
         "DevicekitWarning",
@@ -103,7 +94,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "InvalidDeviceSpecError",
         "MixedDevicesError",
         "MoveError",
-        "RaceError",
         "ScopeError",
         "SimulationError",
         "TransferGuardError",
@@ -112,6 +102,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "devicekit._guard": ("GuardPolicy", "device_guard"),
     "devicekit._move": ("to_device",),
     "devicekit._paths": ("devices_of", "find_device"),
+    "devicekit._prefetch": ("Prefetcher", "prefetch"),
     "devicekit._resolve": ("best_device", "explain_best_device"),
     "devicekit._simulate": ("simulated_devices",),
     "devicekit._transfer_guard": ("TransferPolicy", "transfer_guard"),
@@ -141,9 +132,6 @@ except (
     __version__ = "0+unknown"
 
 __all__ = [
-    "AuditError",
-    "AuditFinding",
-    "AuditReport",
     "CrossDeviceError",
     "DeviceInfo",
     "DeviceLike",
@@ -157,7 +145,7 @@ __all__ = [
     "InvalidDeviceSpecError",
     "MixedDevicesError",
     "MoveError",
-    "RaceError",
+    "Prefetcher",
     "ScopeError",
     "SimulationError",
     "SupportsTo",
@@ -167,7 +155,6 @@ __all__ = [
     "__version__",
     "accelerator_type",
     "as_device",
-    "audit",
     "best_device",
     "carry_default_device",
     "colocate",
@@ -180,6 +167,7 @@ __all__ = [
     "explain_best_device",
     "find_device",
     "local_device",
+    "prefetch",
     "register_mover",
     "simulated_devices",
     "to_device",
