@@ -15,6 +15,11 @@ import typing as _typing
 from importlib import metadata as _metadata
 
 if _typing.TYPE_CHECKING:
+    from devicekit._audit import (
+        AuditFinding,
+        AuditReport,
+        audit,
+    )
     from devicekit._colocate import (
         colocate,
         colocated,
@@ -35,6 +40,7 @@ if _typing.TYPE_CHECKING:
         local_device,
     )
     from devicekit._errors import (
+        AuditError,
         CrossDeviceError,
         DevicekitError,
         DevicekitWarning,
@@ -45,6 +51,7 @@ if _typing.TYPE_CHECKING:
         InvalidDeviceSpecError,
         MixedDevicesError,
         MoveError,
+        RaceError,
         ScopeError,
         SimulationError,
         TransferGuardError,
@@ -60,6 +67,10 @@ if _typing.TYPE_CHECKING:
     from devicekit._paths import (
         devices_of,
         find_device,
+    )
+    from devicekit._prefetch import (
+        Prefetcher,
+        prefetch,
     )
     from devicekit._resolve import (
         best_device,
@@ -79,11 +90,13 @@ if _typing.TYPE_CHECKING:
 
 # Where each public name lives; `__getattr__` imports it from there on first access.
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "devicekit._audit": ("AuditFinding", "AuditReport", "audit"),
     "devicekit._colocate": ("colocate", "colocated"),
     "devicekit._containers": ("register_mover",),
     "devicekit._context": ("as_device", "carry_default_device", "current_device", "default_device"),
     "devicekit._discovery": ("DeviceInfo", "accelerator_type", "devices", "local_device"),
     "devicekit._errors": (
+        "AuditError",
         "CrossDeviceError",
         "DevicekitError",
         "DevicekitWarning",
@@ -94,6 +107,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "InvalidDeviceSpecError",
         "MixedDevicesError",
         "MoveError",
+        "RaceError",
         "ScopeError",
         "SimulationError",
         "TransferGuardError",
@@ -132,6 +146,9 @@ except (
     __version__ = "0+unknown"
 
 __all__ = [
+    "AuditError",
+    "AuditFinding",
+    "AuditReport",
     "CrossDeviceError",
     "DeviceInfo",
     "DeviceLike",
@@ -146,6 +163,7 @@ __all__ = [
     "MixedDevicesError",
     "MoveError",
     "Prefetcher",
+    "RaceError",
     "ScopeError",
     "SimulationError",
     "SupportsTo",
@@ -155,6 +173,7 @@ __all__ = [
     "__version__",
     "accelerator_type",
     "as_device",
+    "audit",
     "best_device",
     "carry_default_device",
     "colocate",
