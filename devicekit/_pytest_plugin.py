@@ -17,6 +17,8 @@ Options (and their ini equivalents):
   the tests start are simulated too. On a machine that really has CUDA, the real devices are
   used instead. Any value that names no simulation (`cpu`, `meta`, `tpu:2`, `cuda:17`) is a
   usage error before any test runs: CI never passes having tested nothing.
+- `--devicekit-races` (`devicekit_races = true`): the simulations the plugin enters (run-wide
+  and by marker) find stream races, `simulated_devices(..., races=True)`.
 
 Markers: `@pytest.mark.device_guard(policy)`, `@pytest.mark.simulated_devices("cuda", 2)`
 (the test runs under these simulated devices; inside a run-wide simulation of the same devices
@@ -65,9 +67,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="Simulate TYPE:COUNT devices (e.g. cuda:2) for the whole run, from collection on.",
     )
+    group.addoption(
+        "--devicekit-races",
+        action="store_true",
+        default=None,
+        help="Simulate with races=True: find stream races and non_blocking copies read too early.",
+    )
     parser.addini(
         "devicekit_strict", "Run every test under devicekit.device_guard('error').", type="bool"
     )
+    parser.addini("devicekit_races", "Simulate with races=True (the race finder).", type="bool")
     parser.addini(
         "devicekit_simulate",
         "Simulate TYPE:COUNT devices (e.g. cuda:2) for the whole run, from collection on.",
@@ -78,6 +87,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _strict(config: pytest.Config) -> bool:
     option = config.getoption("devicekit_strict")
     return bool(config.getini("devicekit_strict") if option is None else option)
+
+
+def _races(config: pytest.Config) -> bool:
+    """`--devicekit-races`: simulations the plugin enters find stream races."""
+    option = getattr(config.known_args_namespace, "devicekit_races", None)
+    return bool(config.getini("devicekit_races") if option is None else option)
 
 
 def _simulation_limits() -> tuple[tuple[str, ...], int]:
@@ -149,7 +164,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     from devicekit._simulate import simulated_devices
 
     stack = contextlib.ExitStack()
-    stack.enter_context(simulated_devices(kind, count))
+    stack.enter_context(simulated_devices(kind, count, races=_races(early_config)))
     early_config.stash[_RUN] = stack
 
 
@@ -197,6 +212,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                 )
     if _strict(config):
         lines.append("devicekit: every test runs under device_guard('error')")
+    if _races(config):
+        lines.append("devicekit: simulations find stream races (races=True)")
     return lines
 
 
@@ -295,7 +312,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         else:
             from devicekit._simulate import simulated_devices
 
-            stack.enter_context(simulated_devices(kind, count))
+            stack.enter_context(simulated_devices(kind, count, races=_races(item.config)))
     if need is not None:
         _check_required(*need)
 

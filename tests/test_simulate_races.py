@@ -21,6 +21,8 @@ from benchmarks import race_corpus
 from devicekit import _simulate_async, _simulate_mode
 from devicekit._errors import InvalidArgumentError, RaceError, SimulationError
 
+pytest_plugins = ["pytester"]
+
 PATTERNS = {pattern.name: pattern for pattern in race_corpus.PATTERNS}
 
 #: What each buggy version's error says: the racing op, its stream, and the op it races with.
@@ -564,3 +566,46 @@ def test_any_host_read_of_an_unlanded_copy_raises(
         host = torch.ones(shape, dtype=dtype, device="cuda").to("cpu", non_blocking=True)
         with pytest.raises(RaceError, match="on the host reads"):
             reads[read](host)
+
+
+# --- the pytest option --------------------------------------------------------------------------
+
+EARLY_READ = """
+    import pytest
+    import torch
+
+
+    def test_read_early():
+        host = torch.arange(3.0, device="cuda").to("cpu", non_blocking=True)
+        assert host.tolist() == [0.0, 1.0, 2.0]
+
+
+    @pytest.mark.simulated_devices("cuda", 1)
+    def test_read_early_under_a_marker():
+        host = torch.arange(3.0, device="cuda").to("cpu", non_blocking=True)
+        assert host.tolist() == [0.0, 1.0, 2.0]
+"""
+
+
+def _run_pytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    from tests.test_pytest_plugin import run
+
+    return run(pytester, *args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates CUDA")
+def test_the_races_option_turns_the_race_finder_on_for_run_wide_and_marker_simulations(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_early=EARLY_READ)
+    _run_pytest(pytester, "--devicekit-simulate=cuda:1").assert_outcomes(passed=2)
+    result = _run_pytest(pytester, "--devicekit-simulate=cuda:1", "--devicekit-races")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        ["*RaceError: Race: Tensor.tolist on the host reads f32[[]3[]] @ cpu while*"]
+    )
+    assert "simulations find stream races (races=True)" in result.stdout.str()
+    pytester.makeini("[pytest]\ndevicekit_races = true\n")
+    result = _run_pytest(pytester, "-k", "marker")  # a simulation entered by a marker
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*RaceError: Race: Tensor.tolist on the host reads*"])
