@@ -16,11 +16,11 @@ from typing import Any, TypeVar, overload
 import torch
 from typing_extensions import ParamSpec, TypeVarTuple, Unpack
 
-from devicekit._describe import user_call_site
 from devicekit._errors import CrossDeviceError
 from devicekit._guard import choose_device
 from devicekit._move import to_device
 from devicekit._paths import devices_in
+from devicekit._report import Report
 from devicekit._resolve import resolve
 from devicekit._scope import wrap
 from devicekit._types import DeviceLike
@@ -35,6 +35,7 @@ Ts = TypeVarTuple("Ts")
 def _choose_target(
     operation: str, labelled: list[tuple[str, object]], device: DeviceLike
 ) -> torch.device | None:
+    __tracebackhide__ = True
     explicit = None if device is None else resolve(device, operation=operation)
     if explicit is not None:
         return explicit
@@ -46,23 +47,13 @@ def _choose_target(
 
 
 def _ambiguous(operation: str, found: Mapping[torch.device, Sequence[str]]) -> CrossDeviceError:
-    site = user_call_site()
-    devices = ", ".join(str(device) for device in found)
-    lines = [
-        f"{operation}: the arguments are on several accelerators ({devices}), so there is no one "
-        "device to move them to:"
-    ]
-    operands = tuple((path, str(device)) for device, paths in found.items() for path in paths)
-    lines += [f"  {path}: {device}" for path, device in operands]
-    lines.append(f"called at {site}" if site is not None else "called at an unknown line")
+    __tracebackhide__ = True
+    operands = [(path, str(device)) for device, paths in found.items() for path in paths]
+    report = Report(operation, operands, devices=list(found), target=None, block="colocate")
     first = next(iter(found))
-    lines.append(f'Fix: name the device, e.g. `{operation}(..., device="{first}")`.')
-    return CrossDeviceError(
-        "\n".join(lines),
-        op=operation,
-        operands=operands,
-        devices=tuple(found),
-        location=str(site) if site is not None else None,
+    return report.error(
+        fix=f'Fix: name the device, e.g. `{operation}(..., device="{first}")`: with tensors on '
+        "several accelerators there is no one device to move them to."
     )
 
 
@@ -90,6 +81,7 @@ def colocate(*objs: Unpack[Ts], device: DeviceLike = None) -> tuple[Unpack[Ts]]:
         >>> x.device, w.device
         (device(type='meta'), device(type='meta'))
     """
+    __tracebackhide__ = True  # pytest shows the user's line, not devicekit's internals
     values: tuple[object, ...] = objs
     labelled = [(f"objs[{index}]", obj) for index, obj in enumerate(values)]
     target = _choose_target("colocate", labelled, device)
@@ -136,6 +128,7 @@ def _colocated(function: Callable[P, R], *, device: DeviceLike) -> Callable[P, R
     operation = getattr(function, "__qualname__", "colocated")
 
     def moved(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        __tracebackhide__ = True
         labelled = _labels(signature, args, kwargs)
         target = _choose_target(f"@colocated {operation}", labelled, device)
         if target is None:

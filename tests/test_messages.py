@@ -220,10 +220,12 @@ def test_colocate_on_two_accelerators() -> None:
         with pytest.raises(CrossDeviceError) as info:
             call()
     assert str(info.value) == (
-        "colocate: the arguments are on several accelerators (cuda:0, cuda:1), so there is no "
-        "one device to move them to:\n"
+        f"{SAME_DEVICE}cuda:0 and cuda:1!\n"
+        "colocate got tensors on different devices (cuda:0, cuda:1):\n"
         "  objs[0]: cuda:0\n"
         "  objs[1]['b']: cuda:1\n"
         f"called at {site(call, COLOCATE_SOURCE)}\n"
-        'Fix: name the device, e.g. `colocate(..., device="cuda:0")`.'
+        'Fix: name the device, e.g. `colocate(..., device="cuda:0")`: with tensors on several '
+        "accelerators there is no one device to move them to."
     )
+    assert info.value.provenance == ()
