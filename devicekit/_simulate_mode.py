@@ -363,22 +363,44 @@ class _SimulationMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         __tracebackhide__ = True  # pytest shows the user's line, not devicekit's internals
-        kwargs = kwargs or {}
         session = self.session
         if session is not _active:
-            return func(*args, **kwargs)
-        if kwargs and kwargs.get("pin_memory"):  # nothing to pin on a CPU build: copy the same
-            made = self.__torch_function__(func, types_, args, {**kwargs, "pin_memory": False})
-            if isinstance(made, torch.Tensor) and _simulated(made) is None:
-                made.__dict__[_PINNED] = True
-            return made
-        if types_ and _subclasses_enabled() and (_DEFERS.get(types_) or _defers_cached(types_)):
+            return func(*args, **(kwargs or {}))
+        if types_ and (_DEFERS.get(types_) or _defers_cached(types_)) and _subclasses_enabled():
             # An operand's type overrides `__torch_function__` (a tensor subclass, TensorDict):
             # let it run first, with this mode still on the stack, so that the torch calls it
             # makes (its `super()` call included) are simulated and checked here in turn.
             return NotImplemented
+        plain = _PLAIN.get(func)
+        if plain is None:
+            plain = _plain(func)
+        if (
+            plain
+            and _untouched(args, plain != _NO_INDEX)
+            and (not kwargs or _untouched_keywords(kwargs))
+            and (plain != _FACTORY or _torch_device.CURRENT_DEVICE is None)
+        ):
+            # The common case of a CPU test under a run-wide simulation: no simulated operand,
+            # no simulated device named. Only the caller's line is kept (see `_runner`).
+            if plain == _ATTRIBUTE:
+                return func(*args)
+            caller = _getframe(1)
+            found = _runners.get((id(caller.f_code), caller.f_lasti))
+            if found is None:
+                found = _runner(caller)
+            if plain == _FACTORY:  # where it ran, for a cross-device error's provenance
+                return _provenance.made(func, found[2](func, args, kwargs or {}))
+            return found[2](func, args, kwargs) if kwargs else found[3](func, args)
+        kwargs = kwargs or {}
+        if kwargs.get("pin_memory"):  # nothing to pin on a CPU build: copy the same
+            made = self.__torch_function__(func, types_, args, {**kwargs, "pin_memory": False})
+            if isinstance(made, torch.Tensor) and _simulated(made) is None:
+                made.__dict__[_PINNED] = True
+            return made
         if type(func) is _METHOD_WRAPPER:
             return _attribute(session, func, args)
+        if func is _Device and len(args) == 1 and type(args[0]) is int and not kwargs:
+            return _Device(session.type, args[0])  # `torch.device(0)`: the accelerator's type
         name = getattr(func, "__name__", "")
         if name in _QUERIES:
             if name == "_parse_to":  # `Module.to(0)`: an index names the simulated type
@@ -406,6 +428,91 @@ class _SimulationMode(TorchFunctionMode):
         return _op(func, name, method, args, kwargs)
 
 
+# --- the fast path: ops the simulation has nothing to do with -------------------------------------
+#
+# Under a run-wide simulation most ops of a CPU test touch no simulated tensor and name no device.
+# Such a call is run as it is, after a scan of its arguments that allocates nothing.
+
+#: `_PLAIN` values: plain with any arguments; with any but a bare int (`.to(0)` names a device);
+#: a factory, plain while no `torch.set_default_device` or `with torch.device(...)` is in force;
+#: an attribute's `__get__` or `__set__` (which warns of nothing: called directly).
+_ANY, _NO_INDEX, _FACTORY, _ATTRIBUTE = 1, 2, 3, 4
+#: Per torch function: 0 when a call is always the handlers' business, else one of the above
+#: (the call is then plain when its arguments are: `_untouched`).
+_PLAIN: dict[object, int] = {}
+#: Functions whose calls the handlers always see: pinning, `Module.to`'s parser, `.cuda()` and
+#: its kin, `.type(torch.cuda.FloatTensor)`.
+_HANDLED = frozenset({"pin_memory", "is_pinned", "_parse_to", "cuda", "xpu", "mps", "type"})
+#: Functions whose bare int argument names a device: `.to(0)`, `torch.device(0)`.
+_INDEXED = frozenset({"to", "device"})
+_torch_device = sys.modules["torch.utils._device"]
+_Tensor = torch.Tensor
+_Device = torch.device
+
+
+def _plain(func: object) -> int:
+    if type(func) is _METHOD_WRAPPER:
+        found = _ATTRIBUTE  # `_attribute` does nothing for untagged tensors
+    else:
+        name = getattr(func, "__name__", "")
+        if name in _HANDLED:
+            found = 0
+        elif name in _INDEXED:
+            found = _NO_INDEX
+        else:
+            try:
+                found = _FACTORY if func in _device_constructors() else _ANY
+            except TypeError:  # unhashable: always handled
+                return 0
+    if len(_PLAIN) > _MAX_RUNNERS:
+        _PLAIN.clear()
+    _PLAIN[func] = found
+    return found
+
+
+def _untouched(values: Sequence[object], indices: bool) -> bool:
+    """Whether `values` hold no simulated tensor and name no device but the CPU (looking one
+    level into lists and tuples, as `_operands` does); a bare int names a device unless
+    `indices`. Allocates nothing."""
+    for value in values:
+        kind = type(value)
+        if kind is _Tensor or isinstance(value, _Tensor):
+            if _TAG in value.__dict__:
+                return False
+        elif kind is int:
+            if not indices:
+                return False
+        elif kind is list or kind is tuple:
+            for item in value:  # type: ignore[attr-defined]
+                if isinstance(item, _Tensor):
+                    if _TAG in item.__dict__:
+                        return False
+                elif isinstance(item, _SPECS) and not _names_cpu(item):
+                    return False
+        elif (kind is _Device or kind is str) and not _names_cpu(value):
+            return False
+    return True
+
+
+_SPECS = (str, torch.device)
+
+
+def _names_cpu(spec: object) -> bool:
+    return spec == "cpu" if type(spec) is str else spec.type == "cpu"  # type: ignore[attr-defined]
+
+
+def _untouched_keywords(kwargs: dict[str, Any]) -> bool:
+    """`_untouched` for keyword arguments: `device=` may name the CPU or nothing, `pin_memory`
+    must be off and `generator` absent (a simulated device's generator refuses CPU ops)."""
+    if "device" in kwargs:
+        device = kwargs["device"]
+        if device is not None and not (isinstance(device, _SPECS) and _names_cpu(device)):
+            return False
+    if kwargs.get("pin_memory") or kwargs.get("generator") is not None:
+        return False
+    return _untouched(tuple(kwargs.values()), True)
+
+
 def _op(
     func: Callable[..., Any], name: str, method: bool, args: Sequence[Any], kwargs: dict[str, Any]
 ) -> Any:
@@ -427,8 +534,8 @@ def _op(
     if device is not None and name in _simulate_rng.RANDOM_OPS:
         func = _simulate_rng.seeded(func, device)  # random ops draw from the device's generator
     caller = _getframe(2)  # the frame that called the torch op (`_op` <- the mode <- it)
-    found = _runners.get((id(caller.f_code), caller.f_lineno))
-    run = found[1] if found is not None else _runner(caller)
+    found = _runners.get((id(caller.f_code), caller.f_lasti))
+    run = (found if found is not None else _runner(caller))[2]
     result = run(func, args, kwargs)
     if device is None:
         return result
@@ -451,34 +558,45 @@ def _op(
 
 _getframe = sys._getframe
 _OVERRIDES = torch.overrides.__file__
-#: Per calling line, keyed by the id of its code (hashing a big function's code object costs
-#: more than the rest of a lookup): that code, kept alive so that its id stays its own, and a
-#: function that calls a torch op "from" that line (see `_runner`).
-_runners: dict[tuple[int, int], tuple[types.CodeType, Callable[..., Any]]] = {}
+#: Per calling instruction, keyed by the id of its code (hashing a big function's code object
+#: costs more than the rest of a lookup) and the instruction's offset (a frame computes its line
+#: number from the offset on every read, 0.1 us): that code, kept alive so that its id stays its
+#: own, its line, and two functions that call a torch op "from" that line, with and without
+#: keyword arguments (see `_runner`).
+_Runner = tuple[types.CodeType, int, Callable[..., Any], Callable[..., Any]]
+_runners: dict[tuple[int, int], _Runner] = {}
+#: The same per calling line, made once per line.
+_line_runners: dict[tuple[int, int], _Runner] = {}
 
 
-def _runner(caller: types.FrameType) -> Callable[..., Any]:
-    """A function that calls `func(*args, **kwargs)` from `caller`'s module, file and line.
+def _runner(caller: types.FrameType) -> _Runner:
+    """Functions that call `func(*args, **kwargs)` from `caller`'s module, file and line.
 
     A warning torch issues from C++ names the innermost Python frame, which would otherwise be
     this module's: so `filterwarnings` rules by module or file, and the reported location,
     see the user's line that called the op, as they do without the simulation.
     """
-    key = (id(caller.f_code), caller.f_lineno)
-    frame: types.FrameType | None = caller
-    while frame is not None and frame.f_code.co_filename == _OVERRIDES:
-        frame = frame.f_back  # a Python-level torch function's `handle_torch_function`
-        frame = frame.f_back if frame is not None else None  # ... and that function
-    source = frame if frame is not None else caller
-    lines = "\n" * (source.f_lineno - 1)
-    source_text = f"{lines}def _run(f, a, k): return f(*a, **k)"
-    namespace: dict[str, Any] = {}
-    exec(compile(source_text, source.f_code.co_filename, "exec"), source.f_globals, namespace)
-    run: Callable[..., Any] = namespace["_run"]
+    line = (id(caller.f_code), caller.f_lineno)
+    found = _line_runners.get(line)
+    if found is None:
+        frame: types.FrameType | None = caller
+        while frame is not None and frame.f_code.co_filename == _OVERRIDES:
+            frame = frame.f_back  # a Python-level torch function's `handle_torch_function`
+            frame = frame.f_back if frame is not None else None  # ... and that function
+        source = frame if frame is not None else caller
+        lines = "\n" * (source.f_lineno - 1)
+        source_text = f"{lines}run = lambda f, a, k: f(*a, **k); positional = lambda f, a: f(*a)"
+        namespace: dict[str, Any] = {}
+        code = compile(source_text, source.f_code.co_filename, "exec")
+        exec(code, source.f_globals, namespace)
+        if len(_line_runners) > _MAX_RUNNERS:
+            _line_runners.clear()
+        found = (caller.f_code, line[1], namespace["run"], namespace["positional"])
+        _line_runners[line] = found
     if len(_runners) > _MAX_RUNNERS:
         _runners.clear()
-    _runners[key] = (caller.f_code, run)
-    return run
+    _runners[(id(caller.f_code), caller.f_lasti)] = found
+    return found
 
 
 _MAX_RUNNERS = 10_000
@@ -766,8 +884,8 @@ def _factory(
     kwargs = {**kwargs, "device": _CPU}
     _simulate_facts.admit(func, args, kwargs, target)  # CUDA's OutOfMemoryError, before the CPU
     caller = _getframe(2)  # the frame that called the factory (`_factory` <- the mode <- it)
-    found = _runners.get((id(caller.f_code), caller.f_lineno))
-    run = found[1] if found is not None else _runner(caller)
+    found = _runners.get((id(caller.f_code), caller.f_lasti))
+    run = (found if found is not None else _runner(caller))[2]
     result = run(_simulate_rng.seeded(func, target), args, kwargs)
     if isinstance(result, torch.Tensor):
         result = _fresh(result, inputs)

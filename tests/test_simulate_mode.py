@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import devicekit
-from devicekit import CrossDeviceError, simulated_devices
+from devicekit import CrossDeviceError, SimulationError, simulated_devices
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
@@ -332,7 +332,8 @@ def check_torchscript(scripted: Any, module: Any) -> None:
     added, same = scripted(a, a)
     assert (added.device, same.device) == (CUDA1, CUDA1)
     assert added.tolist() == [3.0, 3.0]
-    with pytest.raises(CrossDeviceError, match=r"\nTorchScript scripted got tensors on different devices"):
+    different = r"\nTorchScript scripted got tensors on different devices"
+    with pytest.raises(CrossDeviceError, match=different):
         scripted(a, torch.ones(2, device="cuda:0"))
     assert module(torch.ones(2, device="cuda:1")).device == CUDA1
 
@@ -361,10 +362,7 @@ def test_cross_device_errors_start_with_torchs_sentence(sim: object) -> None:
         torch.ones(2, device="cuda:0") + torch.ones(2, device="cuda:1")
     lines = str(caught.value).splitlines()
     assert lines[0] == f"{SAME_DEVICE}cuda:0 and cuda:1!"
-    assert (
-        lines[1]
-        == "Tensor.__add__ got tensors on different devices (cuda:0, cuda:1):"
-    )
+    assert lines[1] == "Tensor.__add__ got tensors on different devices (cuda:0, cuda:1):"
 
 
 def test_guard_errors_start_with_torchs_sentence() -> None:
@@ -463,3 +461,63 @@ def test_through_a_subclass_as_through_plain_tensors(left: str, right: str, op: 
         if plain is not None and through is not None:
             assert through.device == plain.device
             assert torch.equal(through.as_subclass(torch.Tensor).cpu(), plain.cpu())
+
+
+# --- the fast path: CPU ops under a simulation -------------------------------------------------
+
+
+def test_cpu_ops_under_a_simulation_skip_the_handlers(
+    sim: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU test under a run-wide simulation: ops on ordinary tensors that name no simulated
+    device run as they are (issue 14's speed target), the rest still reach the handlers."""
+    from devicekit import _simulate_mode
+
+    handled: list[str] = []
+    real_op = _simulate_mode._op
+
+    def counting_op(func: Any, name: str, *rest: Any) -> Any:
+        handled.append(name)
+        return real_op(func, name, *rest)
+
+    monkeypatch.setattr(_simulate_mode, "_op", counting_op)
+    a, b = torch.ones(3), torch.ones(3)
+    assert torch.add(a, b).tolist() == [2.0, 2.0, 2.0]
+    assert (a * 2).sum(dim=0).item() == 6.0
+    assert torch.cat([a, b]).device.type == "cpu"
+    assert a.to(torch.float64).to("cpu").to(torch.device("cpu")).dtype == torch.float64
+    assert torch.zeros(2, device="cpu").device.type == "cpu"
+    assert handled == []
+    assert (torch.ones(2, device="cuda:1") + 1).device == CUDA1  # a simulated operand
+    assert handled == ["add"]
+    assert a.to(1).device == CUDA1  # a bare index names a device
+    assert a.to("cuda").device == CUDA0
+    assert a.cuda(1).device == CUDA1
+    assert torch.zeros(2, device="cuda:1").device == CUDA1
+    with torch.device("cuda:1"):  # torch's default device applies to factories
+        assert torch.zeros(2).device == CUDA1
+    with pytest.raises(CrossDeviceError):
+        torch.cat([a, torch.ones(3, device="cuda:0")])  # a simulated tensor inside a list
+
+
+def test_warnings_of_cpu_ops_name_the_calling_line(sim: object) -> None:
+    x = torch.ones(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.tensor(x), torch.tensor(x, dtype=torch.float64)  # two calls on one line
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, caught[0].lineno)] * 2
+    first = test_warnings_of_cpu_ops_name_the_calling_line.__code__.co_firstlineno
+    assert caught[0].lineno == first + 4
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UserWarning, module=__name__)
+        with pytest.raises(UserWarning, match="To copy construct from a tensor"):
+            torch.tensor(x)
+
+
+def test_a_bare_index_names_the_simulated_type(sim: object) -> None:
+    """`torch.device(0)` means the machine's accelerator: the simulated one (issue 13)."""
+    assert (torch.device(0), torch.device(1)) == (CUDA0, CUDA1)
+    assert torch.ones(2).to(torch.device(1)).device == CUDA1
+    assert torch.device("cpu").type == "cpu"
+    with pytest.raises(SimulationError, match="provides only cuda:0 to cuda:1"):
+        torch.ones(2, device=torch.device(2))
