@@ -229,3 +229,50 @@ def test_colocate_on_two_accelerators() -> None:
         "accelerators there is no one device to move them to."
     )
     assert info.value.provenance == ()
+
+
+class _Leaky(torch.nn.Module):
+    """One of each error `audit` finds in a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(4, 2)
+        self.head = torch.nn.Linear(2, 4, bias=False)
+        self.head.weight = torch.nn.Parameter(self.embed.weight)
+        self.register_buffer("scale", torch.ones(2))
+        for name, value in {
+            "mask": torch.ones(2, 2),
+            "cache": {"k": torch.zeros(3)},
+            "experts": [torch.nn.Linear(2, 2)],
+            "scale_copy": self.scale,
+        }.items():
+            setattr(self, name, value)
+
+
+def test_audit_report() -> None:
+    assert str(devicekit.audit(_Leaky(), name="net")) == (
+        "audit(net): 5 errors\n"
+        "[error] plain-attribute-tensor: net.mask is a tensor (f32[2,2] @ cpu) held as a plain "
+        "attribute of _Leaky, not a registered buffer: Module.to() does not move it.\n"
+        '    fix: Register it in _Leaky.__init__: self.register_buffer("mask", ..., '
+        "persistent=False) (persistent=True also saves it in the state_dict).\n"
+        "[error] plain-attribute-tensor: net.cache['k'] is a tensor (f32[3] @ cpu) inside the "
+        "dict net.cache, a plain attribute of _Leaky, not a registered buffer: Module.to() does "
+        "not move it.\n"
+        "    fix: Register each tensor as a buffer (self.register_buffer(name, tensor, "
+        "persistent=False)), or stack them into one buffer.\n"
+        "[error] unregistered-module: net.experts[0] is a Linear inside the list net.experts, a "
+        "plain attribute of _Leaky, not a registered submodule: Module.to() does not move its "
+        "parameters, and net.parameters() does not list them.\n"
+        "    fix: Hold the modules in an nn.ModuleList: self.experts = nn.ModuleList(...).\n"
+        "[error] stale-alias: net.scale_copy (f32[2] @ cpu) is the buffer net.scale, held as a "
+        "plain attribute of _Leaky: Module.to() replaces buffers with moved copies, so this "
+        "reference keeps the old tensor on the old device.\n"
+        "    fix: Read it where it is needed (self.scale in its module) instead of keeping a "
+        "second reference to it.\n"
+        "[error] split-tie: net.head.weight and net.embed.weight are two tensors sharing one "
+        "storage: Module.to() copies each separately, so after a move they no longer share "
+        "memory and training updates them apart.\n"
+        "    fix: Tie them by assigning one parameter object to both (net.head.weight = "
+        "net.embed.weight), not nn.Parameter(...) of the other or a view of it."
+    )
