@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -50,8 +51,8 @@ def _no_thread_left_behind() -> Iterator[None]:
 
 
 @contextmanager
-def simulated_cuda(count: int = 1) -> Iterator[None]:
-    with devicekit.simulated_devices("cuda", count):
+def simulated_cuda(count: int = 1, *, races: bool = False) -> Iterator[None]:
+    with devicekit.simulated_devices("cuda", count, races=races):
         yield
 
 
@@ -704,7 +705,8 @@ def test_property_every_batch_once_in_order_on_cpu(
 def test_property_every_batch_once_in_order_under_simulated_cuda(
     source: list[Any], fail_at: int | None, stop_after: int | None, depth: int
 ) -> None:
-    with simulated_cuda():
+    # With the race finder: a batch read before its copy is ordered would raise RaceError.
+    with simulated_cuda(races=True):
         run_loader(source, fail_at, stop_after, "cuda", depth)
 
 
@@ -740,3 +742,61 @@ def test_views_keep_sharing_a_storage_when_pinned() -> None:
         [moved] = list(devicekit.prefetch(source, "cuda"))
         assert moved["a"].untyped_storage() is moved["b"].untyped_storage()
         assert_same(moved["a"], base[:20_000], torch.device("cuda", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Under the race finder (`simulated_devices(..., races=True)`)
+
+
+def train(prefetched: Any, *, stream: torch.Stream | None = None) -> list[float]:
+    """A loop that computes on every batch on the current stream (or `stream`) and waits for
+    the results only at the end: each batch is freed while the loop's kernels may still read it
+    (which `record_stream` covers)."""
+    results = []
+    with stream if stream is not None else contextlib.nullcontext():
+        for batch in prefetched:
+            results.append((batch["big"] * 2).sum() + batch["x"].sum())
+        return [float(y.cpu()) for y in results]
+
+
+def expected_sums(count: int) -> list[float]:
+    return [float(i * 2 * 20_000 + i * 6) for i in range(count)]
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("depth", [1, 2, 4])
+@pytest.mark.parametrize("side", [False, True])
+def test_the_race_finder_finds_nothing(static: bool, depth: int, side: bool) -> None:
+    with simulated_cuda(races=True):
+        stream = torch.Stream(device="cuda") if side else None
+        prefetched = devicekit.prefetch(batches(5), "cuda", depth=depth, static=static)
+        if static:
+            prefetched = devicekit.prefetch(
+                [{k: v for k, v in b.items() if k != "ids"} for b in batches(5)],
+                "cuda",
+                depth=depth,
+                static=True,
+            )
+        assert train(prefetched, stream=stream) == expected_sums(5)
+
+
+def test_the_race_finder_sees_a_missing_wait() -> None:
+    # The same loop with the hand-over's wait taken out: the finder must object, or the test
+    # above could not fail.
+    with simulated_cuda(races=True), pytest.MonkeyPatch.context() as patch:
+        stream_type = type(torch.accelerator.current_stream())
+        patch.setattr(stream_type, "wait_event", lambda stream, event: None)
+        with pytest.raises(devicekit.RaceError):
+            train(devicekit.prefetch(batches(3), "cuda"))
+
+
+def test_the_race_finder_sees_a_missing_record_stream() -> None:
+    with simulated_cuda(races=True), pytest.MonkeyPatch.context() as patch:
+        loop_stream = torch.Stream(device="cuda")  # a side stream: its reads are recorded
+        patch.setattr(
+            torch.Tensor,
+            "record_stream",
+            functools.wraps(torch.Tensor.record_stream)(lambda tensor, stream: None),
+        )
+        with pytest.raises(devicekit.RaceError):
+            train(devicekit.prefetch(batches(4), "cuda"), stream=loop_stream)
