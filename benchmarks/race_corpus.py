@@ -450,35 +450,64 @@ def table() -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _cases() -> dict[str, Callable[[], object]]:
+    """The timed calls: one small op, and a training step of a small MLP (about 30 ops)."""
+    a, b = torch.ones(64, device="cuda"), torch.ones(64, device="cuda")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+    ).to("cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs, targets = torch.randn(16, 32, device="cuda"), torch.randn(16, 1, device="cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+    return {"a + b, 64 elements": lambda: a + b, "SGD step, 2-layer MLP": step}
+
+
 def cost(rounds: int = 5) -> tuple[list[str], list[list[str]]]:
-    """Per-op CPU time of simulated ops without the race finder, with it idle, and with a
-    side-stream copy in flight (every op then checks its operands)."""
+    """CPU time per call of simulated code without the race finder, with it and nothing in
+    flight, and with a side-stream copy in flight (every op then checks its operands)."""
 
-    def ops() -> Callable[[], object]:
-        a, b = torch.ones(64, device="cuda"), torch.ones(64, device="cuda")
-        return lambda: (a + b).mul_(2)
-
-    def measure(races: bool, in_flight: bool) -> float:
+    def measure(races: bool, in_flight: bool) -> dict[str, float]:
         with devicekit.simulated_devices("cuda", 1, races=races):
             keep = None
             if in_flight:
                 side = torch.cuda.Stream()
                 with torch.cuda.stream(side):
                     keep = torch.ones(64).pin_memory().to("cuda", non_blocking=True)
-            call = ops()
             try:
-                return min(median_cpu_us(call) for _ in range(rounds)) / 2
+                return {
+                    name: min(median_cpu_us(call) for _ in range(rounds))
+                    for name, call in _cases().items()
+                }
             finally:
                 del keep
 
     off = measure(False, False)
     idle = measure(True, False)
     busy = measure(True, True)
-    headers = ["simulated op (a + b, then mul_)", "us per op", "vs races=False"]
+    headers = [
+        "simulated code",
+        "races=False (us)",
+        "races=True, idle (us)",
+        "ratio",
+        "races=True, copy in flight (us)",
+        "ratio",
+    ]
     rows = [
-        ["races=False", f"{off:.1f}", "1.00x"],
-        ["races=True, nothing in flight", f"{idle:.1f}", f"{idle / off:.2f}x"],
-        ["races=True, a side-stream copy in flight", f"{busy:.1f}", f"{busy / off:.2f}x"],
+        [
+            name,
+            f"{off[name]:.1f}",
+            f"{idle[name]:.1f}",
+            f"{idle[name] / off[name]:.2f}x",
+            f"{busy[name]:.1f}",
+            f"{busy[name] / off[name]:.2f}x",
+        ]
+        for name in off
     ]
     return headers, rows
 

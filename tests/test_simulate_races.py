@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 import devicekit
 from benchmarks import race_corpus
+from benchmarks._timing import format_table
 from devicekit import _simulate_async, _simulate_mode
 from devicekit._errors import InvalidArgumentError, RaceError, SimulationError
 
@@ -88,6 +90,11 @@ def test_the_corpus_table_says_every_race_is_found_with_no_false_alarm() -> None
     assert headers == ["#", "pattern", "buggy version", "fixed version"]
     assert [row[2] for row in rows] == ["found (RaceError)"] * len(rows)
     assert [row[3] for row in rows] == ["ok"] * len(rows)
+
+
+def test_the_docs_show_the_corpus_table_the_script_prints() -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "race-finder.md"
+    assert format_table(*race_corpus.table()) in page.read_text(encoding="utf-8")
 
 
 # --- the model, piece by piece -----------------------------------------------------------------
