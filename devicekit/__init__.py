@@ -33,6 +33,9 @@ if _typing.TYPE_CHECKING:
         current_device,
         default_device,
     )
+    from devicekit._deferred import (
+        deferred,
+    )
     from devicekit._discovery import (
         DeviceInfo,
         accelerator_type,
@@ -49,6 +52,8 @@ if _typing.TYPE_CHECKING:
         DeviceUnavailableError,
         InvalidArgumentError,
         InvalidDeviceSpecError,
+        MaterializeError,
+        MaterializeWarning,
         MixedDevicesError,
         MoveError,
         RaceError,
@@ -60,6 +65,9 @@ if _typing.TYPE_CHECKING:
     from devicekit._guard import (
         GuardPolicy,
         device_guard,
+    )
+    from devicekit._materialize import (
+        materialize,
     )
     from devicekit._move import (
         to_device,
@@ -94,6 +102,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "devicekit._colocate": ("colocate", "colocated"),
     "devicekit._containers": ("register_mover",),
     "devicekit._context": ("as_device", "carry_default_device", "current_device", "default_device"),
+    "devicekit._deferred": ("deferred",),
     "devicekit._discovery": ("DeviceInfo", "accelerator_type", "devices", "local_device"),
     "devicekit._errors": (
         "AuditError",
@@ -105,6 +114,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DeviceUnavailableError",
         "InvalidArgumentError",
         "InvalidDeviceSpecError",
+        "MaterializeError",
+        "MaterializeWarning",
         "MixedDevicesError",
         "MoveError",
         "RaceError",
@@ -114,6 +125,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "UnmovableError",
     ),
     "devicekit._guard": ("GuardPolicy", "device_guard"),
+    "devicekit._materialize": ("materialize",),
     "devicekit._move": ("to_device",),
     "devicekit._paths": ("devices_of", "find_device"),
     "devicekit._prefetch": ("Prefetcher", "prefetch"),
@@ -160,6 +172,8 @@ __all__ = [
     "GuardPolicy",
     "InvalidArgumentError",
     "InvalidDeviceSpecError",
+    "MaterializeError",
+    "MaterializeWarning",
     "MixedDevicesError",
     "MoveError",
     "Prefetcher",
@@ -180,12 +194,14 @@ __all__ = [
     "colocated",
     "current_device",
     "default_device",
+    "deferred",
     "device_guard",
     "devices",
     "devices_of",
     "explain_best_device",
     "find_device",
     "local_device",
+    "materialize",
     "prefetch",
     "register_mover",
     "simulated_devices",

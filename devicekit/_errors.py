@@ -22,6 +22,8 @@ __all__ = [
     "DevicekitWarning",
     "InvalidArgumentError",
     "InvalidDeviceSpecError",
+    "MaterializeError",
+    "MaterializeWarning",
     "MixedDevicesError",
     "MoveError",
     "RaceError",
@@ -264,6 +266,25 @@ class AuditError(DevicekitError, AssertionError):
         self.report = report
 
 
+class MaterializeError(DevicekitError, RuntimeError):
+    """A module built on `meta` cannot be materialised faithfully (`devicekit.materialize`).
+
+    Raised when an initialisation op was not recorded, a module was changed between building it
+    under `devicekit.deferred()` and materialising it, or initialisation read the values of a
+    meta tensor while it was being recorded.
+
+    Attributes:
+        path: The parameter, buffer or module concerned (`"model.head.weight"`), or `None`
+            when the problem is not about one value.
+        op: The torch operation concerned (`"Tensor.item"`), or `None`.
+    """
+
+    def __init__(self, message: str, *, path: str | None, op: str | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.op = op
+
+
 class DevicekitWarning(UserWarning):
     """Base class of every warning devicekit issues."""
 
@@ -274,3 +295,16 @@ class DeviceMismatchWarning(DevicekitWarning):
 
 class DeviceMoveWarning(DevicekitWarning):
     """`device_guard("move")` moved an operand to another device to run an operation."""
+
+
+class MaterializeWarning(DevicekitWarning):
+    """`devicekit.materialize(init="reset")` left some modules' tensors uninitialised.
+
+    Attributes:
+        paths: The modules that hold parameters or buffers and have no `reset_parameters()`
+            (`("model.rotary",)`).
+    """
+
+    def __init__(self, message: str, *, paths: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.paths = paths

@@ -55,7 +55,7 @@ from devicekit._tree import (
 )
 from devicekit._types import DeviceLike
 
-__all__ = ["to_device"]
+__all__ = ["aliases", "move_module", "to_device"]
 
 T = TypeVar("T")
 
@@ -218,7 +218,7 @@ class _Mover:
         try:
             if kind == MODULE:
                 asynchronous, _ = copy_mode(None, request)
-                return obj.to(device=self.target, dtype=request.dtype, non_blocking=asynchronous)
+                return move_module(obj, self.target, request.dtype, asynchronous)
             if request.dtype is not None:
                 self.check_cast(obj)
             moved = obj.to(self.target)
@@ -301,6 +301,50 @@ class _Mover:
                     path=inside,
                     obj=obj,
                 )
+
+
+#: Device types torch moves parameters to in place (`param.data = moved`, identity kept), from
+#: any of them: where `torch._has_compatible_shallow_copy_type` holds. `meta` is not one.
+_IN_PLACE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu"})
+
+
+def aliases(module: torch.nn.Module) -> list[list[tuple[dict[str, Any], str]]]:
+    """The parameter and buffer slots of `module` that hold one tensor shared by several:
+    `[[(embed._parameters, "weight"), (head._parameters, "weight")], ...]`."""
+    slots: dict[int, list[tuple[dict[str, Any], str]]] = {}
+    for submodule in module.modules():
+        for entries in (submodule._parameters, submodule._buffers):
+            for name, tensor in entries.items():
+                if tensor is not None:
+                    slots.setdefault(id(tensor), []).append((entries, name))
+    return [group for group in slots.values() if len(group) > 1]
+
+
+def move_module(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, non_blocking: bool
+) -> Any:
+    """`module.to(device, dtype)`, with tied parameters and shared buffers kept tied.
+
+    torch keeps a parameter's identity only where it can swap the data in place (`param.data =
+    moved`); to and from `meta`, or with `torch.__future__`'s overwrite or swap settings, each
+    module gets a new `Parameter`, and one shared by two modules becomes two. Here every slot
+    that held the shared tensor is pointed at the first slot's result afterwards.
+    """
+    future = torch.__future__
+    untying = (
+        device.type not in _IN_PLACE_TYPES
+        or future.get_overwrite_module_params_on_conversion()
+        or future.get_swap_module_params_on_conversion()
+    )
+    groups = aliases(module) if untying else ()
+    moved = module.to(device=device, dtype=dtype, non_blocking=non_blocking)
+    for group in groups:
+        entries, name = group[0]
+        kept = entries.get(name)
+        for other, other_name in group[1:]:
+            if other_name in other and other[other_name] is not kept:
+                other[other_name] = kept
+    return moved
 
 
 def to_device(
