@@ -193,7 +193,6 @@ class _Registered:
 
     tensor: torch.Tensor
     where: Where
-    attribute: str
     parameter: bool
     persistent: bool
 
@@ -218,7 +217,18 @@ class _Walk:
         self.held: list[tuple[Any, Where, _Holder]] = []  # tensors and modules in plain attributes
         self.optimizers: list[tuple[torch.optim.Optimizer, Where]] = []
         self._seen: dict[int, Any] = {}
+        self._storages: dict[tuple[torch.device, int], list[_Registered]] | None = None
         self._run(root)
+
+    def storages(self) -> dict[tuple[torch.device, int], list[_Registered]]:
+        """The registered tensors by the memory they use (built on first use)."""
+        if self._storages is None:
+            self._storages = {}
+            for registered in self.registered.values():
+                key = _storage_key(registered.tensor)
+                if key is not None:
+                    self._storages.setdefault(key, []).append(registered)
+        return self._storages
 
     def _run(self, root: Any) -> None:
         stack: list[tuple[Any, Where, _Holder | None]] = [(root, None, None)]
@@ -260,22 +270,21 @@ class _Walk:
             return
         self.modules[id(module)] = (module, where)
         registered = self.registered
-        for name, parameter in module._parameters.items():
+        # A module whose __init__ never called nn.Module's has none of these.
+        for name, parameter in getattr(module, "_parameters", {}).items():
             if parameter is not None and id(parameter) not in registered:
                 registered[id(parameter)] = _Registered(
                     parameter,
                     (where, attribute_step, name),
-                    name,
                     parameter=True,
                     persistent=True,
                 )
-        non_persistent = module._non_persistent_buffers_set
-        for name, buffer in module._buffers.items():
+        non_persistent = getattr(module, "_non_persistent_buffers_set", ())
+        for name, buffer in getattr(module, "_buffers", {}).items():
             if buffer is not None and id(buffer) not in registered:
                 registered[id(buffer)] = _Registered(
                     buffer,
                     (where, attribute_step, name),
-                    name,
                     parameter=False,
                     persistent=name not in non_persistent,
                 )
@@ -284,7 +293,7 @@ class _Walk:
         for name, value in reversed(attributes):
             at: Where = (where, attribute_step, name)
             stack.append((value, at, _Holder(module, name, at, value)))
-        children = [(name, child) for name, child in module._modules.items() if child is not None]
+        children = [(k, v) for k, v in getattr(module, "_modules", {}).items() if v is not None]
         for name, child in reversed(children):
             stack.append((child, (where, _module_step, name), None))
 
@@ -359,9 +368,10 @@ def _recomputed(holder: _Holder) -> bool:
     return False
 
 
-def _refreshed(holder: _Holder) -> bool:
-    """Whether the module overrides `_apply`, which `.to()` and `to_empty()` call: then it
-    updates its own references (RNNs rebuild `_flat_weights` there)."""
+def _moves_itself(holder: _Holder) -> bool:
+    """Whether the module overrides `_apply`, which `.to()`, `.cuda()` and `to_empty()` call:
+    then it is trusted to move or refresh its own attributes (RNNs rebuild `_flat_weights`
+    there)."""
     return type(holder.module)._apply is not torch.nn.Module._apply
 
 
@@ -377,84 +387,140 @@ def _container_fix(holder: _Holder, what: str) -> str:
 
 def _held(walk: _Walk, name: str) -> Iterator[AuditFinding]:
     for value, where, holder in walk.held:
+        if _moves_itself(holder) or (where is holder.where and _recomputed(holder)):
+            continue
         path = render(name, where)
-        direct = where is holder.where
-        owner = _owner(holder)
-        if direct:
-            place = f"held as a plain attribute of {owner}"
+        if where is holder.where:
+            place = f"held as a plain attribute of {_owner(holder)}"
         else:
             place = (
                 f"inside the {type(holder.value).__name__} {render(name, holder.where)}, "
-                f"a plain attribute of {owner}"
+                f"a plain attribute of {_owner(holder)}"
             )
         if isinstance(value, torch.nn.Module):
-            if id(value) in walk.modules:
-                continue  # registered elsewhere: moved there
-            fix = (
-                f"Assign it as usual (self.{holder.attribute} = module) so that nn.Module "
-                "registers it"
-                if direct
-                else _container_fix(holder, "module")
-            )
-            yield AuditFinding(
-                path,
-                "unregistered-module",
-                f"{path} is a {type(value).__qualname__} {place}, not a registered submodule: "
-                f"Module.to() does not move its parameters, and {name}.parameters() does not "
-                "list them.",
-                f"{fix}.",
-            )
+            if not _moves_with(value, walk):
+                yield _unregistered_module(value, path, place, holder, name)
             continue
         registered = walk.registered.get(id(value))
         if registered is not None:
-            if _refreshed(holder) or (
-                registered.parameter and value.device.type != "meta"
-            ):  # `.to()` keeps a parameter's identity (from meta, `to_empty()` does not)
-                continue
-            original = render(name, registered.where)
-            if registered.parameter:
-                what = f"the parameter {original} on the meta device"
-                why = "to_empty() replaces parameters on meta with new tensors"
-            else:
-                what = f"the buffer {original}"
-                why = "Module.to() replaces buffers with moved copies"
-            yield AuditFinding(
-                path,
-                "stale-alias",
-                f"{path} ({describe_tensor(value)}) is {what}, {place}: {why}, so this "
-                "reference keeps the old tensor on the old device.",
-                f"Read it where it is needed (self.{registered.attribute} in its module) instead "
-                "of keeping a second reference to it.",
-            )
+            if not registered.parameter or value.device.type == "meta":
+                yield _stale_alias(value, path, place, registered, holder, name)
+            # else: `.to()` keeps a parameter's identity, so the reference moves with it
             continue
-        if direct and _recomputed(holder):
-            continue
-        if direct and isinstance(value, torch.nn.Parameter):
-            fix = (
-                f'Register it in {owner}.__init__: self.register_parameter("{holder.attribute}", '
-                "...)"
-            )
-        elif direct:
-            fix = (
-                f'Register it in {owner}.__init__: self.register_buffer("{holder.attribute}", ..., '
-                "persistent=False) (persistent=True also saves it in the state_dict)"
-            )
-        elif isinstance(value, torch.nn.Parameter):
-            fix = _container_fix(holder, "parameter")
+        key = _storage_key(value)
+        sharing = None if key is None else walk.storages().get(key)
+        if sharing:  # a view of a registered tensor
+            yield _stale_view(value, path, place, sharing[0], holder, name)
         else:
-            fix = (
-                "Register each tensor as a buffer (self.register_buffer(name, tensor, "
-                "persistent=False)), or stack them into one buffer"
-            )
-        yield AuditFinding(
-            path,
-            "plain-attribute-tensor",
-            f"{path} is a {'parameter' if isinstance(value, torch.nn.Parameter) else 'tensor'} "
-            f"({describe_tensor(value)}) {place}, not a registered "
-            f"{'parameter' if isinstance(value, torch.nn.Parameter) else 'buffer'}: "
-            "Module.to() does not move it.",
-            f"{fix}.",
+            yield _plain_tensor(value, path, place, holder)
+
+
+def _moves_with(module: torch.nn.Module, walk: _Walk) -> bool:
+    """Whether a module held in a plain attribute moves anyway: it is registered elsewhere, or
+    all its parameters and buffers are (a traced module's `_actual_script_module`)."""
+    if id(module) in walk.modules:
+        return True
+    try:
+        tensors = [*module.parameters(), *module.buffers()]
+    except Exception:  # a module whose __init__ never called nn.Module's
+        return False
+    return all(id(tensor) in walk.registered for tensor in tensors)
+
+
+def _unregistered_module(
+    module: torch.nn.Module, path: str, place: str, holder: _Holder, name: str
+) -> AuditFinding:
+    if holder.value is module:
+        fix = (
+            f"Assign it as usual (self.{holder.attribute} = module) so that nn.Module registers it"
         )
+    else:
+        fix = _container_fix(holder, "module")
+    return AuditFinding(
+        path,
+        "unregistered-module",
+        f"{path} is a {type(module).__qualname__} {place}, not a registered submodule: "
+        f"Module.to() does not move its parameters, and {name}.parameters() does not list "
+        "them.",
+        f"{fix}.",
+    )
+
+
+def _from_module(where: Where, holder: _Holder, name: str) -> str:
+    """`where` as the holding module's code reads it (`self.lin.weight`), when it is inside
+    that module; else its whole path."""
+    module_where = holder.where[0] if holder.where is not None else None
+    parts, at = [], where
+    while at is not None and at is not module_where:
+        at, step, key = at
+        parts.append(step(key))
+    if at is module_where:
+        return "self" + "".join(reversed(parts))
+    return render(name, where)
+
+
+def _stale_alias(
+    tensor: torch.Tensor, path: str, place: str, registered: _Registered, holder: _Holder, name: str
+) -> AuditFinding:
+    original = render(name, registered.where)
+    if registered.parameter:
+        what = f"the parameter {original} on the meta device"
+        why = "to_empty() replaces parameters on meta with new tensors"
+    else:
+        what = f"the buffer {original}"
+        why = "Module.to() replaces buffers with moved copies"
+    return AuditFinding(
+        path,
+        "stale-alias",
+        f"{path} ({describe_tensor(tensor)}) is {what}, {place}: {why}, so this reference "
+        "keeps the old tensor on the old device.",
+        f"Read {_from_module(registered.where, holder, name)} where it is needed instead of "
+        "keeping a second reference to it.",
+    )
+
+
+def _stale_view(
+    tensor: torch.Tensor, path: str, place: str, registered: _Registered, holder: _Holder, name: str
+) -> AuditFinding:
+    original = render(name, registered.where)
+    what = "parameter" if registered.parameter else "buffer"
+    return AuditFinding(
+        path,
+        "stale-alias",
+        f"{path} ({describe_tensor(tensor)}) shares memory with the {what} {original}, "
+        f"{place}: Module.to() gives the {what} new memory, and this view keeps the old "
+        "memory on the old device.",
+        f"Compute it from {_from_module(registered.where, holder, name)} where it is needed "
+        "(in forward) instead of keeping a view of it.",
+    )
+
+
+def _plain_tensor(tensor: torch.Tensor, path: str, place: str, holder: _Holder) -> AuditFinding:
+    parameter = isinstance(tensor, torch.nn.Parameter)
+    owner, attribute = _owner(holder), holder.attribute
+    if holder.value is tensor and parameter:
+        fix = f'Register it in {owner}.__init__: self.register_parameter("{attribute}", ...)'
+    elif holder.value is tensor:
+        fix = (
+            f'Register it in {owner}.__init__: self.register_buffer("{attribute}", ..., '
+            "persistent=False) (persistent=True also saves it in the state_dict)"
+        )
+    elif parameter:
+        fix = _container_fix(holder, "parameter")
+    else:
+        fix = (
+            "Register each tensor as a buffer (self.register_buffer(name, tensor, "
+            "persistent=False)), or stack them into one buffer"
+        )
+    what = "parameter" if parameter else "tensor"
+    registered_as = "parameter" if parameter else "buffer"
+    return AuditFinding(
+        path,
+        "plain-attribute-tensor",
+        f"{path} is a {what} ({describe_tensor(tensor)}) {place}, not a registered "
+        f"{registered_as}: Module.to() does not move it.",
+        f"{fix}.",
+    )
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
@@ -471,12 +537,7 @@ def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
 
 
 def _split_ties(walk: _Walk, name: str) -> Iterator[AuditFinding]:
-    shared: dict[tuple[torch.device, int], list[_Registered]] = {}
-    for registered in walk.registered.values():
-        key = _storage_key(registered.tensor)
-        if key is not None:
-            shared.setdefault(key, []).append(registered)
-    for group in shared.values():
+    for group in walk.storages().values():
         if len(group) < 2 or not any(registered.parameter for registered in group):
             continue  # buffers that are views of one cache are read, never trained
         first, *others = group

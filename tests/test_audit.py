@@ -148,8 +148,8 @@ def test_stale_buffer_alias() -> None:
             message="model.original_inv_freq (f32[2] @ cpu) is the buffer model.inv_freq, held as "
             "a plain attribute of Rotary: Module.to() replaces buffers with moved copies, so this "
             "reference keeps the old tensor on the old device.",
-            fix="Read it where it is needed (self.inv_freq in its module) instead of keeping a "
-            "second reference to it.",
+            fix="Read self.inv_freq where it is needed instead of keeping a second reference to "
+            "it.",
         )
     ]
     moved = Rotary().to("meta")  # the finding is true
@@ -360,6 +360,69 @@ def test_a_module_registered_elsewhere_is_not_unregistered() -> None:
     assert audit(model) == []
 
 
+class Transposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 3)
+        table = torch.arange(10.0)
+        self.register_buffer("table", table)
+        _hold(self, proj_t=self.proj.weight.T, head=table[:3])
+
+
+def test_views_of_registered_tensors_go_stale() -> None:
+    report = audit(Transposed())
+    assert [(finding.path, finding.kind) for finding in report] == [
+        ("model.proj_t", "stale-alias"),
+        ("model.head", "stale-alias"),
+    ]
+    assert report[0].message == (
+        "model.proj_t (f32[2,3] @ cpu) shares memory with the parameter model.proj.weight, held "
+        "as a plain attribute of Transposed: Module.to() gives the parameter new memory, and "
+        "this view keeps the old memory on the old device."
+    )
+    assert report[0].fix == (
+        "Compute it from self.proj.weight where it is needed (in forward) instead of keeping a "
+        "view of it."
+    )
+    model = Transposed().to(torch.float64)  # the finding is true
+    assert vars(model)["proj_t"].dtype == torch.float32
+
+
+class MovesItsCache(nn.Module):
+    """A module that moves its plain attributes itself, in `_apply` (which `.to()` calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = [torch.zeros(2)]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MovesItsCache:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self.cache = [fn(t) for t in self.cache]
+        return self
+
+
+def test_a_module_with_its_own_apply_is_trusted() -> None:
+    assert audit(MovesItsCache()) == []
+    assert vars(MovesItsCache().to("meta"))["cache"][0].device.type == "meta"
+
+
+def test_modules_without_tensors_or_whose_tensors_are_registered() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    _hold(model, activations=[nn.ReLU()], shadow=[nn.Sequential(model[0])])
+    assert audit(model) == []
+
+
+def test_a_module_whose_init_never_ran() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            pass  # no super().__init__()
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    object.__setattr__(model, "broken", Broken())
+    assert [finding.kind for finding in audit(model)] == ["unregistered-module"]
+    assert audit(Broken()) == []
+
+
 def test_a_module_hidden_from_registration() -> None:
     model = nn.Sequential(nn.Linear(2, 2))
     object.__setattr__(model, "teacher", nn.Linear(2, 2))
@@ -563,6 +626,12 @@ _OTHER_TORCH_MODELS: dict[str, Any] = {
     "lazy": lambda: nn.Sequential(nn.LazyLinear(3), nn.LazyConv2d(2, 3), nn.LazyBatchNorm1d()),
     "lstm-projections": lambda: nn.LSTM(4, 4, num_layers=2, proj_size=2, bidirectional=True),
     "fx": lambda: torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3), nn.ReLU())),
+    "jit.script": lambda: torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))),
+    "jit.trace": lambda: torch.jit.trace(  # type: ignore[no-untyped-call]
+        nn.Linear(3, 3), torch.ones(1, 3)
+    ),
+    "compile": lambda: torch.compile(nn.Linear(3, 3)),
+    "DataParallel": lambda: nn.DataParallel(nn.Linear(3, 3)),
     "quantized": lambda: torch.ao.nn.quantized.Linear(3, 3),  # type: ignore[no-untyped-call]
     "dynamic-quantized": lambda: torch.ao.nn.quantized.dynamic.LSTM(  # type: ignore[no-untyped-call]
         3, 3
