@@ -9,7 +9,7 @@ reads) and runs nothing: no forward, no hooks, no `.to()`. What it finds are the
 |---|---|---|
 | `plain-attribute-tensor` | error | a tensor in a module's `__dict__`, or in a list/dict there |
 | `unregistered-module` | error | a module held in a plain list or dict: not registered |
-| `stale-alias` | error | a plain reference to a buffer, or to a parameter on meta |
+| `stale-alias` | error | a reference to a buffer (or a parameter on meta), or a view of one |
 | `split-tie` | error | tied parameters that are two tensors (shared storage, HF ties) |
 | `uninitialised-after-to-empty` | error | a non-persistent buffer on meta |
 | `optimizer-state-device` | error | optimizer state on another device than its parameter |
