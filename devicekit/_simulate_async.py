@@ -34,7 +34,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,9 @@ from devicekit import _simulate_mode, _simulate_streams
 from devicekit._describe import describe_tensor, user_call_site
 from devicekit._errors import RaceError
 from devicekit._simulate_mode import _PINNED, _Session, _simulated, _SimulationMode
-from devicekit._simulate_streams import SimulatedStream
+
+if TYPE_CHECKING:  # `_simulate_streams` imports this module
+    from devicekit._simulate_streams import SimulatedStream, Streams
 
 __all__ = ["Races", "RacingMode", "active"]
 
@@ -273,7 +275,7 @@ class Races:
         types_: Any,
         args: Sequence[Any],
         kwargs: dict[str, Any],
-        streams: _simulate_streams.Streams,
+        streams: Streams,
         copying: bool,
     ) -> Any:
         __tracebackhide__ = True
@@ -520,7 +522,7 @@ class Races:
 
     def record_stream(self, tensor: torch.Tensor, stream: object) -> None:
         """`tensor.record_stream(stream)`: freeing it waits for `stream`'s work so far."""
-        if not isinstance(stream, SimulatedStream):
+        if not isinstance(stream, _simulate_streams.SimulatedStream):
             return
         with self.lock:
             record = self.storages.get(_key(tensor))

@@ -11,6 +11,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -616,3 +617,103 @@ def test_the_races_option_turns_the_race_finder_on_for_run_wide_and_marker_simul
     result = _run_pytest(pytester, "-k", "marker")  # a simulation entered by a marker
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*RaceError: Race: Tensor.tolist on the host reads*"])
+
+
+def test_the_stream_module_imports_first_without_a_cycle() -> None:
+    import subprocess
+    import sys
+
+    for module in ("_simulate_streams", "_simulate_async"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import devicekit.{module}"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_the_cost_table_is_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import _timing
+
+    monkeypatch.setattr(_timing, "BATCH_S", 1e-4)
+    headers, rows = race_corpus.cost(rounds=1)
+    assert headers[0] == "simulated code"
+    assert [row[0] for row in rows] == ["a + b, 64 elements", "SGD step, 2-layer MLP"]
+    for row in rows:
+        off, idle, busy = float(row[1]), float(row[2]), float(row[4])
+        assert float(row[3].rstrip("x")) == pytest.approx(idle / off, abs=0.02)
+        assert float(row[5].rstrip("x")) == pytest.approx(busy / off, abs=0.02)
+
+
+# --- devicekit.prefetch under the race finder ---------------------------------------------------
+
+
+def _prefetch() -> Callable[..., Any]:
+    try:
+        from devicekit._prefetch import prefetch
+    except ImportError:  # pragma: no cover - prefetch lands separately
+        pytest.skip("devicekit.prefetch is not there")
+    return prefetch
+
+
+def _batches(count: int = 5) -> list[dict[str, object]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {
+            "x": torch.randn(4, 8, generator=generator),
+            "y": torch.arange(4) + step,
+            "small": [torch.full((3,), float(step)) for _ in range(6)],
+        }
+        for step in range(count)
+    ]
+
+
+@pytest.mark.parametrize("coalesce", ["auto", True, False])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefetch_raises_nothing_and_hands_over_every_batch(
+    depth: int, coalesce: bool | str
+) -> None:
+    prefetch = _prefetch()
+    batches = _batches()
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        total = torch.zeros((), device="cuda")  # no host wait per step: races would show
+        seen = []
+        for _ in range(2):
+            for batch in prefetch(batches, "cuda", depth=depth, coalesce=coalesce):
+                total += batch["x"].sum() + batch["small"][0].sum()
+                seen.append(batch["y"].tolist())
+        for step, _batch in enumerate(prefetch(batches, "cuda", depth=depth)):
+            if step == 2:
+                break  # an early exit
+        expected = sum(float(b["x"].sum()) + 3 * float(b["small"][0][0]) for b in batches)
+        assert total.item() == pytest.approx(2 * expected, rel=1e-5)
+    assert seen == [b["y"].tolist() for b in batches] * 2
+
+
+def _sum_all(batches: Any) -> torch.Tensor:
+    """A loop with no host wait per step, so that a race is not hidden by one."""
+    total = torch.zeros((), device="cuda")
+    for batch in batches:
+        total += batch.sum()
+    return total
+
+
+def test_prefetch_without_its_wait_or_record_stream_would_be_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from devicekit import _simulate_streams
+
+    prefetch = _prefetch()
+    batches = [torch.ones(4, 8) * step for step in range(4)]
+    with monkeypatch.context() as patched:  # a prefetcher whose consumer does not wait
+        patched.setattr(_simulate_streams.SimulatedStream, "wait_event", lambda self, e: None)
+        with (
+            devicekit.simulated_devices("cuda", 1, races=True),
+            pytest.raises(RaceError, match=r"on the default stream of cuda:0 reads"),
+        ):
+            _sum_all(prefetch(batches, "cuda"))
+    with monkeypatch.context() as patched:  # ... or that does not tie memory to the consumer
+        patched.setattr(_simulate_async.Races, "record_stream", lambda self, t, s: None)
+        with (
+            devicekit.simulated_devices("cuda", 1, races=True),
+            pytest.raises(RaceError, match=r"was freed while the default stream"),
+        ):
+            _sum_all(prefetch(batches, "cuda"))
