@@ -522,9 +522,18 @@ def test_bad_arguments(call: Any, message: str) -> None:
 # --- a property: every tensor in a plain attribute, with its path, and nothing else --------------
 
 
+#: The model the property test hangs its nestings on; its registered weight may appear in them.
+_HOLDER_MODEL = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+
+
 def _nestings() -> st.SearchStrategy[Any]:
-    leaves = st.one_of(
+    fresh = st.one_of(
         st.builds(lambda n: torch.zeros(n), st.integers(0, 3)),
+        st.builds(lambda n: nn.Parameter(torch.zeros(n)), st.integers(1, 2)),
+    )
+    leaves = st.one_of(
+        fresh,
+        st.just(_HOLDER_MODEL[0].weight),  # an alias of a registered parameter: not a finding
         st.sampled_from([None, 1, "x", 2.5]),
     )
     keys = st.text("abc_", min_size=1, max_size=3)
@@ -534,17 +543,23 @@ def _nestings() -> st.SearchStrategy[Any]:
             st.lists(inner, max_size=3),
             st.lists(inner, max_size=3).map(tuple),
             st.dictionaries(keys, inner, max_size=3),
+            st.lists(fresh, max_size=2).map(set),
         ),
         max_leaves=12,
     )
 
 
 def _expected_paths(value: Any, path: str) -> Iterator[str]:
+    if value is _HOLDER_MODEL[0].weight:
+        return
     if isinstance(value, torch.Tensor):
         yield path
     elif isinstance(value, dict):
         for key, item in value.items():
             yield from _expected_paths(item, f"{path}[{key!r}]")
+    elif isinstance(value, set):
+        for index, item in enumerate(value):
+            yield from _expected_paths(item, f"{path}{{{index}}}")
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             yield from _expected_paths(item, f"{path}[{index}]")
@@ -552,12 +567,15 @@ def _expected_paths(value: Any, path: str) -> Iterator[str]:
 
 @given(_nestings())
 def test_every_held_tensor_is_reported_with_its_path(nesting: Any) -> None:
-    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
-    _hold(model.get_submodule("1.0"), held=nesting)
-    report = audit(model)
-    assert [finding.path for finding in report] == list(
-        _expected_paths(nesting, "model[1][0].held")
+    holder = _HOLDER_MODEL.get_submodule("1.0")
+    if hasattr(holder, "held"):
+        delattr(holder, "held")  # the last example's, a parameter's or a plain attribute's
+    _hold(holder, held=nesting)  # a bare parameter is registered: not a finding
+    report = audit(_HOLDER_MODEL)
+    expected = (
+        [] if isinstance(nesting, nn.Parameter) else _expected_paths(nesting, "model[1][0].held")
     )
+    assert [finding.path for finding in report] == list(expected)
     assert {finding.kind for finding in report} <= {"plain-attribute-tensor"}
 
 
