@@ -110,7 +110,8 @@ class simulated_devices:
     Blocks nest: a block for the same type and count as the active simulation (a project's own
     block inside a run-wide `--devicekit-simulate`, or in a child process that inherited the
     simulation) joins it, and a block for other devices pauses the active simulation until it
-    exits.
+    exits. A block with `races=True` inside a simulation without it pauses that one too; a
+    block without it joins a racing simulation of the same devices.
 
     Args:
         type: The device type to simulate: `"cuda"` (the default), `"xpu"` or `"mps"`.
@@ -196,12 +197,12 @@ class simulated_devices:
 
     def _same_as(self, session: _Session) -> bool:
         facts = getattr(session.owner, "facts", None)
-        races = getattr(session.owner, "races", False)
+        racing = getattr(session.owner, "races", False)
         return (
             session.type == self.type
             and session.count == self.count
             and facts == self.facts
-            and races == self.races
+            and (racing or not self.races)  # a plain block joins a racing simulation
         )
 
     def __enter__(self) -> list[torch.device]:

@@ -30,7 +30,9 @@ fast), and races between two host threads.
 
 from __future__ import annotations
 
+import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -675,11 +677,19 @@ def _accessed(
 
 
 class RacingMode(_SimulationMode):
-    """The simulation's mode with the race finder in front of every op."""
+    """The simulation's mode with the race finder in front of every op.
+
+    It hands each op on to the simulation's own mode through a small function compiled "at"
+    the user's calling line (cached per line): the mode runs torch ops from the frame that
+    called it, so warnings torch issues keep naming the user's file, module and line.
+    """
 
     def __init__(self, session: _Session, races: Races) -> None:
         super().__init__(session)
         self.races = races
+        #: Per calling line, keyed by the id of its code: that code (kept alive so that its id
+        #: stays its own) and the function that runs an op "from" that line.
+        self.callers: dict[tuple[int, int], tuple[types.CodeType, Callable[..., Any]]] = {}
 
     def __torch_function__(
         self,
@@ -689,17 +699,36 @@ class RacingMode(_SimulationMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         __tracebackhide__ = True
+        caller = _getframe(1)
+        found = self.callers.get((id(caller.f_code), caller.f_lineno))
+        call = found[1] if found is not None else self._caller(caller)
         if self.session is not _simulate_mode._active or type(func) is _METHOD_WRAPPER:
-            return super().__torch_function__(func, types_, args, kwargs)
+            return call(func, types_, args, kwargs)
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") == "record_stream" and len(args) > 1:
             self.races.record_stream(args[0], args[1])
-        return self.races.run(self._simulate, func, types_, args, kwargs)
+        return self.races.run(call, func, types_, args, kwargs)
 
-    def _simulate(
-        self, func: Callable[..., Any], types_: Any, args: Sequence[Any], kwargs: dict[str, Any]
-    ) -> Any:
-        return _SimulationMode.__torch_function__(self, func, types_, args, kwargs)
+    def _caller(self, caller: types.FrameType) -> Callable[..., Any]:
+        """A function that runs the simulation's mode on an op, from `caller`'s line."""
+        frame: types.FrameType | None = caller
+        while frame is not None and frame.f_code.co_filename == _OVERRIDES:
+            frame = frame.f_back  # a Python-level torch function's `handle_torch_function`
+            frame = frame.f_back if frame is not None else None  # ... and that function
+        source = frame if frame is not None else caller
+        text = "\n" * (source.f_lineno - 1) + (
+            "def _make(base, mode): return lambda f, t, a, k: base(mode, f, t, a, k)"
+        )
+        namespace: dict[str, Any] = {}
+        exec(compile(text, source.f_code.co_filename, "exec"), source.f_globals, namespace)
+        call: Callable[..., Any] = namespace["_make"](_SimulationMode.__torch_function__, self)
+        if len(self.callers) > _MAX_CALLERS:
+            self.callers.clear()
+        self.callers[(id(caller.f_code), caller.f_lineno)] = (caller.f_code, call)
+        return call
 
 
+_MAX_CALLERS = 10_000
+_OVERRIDES = torch.overrides.__file__
+_getframe = sys._getframe
 _METHOD_WRAPPER = _simulate_mode._METHOD_WRAPPER

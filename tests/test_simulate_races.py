@@ -511,6 +511,16 @@ def test_repr_and_decorator_keep_races() -> None:
         read_early()
 
 
+def test_a_plain_block_inside_a_racing_one_joins_it() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        races = _simulate_async.active
+        with devicekit.simulated_devices("cuda", 1):
+            assert _simulate_async.active is races
+            with pytest.raises(RaceError):
+                torch.ones(2, device="cuda").to("cpu", non_blocking=True).tolist()
+        assert _simulate_async.active is races
+
+
 def test_a_racing_block_inside_a_plain_one_is_its_own_simulation() -> None:
     with devicekit.simulated_devices("cuda", 1):
         with devicekit.simulated_devices("cuda", 1, races=True):
