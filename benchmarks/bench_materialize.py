@@ -32,7 +32,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +159,26 @@ MODELS: dict[str, Build] = {
 }
 
 
+class BigLM(nn.Module):
+    """The model of the memory check: a tied 16 MiB embedding and 24 MiB of linear layers."""
+
+    def __init__(self, vocab: int = 8192, width: int = 512, layers: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.Sequential(
+            *(
+                nn.Sequential(nn.Linear(width, 4 * width), nn.Linear(4 * width, width))
+                for _ in range(layers)
+            )
+        )
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+
+#: Models measured for memory only (`--memory`), by name.
+BIG_MODELS: dict[str, Build] = {"tied LM, 40 MiB": BigLM}
+
+
 # --- building and comparing -----------------------------------------------------------------------
 
 
@@ -282,7 +302,7 @@ def _target(device: str) -> Iterator[torch.device]:
 def results(
     devices: Sequence[str] = ("cpu", "cuda"),
     methods: Sequence[str] = METHODS,
-    models: dict[str, Build] | None = None,
+    models: Mapping[str, Build] | None = None,
     seed: int = 0,
 ) -> dict[tuple[str, str, str], tuple[bool, bool] | str]:
     """`(model, device, method) -> (ties kept, values identical)`, or the error's name."""
@@ -347,12 +367,14 @@ def _reset_peak() -> None:
 
 def measure_child(model: str, method: str) -> None:
     """In this (child) process: the peak memory of one build and materialisation, as JSON."""
-    build = MODELS[model]
+    build = {**MODELS, **BIG_MODELS}[model]
     device = torch.device("cpu")
     runner = eager if method == "eager" else RUNNERS[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        runner(build, device, 0)  # warm up: imports, lazily built tables
+        with torch.device("meta"):  # warm up: imports, lazily built tables, without memory
+            build()
+        runner(TiedLM, device, 0)
         _reset_peak()
         before = _rss_kib()
         built = runner(build, device, 0)
@@ -401,6 +423,28 @@ def table(
     return "\n".join(lines)
 
 
+def memory_table(methods: Sequence[str] = METHODS) -> str:
+    """Peak memory of building and materialising `BIG_MODELS` on the CPU, a child process each."""
+    lines = [
+        "| model | model MiB | largest tensor MiB | "
+        + " | ".join(f"{how} peak MiB" for how in ("eager", *methods))
+        + " |",
+        "|" + "---|" * (3 + 1 + len(methods)),
+    ]
+    for name, build in BIG_MODELS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.device("meta"):
+                shapes = build()
+        tensors = {id(t): t for t in _tensors(shapes).values()}.values()
+        total = sum(t.nbytes for t in tensors) / 2**20
+        largest = max(t.nbytes for t in tensors) / 2**20
+        peaks = [peak_memory(name, how)["peak_mib"] for how in ("eager", *methods)]
+        cells = [name, f"{total:.1f}", f"{largest:.1f}", *(f"{peak:.1f}" for peak in peaks)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--device", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
@@ -421,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             for how in ("eager", *arguments.method)
         }
     text = table(found, arguments.device, arguments.method, memory)
+    if arguments.memory:
+        text += "\n\n" + memory_table(arguments.method)
     print(text)
     return text
 

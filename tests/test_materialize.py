@@ -1,0 +1,417 @@
+"""`devicekit.deferred` and `devicekit.materialize`: big models built on meta, made real with
+ties kept and the values eager construction gives; and `to_device` keeping ties on every move."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import devicekit
+from benchmarks import bench_materialize
+from benchmarks.bench_materialize import MODELS, Rotary, TiedLM, compare, eager, sharing
+from devicekit import MaterializeError, MaterializeWarning, deferred, materialize, to_device
+
+CPU = torch.device("cpu")
+META = torch.device("meta")
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def built(build: Callable[[], M], seed: int = 0, device: str = "cpu") -> M:
+    torch.manual_seed(seed)
+    with deferred(device):
+        return build()
+
+
+def assert_like_eager(build: Callable[[], M], seed: int = 0) -> M:
+    model = materialize(built(build, seed), "cpu")
+    assert compare(eager(build, CPU, seed), model) == (True, True)
+    return model
+
+
+# --- the ten models -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_ten_models_are_materialised_like_eager_construction(device: str) -> None:
+    found = bench_materialize.results(devices=[device], methods=["devicekit"])
+    wrong = {name: result for (name, _, _), result in found.items() if result != (True, True)}
+    assert not wrong
+    assert bench_materialize.count(found, device, "devicekit") == len(MODELS) == 10
+
+
+def test_the_table_counts_and_prints_every_model() -> None:
+    models = {"LM with a tied head": TiedLM, "buffers computed in __init__": Rotary}
+    found = bench_materialize.results(["cpu"], ["devicekit"], models)
+    text = bench_materialize.table(found, ["cpu"], ["devicekit"])
+    assert text.splitlines()[0] == "| model | devicekit (cpu) |"
+    assert "| LM with a tied head | ties / identical |" in text
+    assert text.splitlines()[-1] == "| **right (ties and values)** | **2/2** |"
+
+
+def test_the_peers_lose_what_issue_16_says_they_lose() -> None:
+    # to_empty() + reset_parameters(): the tie and the buffers computed in __init__ are lost.
+    models = {"tied": TiedLM, "rotary": Rotary}
+    found = bench_materialize.results(["cpu"], ["to_empty+reset"], models)
+    assert found["tied", "cpu", "to_empty+reset"] == (False, False)
+    assert found["rotary", "cpu", "to_empty+reset"] == (True, False)
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+def test_the_generator_advances_as_in_eager_construction() -> None:
+    materialize(built(TiedLM, seed=3), "cpu")
+    after_replay = torch.rand(4)
+    torch.manual_seed(3)
+    TiedLM()
+    assert torch.equal(after_replay, torch.rand(4))
+
+
+def test_different_seeds_give_different_models() -> None:
+    first = materialize(built(TiedLM, seed=1), "cpu")
+    second = materialize(built(TiedLM, seed=2), "cpu")
+    assert not torch.equal(first.embed.weight, second.embed.weight)
+
+
+@given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(1, 40), width=st.integers(1, 12))
+def test_any_seed_and_size_replays_bit_identically(seed: int, vocab: int, width: int) -> None:
+    def build() -> TiedLM:
+        return TiedLM(vocab, width)
+
+    model = assert_like_eager(build, seed)
+    assert model.head.weight is model.embed.weight
+
+
+class Derived(nn.Module):
+    """Buffers derived from one another, a view of a parameter, and a tensor attribute."""
+
+    row: torch.Tensor
+    scaled: torch.Tensor
+    alias: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 6))
+        self.register_buffer("row", self.weight.data[1])  # a view of the parameter
+        self.register_buffer("scaled", self.weight.detach() * 2 + torch.arange(6))
+        self.register_buffer("alias", self.scaled)  # one tensor, two names
+        self.cache = torch.linspace(0, 1, 5)  # not registered: kept on the module
+
+
+def test_views_aliases_and_tensor_attributes_are_kept() -> None:
+    model = assert_like_eager(Derived)
+    assert model.alias is model.scaled
+    assert model.row.untyped_storage().data_ptr() == model.weight.untyped_storage().data_ptr()
+    assert model.row.storage_offset() == 6
+    with torch.no_grad():
+        model.weight[1, 0] = 100.0
+    assert model.row[0] == 100.0  # still a view
+    assert model.cache.device == CPU
+    torch.manual_seed(0)
+    assert torch.equal(model.cache, Derived().cache)
+
+
+class Replaced(nn.Module):
+    """Initialisation drawn and then thrown away, and a parent re-initialising children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 3)
+        self.first.weight = nn.Parameter(torch.empty(3, 3))  # the drawn weight is discarded
+        nn.init.orthogonal_(self.first.weight)
+        self.second = nn.Linear(3, 3)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.bias, std=0.5, a=-0.1, b=0.1)  # rejects samples
+
+
+def test_discarded_draws_and_parent_init_are_replayed() -> None:
+    assert_like_eager(Replaced)
+
+
+def test_deepcopies_made_while_building_are_replayed() -> None:
+    def build() -> nn.ModuleList:
+        layer = nn.Linear(4, 4)
+        return nn.ModuleList([copy.deepcopy(layer) for _ in range(3)])
+
+    model = assert_like_eager(build)
+    assert model[0].get_parameter("weight") is not model[1].get_parameter("weight")
+
+
+def test_materialising_part_then_the_whole_gives_the_eager_model() -> None:
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), TiedLM())
+
+    model = built(build, seed=5)
+    materialize(model[1], "cpu")
+    assert model[0].get_parameter("weight").is_meta
+    torch.rand(3)  # the user draws meanwhile: the replay of the rest is unaffected
+    materialize(model, "cpu")
+    assert compare(eager(build, CPU, 5), model) == (True, True)
+
+
+def test_materialize_is_idempotent_and_in_place() -> None:
+    model = built(TiedLM)
+    assert materialize(model, "cpu") is model
+    tensors = dict(model.named_parameters())
+    state = torch.get_rng_state()
+    assert materialize(model, "cpu") is model
+    assert dict(model.named_parameters()) == tensors
+    assert all(tensors[name] is t for name, t in model.named_parameters())
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_module_not_on_meta_is_moved_as_to_device_moves_it() -> None:
+    model = TiedLM()
+    weight = model.embed.weight
+    assert materialize(model, "cpu") is model
+    assert model.embed.weight is weight
+    materialize(model, "meta")
+    assert model.embed.weight.is_meta
+    assert model.head.weight is model.embed.weight
+
+
+def test_parameter_flags_and_attributes_are_kept() -> None:
+    with deferred():
+        model = nn.Linear(2, 2)
+        model.bias.requires_grad_(False)
+        model.weight.note = "kept"  # type: ignore[attr-defined]
+    materialize(model, "cpu")
+    assert isinstance(model.weight, nn.Parameter)
+    assert model.weight.requires_grad
+    assert not model.bias.requires_grad
+    assert model.weight.note == "kept"  # type: ignore[attr-defined]
+
+
+def test_on_a_simulated_device_the_device_generator_is_used() -> None:
+    with devicekit.simulated_devices("cuda", 1):
+        torch.manual_seed(0)
+        with deferred("cuda:0"):
+            model = TiedLM()
+        cpu_state = torch.get_rng_state()
+        materialize(model, "cuda:0")
+        assert torch.equal(cpu_state, torch.get_rng_state())  # the CPU's generator is untouched
+        assert model.embed.weight.device == torch.device("cuda:0")
+        reference = eager(TiedLM, torch.device("cuda:0"), 0)
+        assert compare(reference, model) == (True, True)
+
+
+# --- what building sees ---------------------------------------------------------------------------
+
+
+def test_code_being_built_sees_the_device_it_is_built_for() -> None:
+    seen: dict[str, object] = {}
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2))
+            seen["device"] = self.weight.device
+            seen["is_meta"] = self.weight.is_meta
+            seen["default"] = torch.get_default_device()
+            self.follows = nn.Buffer(torch.zeros(2, device=self.weight.device))
+
+    with deferred("cpu"):
+        model = Probe()
+    assert seen == {"device": CPU, "is_meta": False, "default": CPU}
+    assert model.weight.is_meta
+    assert model.follows.is_meta
+    assert torch.get_default_device() == CPU
+    materialize(model, "cpu")
+    assert torch.equal(model.follows, torch.zeros(2))
+
+
+def test_only_the_calling_thread_records() -> None:
+    found = {}
+
+    def other() -> None:
+        found["device"] = torch.zeros(1).device
+
+    with deferred():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert found["device"] == CPU
+
+
+def test_nn_init_is_restored_after_the_block() -> None:
+    original = nn.init.trunc_normal_
+    with deferred():
+        assert nn.init.trunc_normal_ is not original
+    assert nn.init.trunc_normal_ is original
+
+
+def test_a_recording_lives_as_long_as_its_modules() -> None:
+    from devicekit._deferred import recording_of
+
+    with deferred():
+        model = nn.Linear(2, 2)
+    found = recording_of(model.weight)
+    assert found is not None
+    recording = weakref.ref(found)
+    del found
+    del model
+    gc.collect()
+    assert recording() is None
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_data_dependent_init_raises_naming_the_module_and_op() -> None:
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.factor = float(self.scale.sum().item())
+
+    with pytest.raises(MaterializeError) as caught, deferred():
+        Reads()
+    assert caught.value.op == "Tensor.item"
+    assert caught.value.path == "Reads.__init__"
+    message = str(caught.value)
+    assert message.startswith("deferred(): Reads.__init__ ran Tensor.item on f32[] @ meta at ")
+    assert "cannot be recorded: compute the value from Python numbers" in message
+    assert isinstance(caught.value.__cause__, (RuntimeError, NotImplementedError))
+
+
+def test_a_parameter_assigned_after_the_block_raises_naming_its_path() -> None:
+    model = built(TiedLM)
+    model.body[0].weight = nn.Parameter(torch.empty(16, 16, device="meta"))
+    with pytest.raises(MaterializeError) as caught:
+        materialize(model, "cpu")
+    assert caught.value.path == "model.body.0.weight"
+    assert str(caught.value).startswith(
+        "materialize(cpu): model.body.0.weight (f32[16,16] @ meta) was not made inside a "
+        "devicekit.deferred() block"
+    )
+    assert "pass init='reset'" in str(caught.value)
+
+
+def test_a_change_in_place_after_the_block_raises() -> None:
+    model = built(TiedLM)
+    with torch.no_grad():
+        model.head.weight.fill_(1.0)
+    with pytest.raises(MaterializeError, match=r"model\.embed\.weight .* changed in place after"):
+        materialize(model, "cpu")
+
+
+def test_a_model_built_under_torch_meta_needs_reset_or_none() -> None:
+    with torch.device("meta"):
+        model = TiedLM()
+    with pytest.raises(MaterializeError, match=r"model\.embed\.weight"):
+        materialize(model, "cpu")
+    state = torch.get_rng_state()
+    materialize(model, "cpu", init=None)
+    assert model.head.weight is model.embed.weight
+    assert not model.embed.weight.is_meta
+    assert torch.equal(state, torch.get_rng_state())  # nothing drawn
+
+
+def test_a_failing_replayed_op_names_the_op_and_the_tensor_it_feeds() -> None:
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(2, 2))
+            nn.init.normal_(self.weight)
+
+    model = built(Failing)
+
+    from devicekit._deferred import recording_of
+
+    recording = recording_of(model.weight)
+    assert recording is not None
+    op = next(op for op in recording.ops if op.name == "torch.nn.init.normal_")
+    op.kwargs = {**op.kwargs, "std": "wrong"}
+    with pytest.raises(MaterializeError) as caught:
+        materialize(model, "cpu")
+    assert caught.value.op == "torch.nn.init.normal_"
+    assert caught.value.path == "model.weight"
+    assert "replaying torch.nn.init.normal_ (recorded op" in str(caught.value)
+    assert caught.value.__cause__ is not None
+
+
+def test_bad_arguments_raise_invalid_argument_error() -> None:
+    with pytest.raises(devicekit.InvalidArgumentError, match=r"init='zeros'"):
+        materialize(nn.Linear(1, 1), "cpu", init="zeros")  # type: ignore[arg-type]
+    with pytest.raises(devicekit.InvalidArgumentError, match=r"expected an nn\.Module"):
+        materialize(torch.ones(1), "cpu")  # type: ignore[type-var]
+
+
+# --- init="reset" and None ------------------------------------------------------------------------
+
+
+def test_reset_calls_reset_parameters_and_warns_about_the_rest() -> None:
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), Rotary())
+
+    model = built(build)
+    with pytest.warns(MaterializeWarning) as caught:
+        materialize(model, "cpu", init="reset")
+    assert caught[0].message.paths == ("model.2",)  # type: ignore[union-attr]
+    assert "model.2 (Rotary)" in str(caught[0].message)
+    assert torch.equal(model[1].get_buffer("running_var"), torch.ones(2))
+    assert not model[2].get_buffer("inv_freq").is_meta
+
+
+def test_reset_keeps_ties_and_allocates_each_storage_once() -> None:
+    with torch.device("meta"):
+        model = TiedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        materialize(model, "cpu", init="reset")
+    assert sharing(model) == sharing(TiedLM())
+
+
+# --- to_device keeps ties -------------------------------------------------------------------------
+
+
+@given(
+    layers=st.integers(2, 5),
+    ties=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), max_size=4),
+    target=st.sampled_from(["meta", "cpu"]),
+)
+def test_to_device_and_materialize_keep_any_tie_structure(
+    layers: int, ties: list[tuple[int, int]], target: str
+) -> None:
+    def build() -> nn.Sequential:
+        model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(layers)))
+        for source, destination in ties:
+            model[destination % layers].weight = model[source % layers].get_parameter("weight")
+        shared = torch.zeros(2)
+        model.register_buffer("shared", shared)
+        model[0].register_buffer("shared", shared)
+        return model
+
+    expected = sharing(build())
+    model = to_device(build(), "meta")
+    assert sharing(model) == expected
+    to_device(model, "meta")
+    assert sharing(model) == expected
+    deferred_model = materialize(built(build), target)
+    assert sharing(deferred_model) == expected
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def test_materialising_holds_at_most_one_extra_tensor() -> None:
+    measured = bench_materialize.peak_memory("tied LM, 40 MiB", "devicekit")
+    largest = 16.0  # the 8192 x 512 float embedding, in MiB
+    assert measured["model_mib"] == pytest.approx(40.03, abs=0.01)
+    assert measured["peak_mib"] <= measured["model_mib"] + largest + 4
