@@ -159,41 +159,53 @@ class _Context:
 
     # -- one tensor ---------------------------------------------------------------------------
 
-    def identify(self, label: str, value: object, via: str | None) -> Provenance | None:
+    def identify(
+        self, label: str, value: object, via: str | None, depth: int = 0
+    ) -> Provenance | None:
         """The provenance of `value`, `None` when it is no tensor on the operand's device."""
         tensor = _tensor_on(value, self.device, self.device_of)
         if tensor is None:
             return None
         device = str(self.device)
         owner = self.owner(tensor)
+        local = self.local(tensor)
         kind: str | None = None if owner is None else owner[1]
         where: str | None = None if owner is None else owner[0]
+        if owner is None and local is not None:
+            where, kind = local[0], "argument" if local[2] else "local variable"
         entry = _entry_of(tensor)
         if entry is not None:
             location = str(call_site(entry.filename, entry.lineno))
             return Provenance(
                 label, device, _how(entry.func), _op(entry.func), location, via, where, kind
             )
-        local = self.local(tensor)
-        if local is not None:
-            name, frame, is_argument = local
-            if owner is None:
-                where, kind = name, "argument" if is_argument else "local variable"
-            if is_argument:
-                caller = _user_caller(frame)
-                passed = None if caller is None else str(caller)
-                return Provenance(label, device, "argument", None, passed, via, where, kind)
-            lineno = _assigned_at(frame, name.split("[", 1)[0])
-            if lineno is not None:
-                filename = frame.f_code.co_filename
-                func = self.made_at(filename, lineno)
-                location = str(call_site(filename, lineno))
-                if func is not None:
-                    return Provenance(
-                        label, device, _how(func), _op(func), location, via, where, kind
-                    )
-                return Provenance(label, device, "assigned", None, location, via, where, kind)
-        return Provenance(label, device, "outside", None, None, via, where, kind)
+        if owner is not None or local is None:  # a holder made it before: its path says more
+            return Provenance(label, device, "outside", None, None, via, where, kind)
+        name, frame, is_argument = local
+        if is_argument:
+            caller = _user_caller(frame)
+            passed = None if caller is None else str(caller)
+            return Provenance(label, device, "argument", None, passed, via, where, kind)
+        lineno = _assigned_at(frame, name.split("[", 1)[0])
+        if lineno is None:
+            return Provenance(label, device, "outside", None, None, via, where, kind)
+        filename = frame.f_code.co_filename
+        location = str(call_site(filename, lineno))
+        func = self.made_at(filename, lineno)
+        if func is not None:
+            return Provenance(label, device, _how(func), _op(func), location, via, where, kind)
+        if depth < 2:
+            # `future = steps[None] > steps[:, None]`: what the assigning line computed it from.
+            for named, found_value in self.named_on_line(frame, lineno):
+                if found_value is not tensor and named != name:
+                    found = self.identify(label, found_value, via or named, depth + 1)
+                    if found is not None and found.origin in ("made", "moved"):
+                        return found
+        called = self.made_in_call(frame, lineno)
+        if called is not None:  # `mask = causal_mask(t)`: a factory ran in `causal_mask`
+            func, site = called
+            return Provenance(label, device, "made", _op(func), str(site), via, where, kind)
+        return Provenance(label, device, "assigned", None, location, via, where, kind)
 
     # -- who holds it -------------------------------------------------------------------------
 
@@ -224,20 +236,31 @@ class _Context:
         for frame in _user_frames(self.frame, limit=8):
             code = frame.f_code
             arguments = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-            for name, value in _locals(frame).items():
-                found = _holding(name, value, targets)
-                if found is not None:
-                    return found, frame, name in arguments and not _assigned_at(frame, name)
+            holders = [
+                (name, found)
+                for name, value in _locals(frame).items()
+                if (found := _holding(name, value, targets)) is not None
+            ]
+            if holders:
+                # The holder the running line names (`batch["labels"]`), else the first.
+                line = linecache.getline(code.co_filename, frame.f_lineno)
+                name, found = next(
+                    (pair for pair in holders if re.search(rf"\b{pair[0]}\b", line)), holders[0]
+                )
+                return found, frame, name in arguments and not _assigned_at(frame, name)
         return None
 
     # -- the failing line ---------------------------------------------------------------------
 
-    def named_on_line(self) -> Iterator[tuple[str, object]]:
-        """The values the names on the failing line refer to (`self.mask`, `pos`), in order."""
-        frame = self.frame
+    def named_on_line(
+        self, frame: FrameType | None = None, lineno: int | None = None
+    ) -> Iterator[tuple[str, object]]:
+        """The values the names on a line of `frame` (the failing line by default) refer to
+        (`self.mask`, `pos`), in order."""
+        frame = frame or self.frame
         if frame is None:
             return
-        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        line = linecache.getline(frame.f_code.co_filename, lineno or frame.f_lineno)
         f_locals = _locals(frame)
         seen: set[str] = set()
         for match in _NAME.finditer(line):
@@ -255,6 +278,33 @@ class _Context:
                     break
             if value is not _MISSING:
                 yield name, value
+
+    def made_in_call(self, frame: FrameType, lineno: int) -> tuple[object, Any] | None:
+        """A factory recorded inside a Python function that the line `lineno` of `frame`
+        calls (by name), that made a tensor on the operand's device: `(func, site)`."""
+        line = linecache.getline(frame.f_code.co_filename, lineno)
+        namespace = {**frame.f_globals, **_locals(frame)}
+        for match in _CALL.finditer(line):
+            parts = match.group(1).split(".")
+            value: object = namespace.get(parts[0], _MISSING)
+            for part in parts[1:]:
+                if value is _MISSING:
+                    break
+                value = getattr(value, part, _MISSING)
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if not isinstance(code, CodeType):
+                continue
+            lines = [line for _, _, line in code.co_lines() if line is not None]
+            if not lines:
+                continue
+            for (filename, number), (func, device) in reversed(SITES.items()):
+                if (
+                    filename == code.co_filename
+                    and min(lines) <= number <= max(lines)
+                    and device == self.device
+                ):
+                    return func, call_site(filename, number)
+        return None
 
     def line_site(self) -> tuple[object, Any] | None:
         """The factory recorded on the failing line, with the line."""
@@ -276,6 +326,7 @@ class _Context:
 
 
 _NAME = re.compile(r"(?<![\w.'\"])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_CALL = re.compile(r"(?<![\w.'\"])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\(")
 _MISSING = object()
 
 
@@ -460,22 +511,22 @@ _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 def _in_module(
     root: torch.nn.Module, name: str, targets: list[torch.Tensor]
 ) -> tuple[str, str] | None:
-    """Where in `root` one of `targets` is held: a parameter, a buffer, a plain attribute, or an
-    item of a list, tuple or dict attribute."""
-    stack: list[tuple[str, torch.nn.Module]] = [(name, root)]
+    """Where in `root` one of `targets` is held: a parameter, a buffer, a plain attribute, an
+    item of a list, tuple or dict attribute, or a parameter or buffer of a module held in one
+    (an "unregistered module": `Module.to` does not reach it)."""
+    stack: list[tuple[str, torch.nn.Module, bool]] = [(name, root, False)]
     seen: set[int] = set()
     while stack:
-        path, module = stack.pop()
+        path, module, unregistered = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
         state = module.__dict__
-        for key, value in state.get("_parameters", {}).items():
-            if value is not None and _is(value, targets):
-                return f"{path}.{key}", "parameter"
-        for key, value in state.get("_buffers", {}).items():
-            if value is not None and _is(value, targets):
-                return f"{path}.{key}", "buffer"
+        for table, what in (("_parameters", "parameter"), ("_buffers", "buffer")):
+            for key, value in state.get(table, {}).items():
+                if value is not None and _is(value, targets):
+                    return f"{path}.{key}", "unregistered module" if unregistered else what
+        children: list[tuple[str, torch.nn.Module, bool]] = []
         for key, value in state.items():
             if key in _MODULE_INTERNALS:
                 continue
@@ -485,13 +536,31 @@ def _in_module(
                 if isinstance(value, (list, tuple)):
                     kind = "list item"
                 return found, kind
-        children = [
-            (_child_path(path, module, key), child)
+            children.extend(
+                (step, held, True) for step, held in _modules_in(f"{path}.{key}", value)
+            )
+        children[:0] = [
+            (_child_path(path, module, key), child, unregistered)
             for key, child in state.get("_modules", {}).items()
             if child is not None
         ]
         stack.extend(reversed(children))
     return None
+
+
+def _modules_in(path: str, value: object) -> list[tuple[str, torch.nn.Module]]:
+    """The modules in a plain list, tuple or dict attribute, with their paths."""
+    if isinstance(value, (list, tuple)):
+        pairs: list[tuple[object, object]] = list(enumerate(value[:1000]))
+        return [
+            (f"{path}[{key}]", item) for key, item in pairs if isinstance(item, torch.nn.Module)
+        ]
+    if isinstance(value, dict):
+        pairs = list(value.items())[:1000]
+        return [
+            (f"{path}[{key!r}]", item) for key, item in pairs if isinstance(item, torch.nn.Module)
+        ]
+    return []
 
 
 def _child_path(path: str, parent: torch.nn.Module, key: str) -> str:

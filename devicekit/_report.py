@@ -159,16 +159,19 @@ class Report:
     # -- the fix ------------------------------------------------------------------------------
 
     def fix(self) -> str:
-        """The fix for the first offending operand whose pattern is known, else the generic one."""
-        for found in self.provenance.values():
-            text = self._fix_for(found)
-            if text is not None:
-                return f"Fix: {text}"
+        """The fix for the most specific pattern among the offending operands: who holds one,
+        then a loss's labels or weight, then where one was made, then where one entered; else
+        the generic fix."""
+        found = list(self.provenance.values())
+        for rule in (self._fix_holder, self._fix_loss, self._fix_origin, self._fix_entry):
+            for item in found:
+                text = rule(item)
+                if text is not None:
+                    return f"Fix: {text}"
         return f"Fix: {self._generic()}"
 
-    def _fix_for(self, found: Provenance) -> str | None:
-        target, kind = self.target, found.owner_kind
-        owner = found.owner or ""
+    def _fix_holder(self, found: Provenance) -> str | None:
+        target, kind, owner = self.target, found.owner_kind, found.owner or ""
         attribute = owner.rsplit(".", 1)[-1]
         if kind == "attribute":
             return (
@@ -182,6 +185,12 @@ class Report:
                 f"register each tensor of {container} as a buffer (`self.register_buffer(name, "
                 f"t, persistent=False)`) instead of keeping them in a plain "
                 f"{kind.split()[0]}: Module.to does not look inside it."
+            )
+        if kind == "unregistered module":
+            container = owner.rsplit("[", 1)[0].rsplit(".", 1)[-1]
+            return (
+                f"hold the modules of {container} in `nn.ModuleList` (or `nn.ModuleDict`) "
+                "instead of a plain list or dict, so that Module.to moves them."
             )
         if kind in ("parameter", "buffer"):
             module = owner.rsplit(".", 1)[0]
@@ -202,6 +211,29 @@ class Report:
                 "its state to the parameters' devices with "
                 "`optimizer.load_state_dict(optimizer.state_dict())`."
             )
+        return None
+
+    def _fix_loss(self, found: Provenance) -> str | None:
+        target = self.target
+        if target is None or not any(loss in self.op for loss in _LOSSES):
+            return None
+        if found.label.endswith("weight"):
+            return (
+                "move the weight with the model: pass it to the loss module "
+                f"(`nn.CrossEntropyLoss(weight=w)` registers it as a buffer) and move that with "
+                f'`.to("{target}")`, or pass `w.to("{target}")`.'
+            )
+        if found.label == "target":
+            named = found.owner_kind in ("local variable", "argument")
+            name = found.owner if named and found.owner is not None else "labels"
+            return (
+                f'move the labels to {target} with the batch: `devicekit.to_device(batch, "'
+                f'{target}")`, or `{name} = {name}.to("{target}")`.'
+            )
+        return None
+
+    def _fix_origin(self, found: Provenance) -> str | None:
+        target = self.target
         if found.origin == "made":
             reference = self._reference()
             where = (
@@ -218,15 +250,11 @@ class Report:
                 f"keep it on {target}: drop the {found.op} at {found.location}, or move the "
                 "result back before this op."
             )
-        if target is None or found.origin not in ("argument", "outside", "assigned"):
-            return None
-        if found.label == "weight" and any(loss in self.op for loss in _LOSSES):
-            return (
-                "move the weight with the model: pass it to the loss module "
-                f"(`nn.CrossEntropyLoss(weight=w)` registers it as a buffer) and move that with "
-                f'`.to("{target}")`, or pass `w.to("{target}")`.'
-            )
-        if kind not in ("local variable", "argument"):
+        return None
+
+    def _fix_entry(self, found: Provenance) -> str | None:
+        target = self.target
+        if target is None or found.owner_kind not in ("local variable", "argument"):
             return None
         name = found.owner
         return (
@@ -282,6 +310,11 @@ def _held(found: Provenance) -> str:
     if kind in ("list item", "dict item"):
         return (
             f"in a plain {kind.split()[0]} attribute, not a registered buffer: Module.to does "
+            "not move it"
+        )
+    if kind == "unregistered module":
+        return (
+            "of a module in a plain list or dict, not a registered submodule: Module.to does "
             "not move it"
         )
     return f"{kind}, on {found.device}"
