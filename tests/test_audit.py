@@ -665,6 +665,28 @@ def test_torch_utilities_audit_clean(name: str) -> None:
     assert audit(model, info=True) == []
 
 
+def test_torch_geometric_layers_audit_clean() -> None:
+    geometric = pytest.importorskip("torch_geometric.nn")
+    built = {}
+    for family in (geometric.conv, geometric.norm, geometric.aggr, geometric.pool):
+        for name in family.__all__:
+            cls = getattr(family, name)
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                continue
+            for args in ((4, 4), (4,), (), (4, 4, 2)):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        built[name] = cls(*args)
+                    break
+                except Exception:  # a constructor wanting other arguments
+                    continue
+    assert len(built) > 80
+    assert {"GCNConv", "GATConv", "SAGEConv", "GINConv", "BatchNorm"} <= set(built)
+    for name, layer in built.items():
+        assert audit(layer, info=True) == [], name
+
+
 def _tiny_hugging_face_models() -> Iterator[tuple[str, Any]]:
     transformers = pytest.importorskip("transformers")
     gpt2 = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
