@@ -20,6 +20,7 @@ A device argument naming that device is recorded as the target, so
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import threading
 import weakref
@@ -105,6 +106,9 @@ _INIT_RANDOM = frozenset(
 )
 
 
+_SERIAL = itertools.count()
+
+
 class Recording:
     """The ops one `deferred()` block recorded, and what replaying them needs.
 
@@ -116,6 +120,7 @@ class Recording:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.serial = next(_SERIAL)
         self.ops: list[Op] = []
         self.produced: dict[int, int] = {}  # storage key -> index of the op that created it
         self.versions: list[tuple[torch.Tensor, int]] = []

@@ -297,7 +297,8 @@ def _replayed(
         entry = groups.setdefault(id(recording), (recording, {}))
         entry[1].setdefault(storage_key(tensor), path)
     real: dict[int, torch.Tensor] = {}
-    for recording, needed in groups.values():
+    # In the order the blocks ran: eager construction drew from the generator in that order.
+    for recording, needed in sorted(groups.values(), key=lambda entry: entry[0].serial):
         _check_unchanged(recording, needed, target)
         real.update(_Replay(recording, needed, target).run())
     return real

@@ -227,13 +227,20 @@ class _Mover:
         except Exception as error:
             path = self.path(obj)
             nbytes = None
+            fix = "The original error is attached as __cause__."
             if kind == MODULE:
-                nbytes = sum(t.nbytes for t in (*obj.parameters(), *obj.buffers()))
+                tensors = (*obj.parameters(), *obj.buffers())
+                nbytes = sum(t.nbytes for t in tensors)
+                if self.target.type != "meta" and any(t.is_meta for t in tensors):
+                    fix = (
+                        f"Its meta tensors hold no data: give them memory with "
+                        f"devicekit.materialize({path}, {str(self.target)!r}) (built under "
+                        "devicekit.deferred(), it gets the values eager construction gives). " + fix
+                    )
             size = "" if nbytes is None else f", {_format_bytes(nbytes)}"
             raise MoveError(
                 f"to_device({self.target}): {path} ({type(obj).__name__}{size}).to"
-                f"({self.target}) failed with {_cause(error)}. "
-                "The original error is attached as __cause__.",
+                f"({self.target}) failed with {_cause(error)}. {fix}",
                 path=path,
                 nbytes=nbytes,
                 device=self.target,

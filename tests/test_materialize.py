@@ -415,3 +415,24 @@ def test_materialising_holds_at_most_one_extra_tensor() -> None:
     largest = 16.0  # the 8192 x 512 float embedding, in MiB
     assert measured["model_mib"] == pytest.approx(40.03, abs=0.01)
     assert measured["peak_mib"] <= measured["model_mib"] + largest + 4
+
+
+def test_blocks_are_replayed_in_the_order_they_ran() -> None:
+    torch.manual_seed(4)
+    with deferred():
+        first = nn.Linear(3, 3)
+    with deferred():
+        second = nn.Linear(3, 3)
+    model = materialize(nn.Sequential(second, first), "cpu")  # met second first
+    torch.manual_seed(4)
+    first_eager, second_eager = nn.Linear(3, 3), nn.Linear(3, 3)
+    assert torch.equal(model[1].get_parameter("weight"), first_eager.weight)
+    assert torch.equal(model[0].get_parameter("weight"), second_eager.weight)
+
+
+def test_to_device_of_a_meta_model_points_to_materialize() -> None:
+    with deferred():
+        model = TiedLM()
+    with pytest.raises(devicekit.MoveError) as caught:
+        to_device(model, "cpu")
+    assert "give them memory with devicekit.materialize(model, 'cpu')" in str(caught.value)
