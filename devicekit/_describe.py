@@ -292,6 +292,9 @@ _DEVICEKIT_DIR = os.path.dirname(__file__) + os.sep
 
 
 _INTERNAL = (_TORCH_DIR, _DEVICEKIT_DIR)
+#: The name of functions devicekit compiles "at" a user's line, so that torch's warnings name
+#: it (`_simulate_async.RacingMode`): devicekit's frames, whatever file they name.
+PASS_THROUGH = "__devicekit_pass_through__"
 
 
 def is_internal(filename: str) -> bool:
@@ -311,7 +314,9 @@ def user_frame(depth: int = 1) -> FrameType | None:
     """
     frame: FrameType | None = sys._getframe(depth)
     internal = _INTERNAL
-    while frame is not None and frame.f_code.co_filename.startswith(internal):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(internal) or frame.f_code.co_name == PASS_THROUGH
+    ):
         frame = frame.f_back
     return frame
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from devicekit import _simulate_mode, _simulate_streams
-from devicekit._describe import describe_tensor, user_call_site
+from devicekit._describe import PASS_THROUGH, describe_tensor, user_call_site
 from devicekit._errors import RaceError
 from devicekit._simulate_mode import _PINNED, _Session, _simulated, _SimulationMode
 
@@ -721,7 +721,11 @@ class RacingMode(_SimulationMode):
         )
         namespace: dict[str, Any] = {}
         exec(compile(text, source.f_code.co_filename, "exec"), source.f_globals, namespace)
-        call: Callable[..., Any] = namespace["_make"](_SimulationMode.__torch_function__, self)
+        made = namespace["_make"](_SimulationMode.__torch_function__, self)
+        code = made.__code__.replace(co_name=PASS_THROUGH)  # `user_frame` looks past it
+        call: Callable[..., Any] = types.FunctionType(
+            code, made.__globals__, PASS_THROUGH, None, made.__closure__
+        )
         if len(self.callers) > _MAX_CALLERS:
             self.callers.clear()
         self.callers[(id(caller.f_code), caller.f_lineno)] = (caller.f_code, call)
