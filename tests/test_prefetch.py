@@ -800,3 +800,28 @@ def test_the_race_finder_sees_a_missing_record_stream() -> None:
         )
         with pytest.raises(devicekit.RaceError):
             train(devicekit.prefetch(batches(4), "cuda"), stream=loop_stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark script runs end to end (its GPU section under simulated CUDA, tiny sizes)
+
+
+def test_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_prefetch
+
+    bench_prefetch.main(["--batches", "8", "--repeat", "1"])
+    table = capsys.readouterr().out
+    assert "| prefetch(loader, 'cpu') | 64 x 1024 B |" in table.replace("  ", "")
+    with simulated_cuda():
+        gpu = bench_prefetch.gpu_section(
+            torch.device("cuda", 0), nbytes=64 * 64, compute_ms=0.1, steps=3, epochs=2, side=8
+        )
+    for row in (
+        "plain .to() loop",
+        "non_blocking=True on the current stream (accelerate)",
+        "devicekit.prefetch, depth=2",
+        "torchtnt CudaDataPrefetcher (2 ahead)",
+        "Reserved memory over 2 epochs of prefetch",
+    ):
+        assert row in gpu
+    assert "GPU section skipped: CUDA is not available" in bench_prefetch.gpu_section()
