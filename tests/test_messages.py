@@ -276,3 +276,164 @@ def test_audit_report() -> None:
         "    fix: Tie them by assigning one parameter object to both (net.head.weight = "
         "net.embed.weight), not nn.Parameter(...) of the other or a view of it."
     )
+
+
+# --- provenance: where the stray tensor came from (issue 15) -----------------------------------
+
+SIMULATED = (
+    "(Devices cuda:0 to cuda:1 are simulated on the CPU by devicekit.simulated_devices; real "
+    "hardware raises here too.)"
+)
+
+
+def line_of(function: Callable[..., object], offset: int) -> str:
+    """`file:line` of the line `offset` lines below `function`'s `def`."""
+    return f"{__file__}:{function.__code__.co_firstlineno + offset}"
+
+
+class Positions(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = torch.nn.Embedding(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.size(1))
+        return x + self.pos(pos)
+
+
+def test_a_tensor_made_in_forward_names_its_line() -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        model, x = Positions().to("cuda:0"), torch.ones(2, 5, 4, device="cuda:0")
+        with pytest.raises(CrossDeviceError) as info:
+            model(x)
+    forward = Positions.forward
+    assert str(info.value) == (
+        f"{SAME_DEVICE}cpu and cuda:0!\n"
+        "torch.nn.functional.embedding got tensors on different devices (cpu, cuda:0):\n"
+        "  input: i64[5] @ cpu\n"
+        f"    made by torch.arange at {line_of(forward, 1)}: pos = torch.arange(x.size(1))\n"
+        "  weight: f32[8,4] @ cuda:0\n"
+        f"called at {line_of(forward, 2)}: return x + self.pos(pos)\n"
+        "Fix: create it where it is used: `torch.arange(..., device=x.device)`; a constant "
+        "belongs in `self.register_buffer(..., persistent=False)`.\n"
+        f"{SIMULATED}"
+    )
+    assert info.value.provenance == (
+        devicekit.Provenance(
+            "input",
+            "cpu",
+            "made",
+            "torch.arange",
+            f"{line_of(forward, 1)}: pos = torch.arange(x.size(1))",
+            owner="pos",
+            owner_kind="local variable",
+        ),
+    )
+
+
+class Masked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = torch.ones(4, 4).tril()
+
+    def forward(self, att: torch.Tensor) -> torch.Tensor:
+        return att.masked_fill(self.mask == 0, 0.0)
+
+
+class Stack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Masked(), Masked()])
+
+    def forward(self, att: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            att = block(att)
+        return att
+
+
+def test_a_plain_attribute_mask_names_its_holder() -> None:
+    model = Stack()
+    with devicekit.simulated_devices("cuda", 2):
+        model.to("cuda:0")
+        with pytest.raises(CrossDeviceError) as info:
+            model(torch.ones(4, 4, device="cuda:0"))
+    source = "return att.masked_fill(self.mask == 0, 0.0)"
+    assert str(info.value) == (
+        f"{SAME_DEVICE}cuda:0 and cpu!\n"
+        "Tensor.masked_fill got tensors on different devices (cuda:0, cpu):\n"
+        "  self: f32[4,4] @ cuda:0\n"
+        "  mask: bool[4,4] @ cpu\n"
+        "    computed from self.mask, held by model.blocks[0].mask (a plain attribute, not a "
+        "registered buffer: Module.to does not move it)\n"
+        f"called at {line_of(Masked.forward, 1)}: {source}\n"
+        'Fix: register mask as a buffer, which Module.to moves: `self.register_buffer("mask", '
+        "..., persistent=False)` in __init__ instead of `self.mask = ...`.\n"
+        f"{SIMULATED}"
+    )
+
+
+class WithHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.head(h)
+
+
+def test_a_parameter_on_another_gpu_names_the_module() -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        model = WithHead().to("cuda:0")
+        model.head.to("cuda:1")
+        with pytest.raises(CrossDeviceError) as info:
+            model(torch.ones(3, 4, device="cuda:0"))
+    forward = WithHead.forward
+    assert str(info.value) == (
+        f"{SAME_DEVICE}cuda:0 and cuda:1!\n"
+        "torch.nn.functional.linear got tensors on different devices (cuda:0, cuda:1):\n"
+        "  input: f32[3,4] @ cuda:0\n"
+        "    computed from x, made by torch.ones at "
+        f"{line_of(test_a_parameter_on_another_gpu_names_the_module, 5)}: "
+        'model(torch.ones(3, 4, device="cuda:0"))\n'
+        "  weight: f32[2,4] @ cuda:1\n"
+        "    held by model.head.weight (parameter, on cuda:1)\n"
+        "  bias: f32[2] @ cuda:1\n"
+        "    held by model.head.bias (parameter, on cuda:1)\n"
+        f"called at {line_of(forward, 2)}: return self.head(h)\n"
+        "Fix: put both on one device: move the input to cuda:1 before calling model.head "
+        '(`x.to("cuda:1")`), or `model.head.to("cuda:0")`; with two models, put both models on '
+        "one device.\n"
+        f"{SIMULATED}"
+    )
+
+
+logits = torch.ones(4, 3, device="meta")
+labels = torch.zeros(4, dtype=torch.long)
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def call_loss() -> object:
+    return loss_of(logits, labels)
+
+
+def test_labels_from_outside_the_block_name_where_they_were_passed_in() -> None:
+    with device_guard(), pytest.raises(CrossDeviceError) as info:
+        call_loss()
+    assert str(info.value) == (
+        f"{SAME_DEVICE}meta and cpu!\n"
+        "torch.nn.functional.cross_entropy got tensors on different devices (meta, cpu):\n"
+        "  input: f32[4,3] @ meta\n"
+        "  target: i64[4] @ cpu\n"
+        "    passed in as the argument labels by "
+        f"{site(call_loss, 'return loss_of(logits, labels)')}\n"
+        f"called at {site(loss_of, 'return F.cross_entropy(logits, labels)')}\n"
+        'Fix: move the labels to meta with the batch: `devicekit.to_device(batch, "meta")`, or '
+        '`labels = labels.to("meta")`.'
+    )
+    (found,) = info.value.provenance
+    assert (found.origin, found.owner, found.owner_kind) == ("argument", "labels", "argument")
