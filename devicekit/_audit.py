@@ -304,7 +304,7 @@ def audit(obj: Any, *, name: str = "model", info: bool = False) -> AuditReport:
     Looks for what `Module.to()` leaves behind and what fails once the model is on its devices:
     tensors held as plain attributes of a module or in lists, dicts and tuples there, modules
     held in plain lists, plain references to a registered buffer, tied parameters that are two
-    tensors (shared storage, or Hugging Face `all_tied_weights_keys` that differ), non-persistent
+    tensors (shared storage, or Hugging Face ties that are two tensors), non-persistent
     buffers on the meta device that `to_empty()` would leave uninitialised, optimizer state on
     another device than its parameter (errors); parameters, buffers and other tensors on more
     than one device (a warning: a model split across devices on purpose is fine). A plain
@@ -554,18 +554,19 @@ def _split_ties(walk: _Walk, name: str) -> Iterator[AuditFinding]:
             )
     reported: set[str] = set()  # a tie declared by a model and by its submodel is one tie
     for module, where in walk.modules.values():
-        for target, source in _declared_ties(module):
-            target_path = render(name, (where, _dotted_step, target[1]))
-            if target[0] is source[0] or target_path in reported:
-                continue
+        for target, source, declared_by in _declared_ties(module):
+            tied, to = _tensor_at(module, target), _tensor_at(module, source)
+            target_path = render(name, (where, _dotted_step, target))
+            if tied is None or to is None or tied is to or target_path in reported:
+                continue  # a name the audit cannot resolve is not its to judge
             reported.add(target_path)
-            source_path = render(name, (where, _dotted_step, source[1]))
+            source_path = render(name, (where, _dotted_step, source))
             yield AuditFinding(
                 target_path,
                 "split-tie",
-                f"{target_path} ({describe_tensor(target[0])}) is declared tied to {source_path} "
-                f"({describe_tensor(source[0])}) by all_tied_weights_keys, but they are two "
-                "tensors: training updates them apart.",
+                f"{target_path} ({describe_tensor(tied)}) is declared tied to {source_path} "
+                f"({describe_tensor(to)}) by {declared_by}, but they are two tensors: training "
+                "updates them apart.",
                 "Call model.tie_weights() after loading and placing the model, and keep tied "
                 "weights on one device (in a device_map, the same device).",
             )
@@ -576,20 +577,28 @@ def _dotted_step(key: str) -> str:
     return "".join(_module_step(part) for part in key.split("."))
 
 
-def _declared_ties(
-    module: torch.nn.Module,
-) -> Iterator[tuple[tuple[torch.Tensor, str], tuple[torch.Tensor, str]]]:
-    """Hugging Face's `{target: source}` ties of a model, resolved to tensors; the pairs that
-    name no tensor are left out (the audit reads, it does not judge the mapping)."""
+def _declared_ties(module: torch.nn.Module) -> Iterator[tuple[str, str, str]]:
+    """The ties a Hugging Face model declares, as `(target, source, declared by)` names of
+    parameters: transformers 5's `all_tied_weights_keys`, or, for older models, the output
+    embeddings tied to the input ones when `config.tie_word_embeddings` is set."""
     ties = vars(module).get("all_tied_weights_keys")
-    if not isinstance(ties, Mapping):
+    if isinstance(ties, Mapping):
+        for target, source in ties.items():
+            if isinstance(target, str) and isinstance(source, str):
+                yield target, source, "all_tied_weights_keys"
         return
-    for target, source in ties.items():
-        if not (isinstance(target, str) and isinstance(source, str)):
-            continue
-        found = [_tensor_at(module, key) for key in (target, source)]
-        if found[0] is not None and found[1] is not None:
-            yield (found[0], target), (found[1], source)
+    if not isinstance(getattr(type(module), "_tied_weights_keys", None), (list, tuple)):
+        return
+    if getattr(getattr(module, "config", None), "tie_word_embeddings", False) is not True:
+        return
+    try:
+        output = module.get_output_embeddings().weight  # type: ignore[operator]
+        source = module.get_input_embeddings().weight  # type: ignore[operator]
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    except Exception:  # no embeddings to tie (a base model), or not the methods we know
+        return
+    if id(output) in names and id(source) in names:
+        yield names[id(output)], names[id(source)], "config.tie_word_embeddings"
 
 
 def _tensor_at(module: torch.nn.Module, key: str) -> torch.Tensor | None:

@@ -4,9 +4,10 @@ torch's layers and tiny Hugging Face models; the pytest helper."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -233,6 +234,37 @@ def test_declared_ties_of_a_model_and_its_submodel_are_one_finding() -> None:
     ]
     inner.get_submodule("head").weight = inner.get_submodule("embed").weight
     assert audit(outer) == []
+
+
+class OlderHuggingFaceLM(nn.Module):
+    """How transformers 4 declares the tie: a list, and `config.tie_word_embeddings`."""
+
+    _tied_weights_keys: ClassVar[list[str]] = ["lm_head.weight"]
+
+    def __init__(self, *, tie_word_embeddings: bool = True) -> None:
+        super().__init__()
+        _hold(self, config=types.SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
+        self.embed = nn.Embedding(4, 2)
+        self.lm_head = nn.Linear(2, 4, bias=False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+def test_ties_declared_the_older_way() -> None:
+    model = OlderHuggingFaceLM()
+    (finding,) = audit(model)
+    assert finding.message == (
+        "model.lm_head.weight (f32[4,2] @ cpu) is declared tied to model.embed.weight "
+        "(f32[4,2] @ cpu) by config.tie_word_embeddings, but they are two tensors: training "
+        "updates them apart."
+    )
+    model.lm_head.weight = model.embed.weight
+    assert audit(model) == []
+    assert audit(OlderHuggingFaceLM(tie_word_embeddings=False)) == []
 
 
 def test_buffers_sharing_storage_are_not_a_tie() -> None:
