@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -143,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         "target",
         metavar="MODULE:ATTRIBUTE",
         help="where the model is: a module instance, or a class or function that builds one "
-        "with no arguments (e.g. mypackage.models:build_model)",
+        "with no arguments (e.g. mypackage.models:build_model, or models.py:Model)",
     )
     audit.add_argument(
         "--name", default="model", help="what to call the model in paths (default: model)"
@@ -261,17 +262,19 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _load_target(target: str) -> Any:
-    """The object `MODULE:ATTRIBUTE` names, built when it is a class or factory."""
-    module_name, colon, attribute = target.partition(":")
+    """The object `MODULE:ATTRIBUTE` (or `FILE.py:ATTRIBUTE`) names, built when it is a class
+    or factory."""
+    module_name, colon, attribute = target.rpartition(":")
     if not colon or not module_name or not attribute:
         raise InvalidArgumentError(
-            f"{target!r}: expected MODULE:ATTRIBUTE, such as mypackage.models:build_model "
-            "(a module instance, or a class or function that builds one with no arguments)."
+            f"{target!r}: expected MODULE:ATTRIBUTE, such as mypackage.models:build_model or "
+            "models.py:Model (a module instance, or a class or function that builds one with no "
+            "arguments)."
         )
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the current directory
     try:
-        value: Any = importlib.import_module(module_name)
+        value: Any = _import(module_name)
     except Exception as error:
         raise InvalidArgumentError(
             f"{target!r}: cannot import {module_name!r}: {type(error).__name__}: {error}"
@@ -292,6 +295,19 @@ def _load_target(target: str) -> Any:
             f"{target!r}: calling {attribute}() to build the model raised "
             f"{type(error).__name__}: {error}"
         ) from error
+
+
+def _import(module_name: str) -> Any:
+    if not module_name.endswith(".py"):
+        return importlib.import_module(module_name)
+    path = Path(module_name)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise FileNotFoundError(f"no Python file {module_name}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: classes pickle, dataclasses resolve
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run_audit(args: argparse.Namespace) -> int:

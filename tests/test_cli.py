@@ -167,6 +167,17 @@ def test_audit_clean_instances_and_factories_exit_0(capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.usefixtures("models")
+def test_audit_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "net.py").write_text(_MODELS)
+    try:
+        assert main(["audit", str(tmp_path / "sub" / "net.py") + ":Leaky"]) == 1
+    finally:
+        sys.modules.pop("net", None)
+    assert capsys.readouterr().out.startswith("audit(model): 1 error\n")
+
+
+@pytest.mark.usefixtures("models")
 def test_audit_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "audited_models:Leaky", "--json"]) == 1
     (finding,) = json.loads(capsys.readouterr().out)
@@ -190,13 +201,19 @@ def test_audit_warnings_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (
             "audited_models",
-            "'audited_models': expected MODULE:ATTRIBUTE, such as mypackage.models:build_model "
-            "(a module instance, or a class or function that builds one with no arguments).",
+            "'audited_models': expected MODULE:ATTRIBUTE, such as mypackage.models:build_model or "
+            "models.py:Model (a module instance, or a class or function that builds one with no "
+            "arguments).",
         ),
         (
             "no_such_module:model",
             "'no_such_module:model': cannot import 'no_such_module': ModuleNotFoundError: No "
             "module named 'no_such_module'",
+        ),
+        (
+            "missing.py:Model",
+            "'missing.py:Model': cannot import 'missing.py': FileNotFoundError: no Python file "
+            "missing.py",
         ),
         (
             "audited_models:Missing",
@@ -208,7 +225,7 @@ def test_audit_warnings_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
             "RuntimeError: no weights here",
         ),
     ],
-    ids=["no-colon", "no-module", "no-attribute", "factory-raises"],
+    ids=["no-colon", "no-module", "no-file", "no-attribute", "factory-raises"],
 )
 def test_audit_usage_errors_exit_2(
     target: str, message: str, capsys: pytest.CaptureFixture[str]
