@@ -75,12 +75,16 @@ class AuditReport(Sequence[AuditFinding]):
         (False, 0, 'audit(model): no findings.')
     """
 
-    __slots__ = ("_findings", "name")
+    __slots__ = ("_findings", "_name")
 
     def __init__(self, findings: Iterable[AuditFinding] = (), *, name: str = "model") -> None:
         self._findings = tuple(findings)
-        #: The name the audited object has in the paths.
-        self.name = name
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The name the audited object has in the paths (`"model"`)."""
+        return self._name
 
     def __len__(self) -> int:
         return len(self._findings)

@@ -514,6 +514,11 @@ def test_report() -> None:
     assert mixed.format("error") == "audit(xs): no findings."
     assert mixed.format().startswith("audit(xs): 1 warning\n[warning] mixed-devices: ")
     assert repr(audit(nn.Linear(1, 1))) == "AuditReport([], name='model')"
+    assert report.name == "model"
+    with pytest.raises(AttributeError):
+        report.name = "net"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report[0].path = "elsewhere"  # type: ignore[misc]
 
 
 def test_errors_come_first() -> None:
