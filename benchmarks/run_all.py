@@ -38,6 +38,7 @@ MODULES = (
     "bench_guard",
     "bench_transfer",
     "bench_simulate",
+    "bench_prefetch",
 )
 
 
