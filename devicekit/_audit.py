@@ -365,7 +365,7 @@ def _owner(holder: _Holder) -> str:
 def _recomputed(holder: _Holder) -> bool:
     """Whether a forward pre-hook sets the attribute before each call (old-style `weight_norm`,
     `spectral_norm`, `prune`), from parameters and buffers that `.to()` moves."""
-    for hook in holder.module._forward_pre_hooks.values():
+    for hook in getattr(holder.module, "_forward_pre_hooks", {}).values():
         for field in ("name", "_tensor_name"):
             if getattr(hook, field, None) == holder.attribute:
                 return True

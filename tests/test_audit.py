@@ -849,3 +849,4 @@ def test_assert_movable_fails_a_pytest_test_with_the_findings(pytester: pytest.P
             "E   ?error? plain-attribute-tensor: model.mask is a tensor (f32?2? @ cpu) held *",
         ]
     )
+    assert "in assert_movable" not in result.stdout.str()  # its own frame is hidden
