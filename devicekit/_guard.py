@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from typing_extensions import ParamSpec
 
 from devicekit import _context
+from devicekit._backward import CoveredModeKind
 from devicekit._describe import (
     CallSite,
     labelled_tensors,
@@ -32,8 +33,7 @@ from devicekit._errors import (
     DeviceMoveWarning,
     InvalidArgumentError,
 )
-from devicekit._modes import ModeKind
-from devicekit._provenance import FACTORIES, MOVES, record
+from devicekit._provenance import FACTORIES, MOVES, keep, record
 from devicekit._report import Report
 from devicekit._resolve import resolve
 from devicekit._scope import Scoped
@@ -212,8 +212,11 @@ def _recorded(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None
 ) -> Any:
     result = func(*args, **kwargs) if kwargs else func(*args)
-    if not (args and result is args[0]):  # `.to()` of a tensor already there hands it back
+    if func in FACTORIES:
         record(func, result)
+    elif isinstance(result, torch.Tensor) and result is not args[0]:
+        # A move, or a `.to(dtype)` that keeps the record of what it converted.
+        keep(func, args[0], result)
     return result
 
 
@@ -494,7 +497,7 @@ def _replace(values: Any, moved: dict[int, torch.Tensor]) -> Any:
     return tuple(swap(value) for value in values)
 
 
-_KIND = ModeKind("device_guard()", _ACTIVE_GUARD, _DeviceGuardMode)
+_KIND = CoveredModeKind("device_guard()", _ACTIVE_GUARD, _DeviceGuardMode)  # backward too
 
 
 class device_guard(Scoped[_GuardState]):

@@ -31,7 +31,7 @@ import torch
 from devicekit._describe import call_site, is_internal, op_name, user_frame
 from devicekit._errors import Provenance
 
-__all__ = ["FACTORIES", "MOVES", "explain", "made", "record"]
+__all__ = ["FACTORIES", "MOVES", "explain", "keep", "made", "record"]
 
 
 def _existing(owner: object, names: str) -> frozenset[object]:
@@ -93,6 +93,21 @@ def record(func: object, result: object, device: torch.device | None = None) -> 
     if len(SITES) > _MAX_SITES:
         SITES.clear()
     SITES[filename, lineno] = (func, result.device if device is None else device)
+
+
+def keep(func: object, source: torch.Tensor, result: torch.Tensor) -> None:
+    """Record `result` of `source.to(...)` (or `.cpu()`, `.cuda()`): as moved there when it
+    changed devices, else as made where `source` was made (`torch.arange(t).to(x.dtype)`)."""
+    try:
+        moved = result.device != source.device
+    except Exception:  # a tensor whose device cannot be read: nothing to say
+        return
+    if moved:
+        record(func, result)
+        return
+    entry = _entry_of(source)
+    if entry is not None:
+        ENTRIES[id(result)] = _Entry(result, entry.func, entry.filename, entry.lineno)
 
 
 def made(func: object, result: Any, device: torch.device | None = None) -> Any:
