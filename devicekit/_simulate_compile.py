@@ -29,16 +29,15 @@ same way. What dynamo compiled during a simulation assumed its devices: call
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils import _pytree
 
-from devicekit import _modes, _simulate_mode
+from devicekit import _backward, _simulate_mode
 
 __all__ = ["compile_patch", "patches"]
 
@@ -127,7 +126,7 @@ class _Runner:
         if mixed or self.eager_only or torch.is_autocast_enabled(session.type):
             return self.eager(*args, **kwargs)
         try:
-            with _devicekit_modes_off():
+            with _backward.modes_off():
                 result = self.compiled(*args, **kwargs)
         except Exception as error:
             if not _names_a_device(error):
@@ -165,21 +164,6 @@ def _one_device(tensors: list[torch.Tensor]) -> tuple[torch.device | None, bool]
         elif device != found:
             return None, True
     return (found if simulated else None), False
-
-
-@contextlib.contextmanager
-def _devicekit_modes_off() -> Iterator[None]:
-    """This thread's torch function modes without devicekit's, put back afterwards."""
-    saved = _modes._stack()
-    kept = [mode for mode in saved if not type(mode).__module__.startswith("devicekit.")]
-    if len(kept) == len(saved):
-        yield
-        return
-    _modes._rebuild(kept)
-    try:
-        yield
-    finally:
-        _modes._rebuild(saved)
 
 
 def _names_a_device(error: BaseException) -> bool:

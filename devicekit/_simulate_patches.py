@@ -28,6 +28,7 @@ import torch.backends.cudnn
 import torch.utils.checkpoint
 
 from devicekit import (
+    _backward,
     _simulate_compile,
     _simulate_facts,
     _simulate_mode,
@@ -406,6 +407,9 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
     )
     patches.update(_simulate_parallel.patches(kind))  # nn.parallel.comm: DataParallel, replicate
     patches.update(_simulate_compile.patches())  # torch.compile
+    # Backward passes: the engine runs under the mode, gradients reach Python code tagged.
+    patches.update(_backward.gradient_patches(_simulated, _set_tag))
+    patches[(_backward.holders, "simulation")] = session
     # The mode's hooks find this simulation's memory, generators and streams here.
     patches[(_simulate_facts, "active")] = memory
     patches[(_simulate_rng, "active")] = generators
