@@ -250,6 +250,9 @@ class simulated_devices:
         for inner in reversed(later):  # ended too: the state from before `self` comes back
             _leave(inner)
         _leave(entry)
+        races = None if entry.session is None else _races(entry.session)
+        if races is not None and races.hazards and not failing:
+            races.raise_hazard()  # a free found unsafe after the block's last op
         if later and not failing:
             names = ", ".join(repr(inner.owner) for inner in later)
             raise ScopeError(
@@ -380,6 +383,9 @@ def _stop(session: _Session) -> None:
 
 
 def _undo(session: _Session) -> None:
+    races = vars(session).get("_devicekit_races")
+    if races is not None:
+        races.land_all()  # its tensors are plain CPU tensors from here on
     if _simulate_mode._active is session:
         _simulate_mode._active = None  # from here on its mode lets every call through
         _simulate_async.active = None

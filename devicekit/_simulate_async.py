@@ -234,6 +234,17 @@ class Races:
                 if not kept and not _on_side_stream(record):
                     self._forget(key, record)
 
+    def land_all(self) -> None:
+        """The simulation ends or pauses: its tensors become plain CPU tensors, so every copy
+        lands (the device finishes its work) and nothing is watched any more."""
+        with self.lock:
+            for key, record in list(self.storages.items()):
+                for access in record.accesses:
+                    if access.copy is not None:
+                        access.copy.land()
+                        access.copy = None
+                self._forget(key, record)
+
     def _forget(self, key: int, record: _Storage) -> None:
         if self.storages.get(key) is record:
             del self.storages[key]
@@ -253,7 +264,7 @@ class Races:
         """Run one op through the simulation, checked against the unfinished work it meets."""
         __tracebackhide__ = True
         if self.hazards:
-            self._raise_hazard()
+            self.raise_hazard()
         name = getattr(func, "__name__", "")
         streams = _simulate_streams.active
         copying = name in _COPIES and _non_blocking(args, kwargs)
@@ -561,7 +572,7 @@ class Races:
                 )
                 return
 
-    def _raise_hazard(self) -> None:
+    def raise_hazard(self) -> None:
         __tracebackhide__ = True
         with self.lock:
             message, self.hazards = self.hazards[0], []

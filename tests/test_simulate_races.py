@@ -374,6 +374,28 @@ def test_freeing_after_record_stream_or_a_wait_is_safe(way: str) -> None:
         assert (total + 1).item() == 13.0
 
 
+def test_an_unsafe_free_as_the_block_ends_raises_at_its_end() -> None:
+    def free_last() -> None:
+        side = torch.cuda.Stream()
+        batch = _side_tensor(side)
+        torch.cuda.current_stream().wait_stream(side)
+        batch.sum()
+        del batch  # no op after it in the block
+
+    with pytest.raises(RaceError, match=r"f32\[4\] @ cuda:0 was freed while the default"):
+        devicekit.simulated_devices("cuda", 1, races=True)(free_last)()
+
+
+def test_copies_land_when_the_block_ends() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            on_device = torch.arange(3.0).pin_memory().to("cuda", non_blocking=True)
+        host = torch.arange(3.0, device="cuda").to("cpu", non_blocking=True)
+    assert on_device.tolist() == [0.0, 1.0, 2.0]  # plain CPU tensors now, with their values
+    assert host.tolist() == [0.0, 1.0, 2.0]
+
+
 def test_record_stream_is_accepted_for_host_streams_and_tensors_never_seen() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         torch.ones(2, device="cuda").record_stream(torch.cuda.current_stream())
