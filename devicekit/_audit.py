@@ -176,7 +176,8 @@ def severity_rank(severity: object, where: str) -> int:
 
 
 def _module_step(key: Any) -> str:
-    """A submodule's name in a path: `[3]` for a place in a list, `.attn` otherwise."""
+    """A submodule's, parameter's or buffer's name in a path: `[3]` for a place in a
+    `ModuleList` or `ParameterList`, `.attn` otherwise."""
     return f"[{key}]" if isinstance(key, str) and key.isdigit() else f".{key}"
 
 
@@ -279,7 +280,7 @@ class _Walk:
             if parameter is not None and id(parameter) not in registered:
                 registered[id(parameter)] = _Registered(
                     parameter,
-                    (where, attribute_step, name),
+                    (where, _module_step, name),
                     parameter=True,
                     persistent=True,
                 )
@@ -288,7 +289,7 @@ class _Walk:
             if buffer is not None and id(buffer) not in registered:
                 registered[id(buffer)] = _Registered(
                     buffer,
-                    (where, attribute_step, name),
+                    (where, _module_step, name),
                     parameter=False,
                     persistent=name not in non_persistent,
                 )

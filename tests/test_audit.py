@@ -330,6 +330,17 @@ def test_mixed_devices() -> None:
     assert audit(model.to("meta")) == []
 
 
+def test_mixed_devices_names_list_places_by_index() -> None:
+    model = nn.Module()
+    model.scales = nn.ParameterList([nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))])
+    model.scales[1] = nn.Parameter(torch.ones(1, device="meta"))
+    (finding,) = audit(model)
+    assert finding.message == (
+        "the parameters and buffers of model are on 2 devices (cpu: model.scales[0]; meta: "
+        "model.scales[1])."
+    )
+
+
 def test_mixed_devices_in_any_structure() -> None:
     batch = {"ids": torch.ones(2), "labels": [torch.zeros(2, device="meta")]}
     (finding,) = audit(batch, name="batch")
