@@ -2,6 +2,10 @@
 
 Run: `python -m benchmarks.bench_simulate [--rounds N]`.
 
+A second table times single ops on 4-element tensors three ways: plain, inside the simulation
+on ordinary CPU tensors (what every op of a CPU test costs under `--devicekit-simulate`), and
+on tensors on the simulated device.
+
 Each case is timed on plain CPU tensors with no simulation, and on the same tensors moved to a
 simulated `cuda:0` inside `simulated_devices("cuda", 1)`, interleaved round after round. Like the
 guard benchmark it times the CPU time of this process (`time.process_time`, torch on one thread),
@@ -74,6 +78,54 @@ def gpt_step(device: str) -> Callable[[], None]:
     return step
 
 
+def per_op_cases(device: str) -> dict[str, Callable[[], object]]:
+    """Single ops on 4-element tensors made on `device` (the per-op table)."""
+    a, b = torch.ones(4, device=device), torch.ones(4, device=device)
+    return {
+        "torch.add(a, b)": lambda: torch.add(a, b),
+        "a + b": lambda: a + b,
+        "a.sum()": lambda: a.sum(),
+        "torch.cat([a, b])": lambda: torch.cat([a, b]),
+        "a.to(torch.float64)": lambda: a.to(torch.float64),
+        "a.device": lambda: a.device,
+        "torch.zeros(4)": lambda: torch.zeros(4),
+    }
+
+
+def per_op_table(rounds: int) -> str:
+    """Median ns per op: plain, inside a simulation on ordinary CPU tensors (what the CPU tests
+    of a run-wide simulation pay), and on tensors on the simulated `cuda:0`."""
+    plain = per_op_cases("cpu")
+    simulation = devicekit.simulated_devices("cuda", 1)
+    with simulation:
+        tagged = per_op_cases("cuda:0")
+        tagged["torch.zeros(4)"] = lambda: torch.zeros(4, device="cuda:0")
+    samples: dict[str, tuple[list[float], list[float], list[float]]] = {
+        name: ([], [], []) for name in plain
+    }
+    for _ in range(rounds):
+        for name in plain:
+            samples[name][0].append(median_cpu_us(plain[name], repeat=3) * 1000)
+            with simulation:
+                samples[name][1].append(median_cpu_us(plain[name], repeat=3) * 1000)
+                samples[name][2].append(median_cpu_us(tagged[name], repeat=3) * 1000)
+    rows = []
+    for name, (cpu, untagged, simulated) in samples.items():
+        cpu_ns, untagged_ns, simulated_ns = map(statistics.median, (cpu, untagged, simulated))
+        rows.append(
+            [
+                name,
+                cpu_ns,
+                untagged_ns,
+                f"{untagged_ns / cpu_ns:.2f}x",
+                simulated_ns,
+                f"{simulated_ns / cpu_ns:.2f}x",
+            ]
+        )
+    headers = ["op", "plain ns", "in simulation, cpu ns", "ratio", "on cuda:0 ns", "ratio"]
+    return format_table(headers, rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
@@ -96,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, 1 CPU thread, medians of process CPU time in us\n"
         + format_table(["op", "cpu", "simulated cuda:0", "added", "ratio"], rows)
+    )
+    print(
+        "\nPer op, in ns: plain; inside simulated_devices on ordinary CPU tensors (the CPU "
+        "tests of a run-wide simulation); on simulated cuda:0\n" + per_op_table(arguments.rounds)
     )
 
 

@@ -260,7 +260,8 @@ def test_bench_simulate(
         pytest.skip("simulation is refused where CUDA is real")
     monkeypatch.setattr(bench_simulate, "GPT_SIZE", TINY_GPT)
     bench_simulate.main(["--rounds", "2"])
-    (table,) = tables(capsys.readouterr().out)
+    table, per_op = tables(capsys.readouterr().out)
+    assert per_op.column("op") == list(bench_simulate.per_op_cases("cpu"))
     assert table.headers == ["op", "cpu", "simulated cuda:0", "added", "ratio"]
     assert table.column("op") == list(bench_simulate.cases("cpu"))
     assert table.column("op")[-1] == "minGPT-size training step"
@@ -294,6 +295,6 @@ def test_run_all(
     end = written.index("<!-- run_all:bench_simulate:end -->")
     section = written[start:end]
     assert "`python -m benchmarks.bench_simulate` via `python -m benchmarks.run_all`, " in section
-    (table,) = tables(section.split("```text\n")[1].split("```")[0])
+    table, _ = tables(section.split("```text\n")[1].split("```")[0])
     assert table.column("op") == list(bench_simulate.cases("cpu"))
     assert run_all.run_module("bench_that_does_not_exist") is None
