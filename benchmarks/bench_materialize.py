@@ -118,7 +118,15 @@ def _weight_norm() -> nn.Module:
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=32)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=128,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -176,7 +184,12 @@ class BigLM(nn.Module):
 
 
 #: Models measured for memory only (`--memory`), by name.
-BIG_MODELS: dict[str, Build] = {"tied LM, 40 MiB": BigLM}
+BIG_MODELS: dict[str, Build] = {
+    "tied LM, 40 MiB": BigLM,
+    "10 x Linear(1024, 1024), 40 MiB": lambda: nn.Sequential(
+        *(nn.Linear(1024, 1024) for _ in range(10))
+    ),
+}
 
 
 # --- building and comparing -----------------------------------------------------------------------
