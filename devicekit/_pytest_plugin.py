@@ -366,6 +366,24 @@ def _guard_for(item: pytest.Item) -> Iterator[None]:
         yield
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, object, object]:
+    """A cross-device error's traceback ends at the user's line, not in torch's own frames
+    (`--fulltrace` keeps them)."""
+    excinfo = call.excinfo
+    if (
+        excinfo is not None
+        and type(excinfo.value).__name__ == "CrossDeviceError"
+        and not item.config.getoption("fulltrace", False)
+    ):
+        from devicekit._report import end_at_user_line  # torch is loaded: it raised
+
+        end_at_user_line(excinfo)
+    return (yield)
+
+
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
     try:

@@ -20,14 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 import torch
 
-from devicekit._describe import CallSite, call_site, describe_tensor, torch_sentence, user_frame
+from devicekit._describe import (
+    CallSite,
+    call_site,
+    describe_tensor,
+    is_internal,
+    torch_sentence,
+    user_frame,
+)
 from devicekit._errors import CrossDeviceError, Provenance
 from devicekit._provenance import explain
 
-__all__ = ["Report"]
+__all__ = ["Report", "end_at_user_line"]
 
 #: How each kind of block is named in "came from outside the ... block".
 _BLOCKS = {"device_guard": "guarded", "simulated_devices": "simulated_devices"}
@@ -301,6 +309,24 @@ class Report:
         if guard:
             return f'{text}, or let `devicekit.device_guard("move")` move operands for you.'
         return f"{text}."
+
+
+def end_at_user_line(excinfo: Any) -> None:
+    """End a pytest `ExceptionInfo`'s traceback at the user's last frame, dropping the torch
+    and devicekit frames after it, so that `--tb=line` and `--tb=short` report the user's line
+    (`F.cross_entropy` and `nn.Module` calls run Python code of torch's before devicekit's).
+
+    The raw traceback is cut (pytest rebuilds its entries from it), at the end of a failed test.
+    """
+    last = None
+    tb = excinfo.tb
+    while tb is not None:
+        if not is_internal(tb.tb_frame.f_code.co_filename):
+            last = tb
+        tb = tb.tb_next
+    if last is not None and last.tb_next is not None:
+        last.tb_next = None
+        excinfo.traceback = type(excinfo.traceback)(excinfo.tb)
 
 
 def _held(found: Provenance) -> str:

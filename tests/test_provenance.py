@@ -153,6 +153,7 @@ USER_CODE = textwrap.dedent(
     """
     import torch
     import devicekit
+    import torch.nn.functional as F
 
     def test_guard():
         x, w = torch.ones(2, 3), torch.ones(4, 3, device="meta")
@@ -168,6 +169,16 @@ USER_CODE = textwrap.dedent(
         with devicekit.simulated_devices("cuda", 2):
             a, b = torch.ones(2, device="cuda:0"), torch.ones(2, device="cuda:1")
             devicekit.colocate(a, b)
+
+    def test_function():
+        logits, labels = torch.ones(2, 3, device="meta"), torch.zeros(2, dtype=torch.long)
+        with devicekit.device_guard():
+            F.cross_entropy(logits, labels)
+
+    def test_module():
+        with devicekit.simulated_devices("cuda", 2):
+            model = torch.nn.Linear(3, 2).to("cuda:0")
+            model(torch.ones(3))
     """
 )
 
@@ -177,27 +188,40 @@ USER_CODE = textwrap.dedent(
 def test_tracebacks_end_at_the_users_line(pytester: pytest.Pytester, style: str) -> None:
     pytester.makepyfile(test_user=USER_CODE)
     result = pytester.runpytest("-p", "no:cacheprovider", f"--tb={style}")
-    result.assert_outcomes(failed=3)
+    result.assert_outcomes(failed=5)
+    lines = [
+        (8, "test_guard", "x @ w.T"),
+        (13, "test_simulation", "x + torch.ones(3)"),
+        (18, "test_colocate", "devicekit.colocate(a, b)"),
+        (23, "test_function", "F.cross_entropy(logits, labels)"),
+        (28, "test_module", "model(torch.ones(3))"),
+    ]
     if style == "line":
         result.stdout.fnmatch_lines(
             [
-                "*test_user.py:7: devicekit._errors.CrossDeviceError: Expected all tensors*",
-                "*test_user.py:12: devicekit._errors.CrossDeviceError: Expected all tensors*",
-                "*test_user.py:17: devicekit._errors.CrossDeviceError: Expected all tensors*",
+                f"*test_user.py:{line}: devicekit._errors.CrossDeviceError: Expected all tensors*"
+                for line, _, _ in lines
             ]
         )
     else:
         result.stdout.fnmatch_lines(
             [
-                "test_user.py:7: in test_guard",
-                "    x @ w.T",
-                "test_user.py:12: in test_simulation",
-                "    x + torch.ones(3)",
-                "test_user.py:17: in test_colocate",
-                "    devicekit.colocate(a, b)",
+                text
+                for line, test, source in lines
+                for text in (f"test_user.py:{line}: in {test}", f"    {source}")
             ]
         )
     result.stdout.no_fnmatch_line("*devicekit/_*.py*")
+    result.stdout.no_fnmatch_line("*torch/nn/*.py*")
+    result.stdout.no_fnmatch_line("*torch/overrides.py*")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation needs a machine without CUDA")
+def test_fulltrace_keeps_torchs_frames(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=USER_CODE)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--fulltrace", "-k", "test_function")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*torch/overrides.py:*"])
 
 
 def test_the_error_of_a_function_names_the_users_line() -> None:
