@@ -709,7 +709,8 @@ def _mixed_devices(walk: _Walk, name: str, obj: Any) -> Iterator[AuditFinding]:
         "mixed-devices",
         f"the {what} of {name} are on {len(devices)} devices ({listed}).",
         f"Move it to one device ({name}.to(device), or devicekit.to_device for other "
-        "objects); if it is split across devices on purpose (model parallel), move the "
-        "activations between the parts in forward and ignore this warning.",
+        "objects). If it is split on purpose (model parallel, an accelerate device_map or "
+        "offload), ignore this warning; the parts must then hand activations over in "
+        "forward.",
         severity="warning",
     )

@@ -322,12 +322,23 @@ def test_mixed_devices() -> None:
             message="the parameters and buffers of model are on 2 devices (cpu: model[0].weight, "
             "model[0].bias, model[2].weight and 1 more; meta: model[1].weight, model[1].bias).",
             fix="Move it to one device (model.to(device), or devicekit.to_device for other "
-            "objects); if it is split across devices on purpose (model parallel), move the "
-            "activations between the parts in forward and ignore this warning.",
+            "objects). If it is split on purpose (model parallel, an accelerate device_map or "
+            "offload), ignore this warning; the parts must then hand activations over in "
+            "forward.",
             severity="warning",
         )
     ]
     assert audit(model.to("meta")) == []
+
+
+def test_accelerate_layouts(hugging_face: dict[str, Any]) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():  # parameters on meta, buffers on the CPU: meant
+        model = hugging_face["llama"]()
+    assert audit(model).kinds == ("mixed-devices",)
+    with accelerate.init_empty_weights(include_buffers=True):  # inv_freq lost in to_empty()
+        model = hugging_face["llama"]()
+    assert audit(model).kinds == ("uninitialised-after-to-empty",)
 
 
 def test_mixed_devices_names_list_places_by_index() -> None:
