@@ -73,15 +73,33 @@ def bits(tensor: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bytes]:
     return host.dtype, tuple(host.shape), bytes(flat.view(torch.uint8).tolist())
 
 
+def canonical(value: Any) -> Any:
+    """A device-free form of a set member: tensors as their bits, containers item by item."""
+    kind = type(value).__name__
+    if isinstance(value, torch.Tensor):
+        return bits(value)
+    if isinstance(value, Carrier):
+        return kind, canonical(value.payload)
+    if isinstance(value, (set, frozenset)):
+        return kind, sorted(map(canonical, value), key=repr)
+    if isinstance(value, Mapping):
+        return kind, [(key, canonical(item)) for key, item in value.items()]
+    if dataclasses.is_dataclass(value):
+        fields = dataclasses.fields(value)
+        return kind, [canonical(getattr(value, field.name)) for field in fields]
+    if isinstance(value, (list, tuple, collections.deque)):
+        return kind, [canonical(item) for item in value]
+    return kind, repr(value)
+
+
 def assert_same(moved: Any, source: Any, device: torch.device) -> None:
     """`moved` is `source` with every tensor on `device`: same types, structure and bits."""
     assert type(moved) is type(source)
     if isinstance(source, torch.Tensor):
         assert moved.device == device
         assert bits(moved) == bits(source)
-    elif isinstance(source, (set, frozenset)):
-        key = lambda v: bits(v) if isinstance(v, torch.Tensor) else (type(v).__name__, repr(v))  # noqa: E731
-        assert sorted(map(key, moved), key=repr) == sorted(map(key, source), key=repr)
+    elif isinstance(source, (set, frozenset)):  # no order to follow: compare canonical forms
+        assert sorted(map(canonical, moved), key=repr) == sorted(map(canonical, source), key=repr)
     elif isinstance(source, Carrier):
         assert_same(moved.payload, source.payload, device)
     elif isinstance(source, Mapping):
