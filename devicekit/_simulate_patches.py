@@ -35,6 +35,7 @@ from devicekit import (
     _simulate_parallel,
     _simulate_rng,
     _simulate_streams,
+    _simulate_threads,
 )
 from devicekit._errors import SimulationError
 from devicekit._simulate_checkpoint import checkpoint_patches
@@ -265,7 +266,7 @@ def _patches(session: _Session) -> dict[tuple[object, str], object]:
         "is_available": lambda: True,
         "is_initialized": lambda: True,
         "init": lambda: None,
-        "_lazy_init": lambda: None,
+        "_lazy_init": _simulate_threads.lazy_init(session),
         "ipc_collect": lambda: None,
         "device_count": lambda: session.count,
         "current_device": lambda: session.current,

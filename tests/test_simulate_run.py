@@ -10,7 +10,9 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.metadata
 import os
+import queue
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -420,3 +422,66 @@ def test_a_dataloaders_pin_memory_thread_is_simulated() -> None:
         assert [features.is_pinned() for features in batches] == [True, True]
         assert [str(features.device) for features in moved] == ["cuda:1", "cuda:1"]
     assert torch.cat(moved).flatten().tolist() == [float(i) for i in range(8)]
+
+
+# --- threads already running when a simulation begins ----------------------------------------
+
+
+def _in_thread_started_before(*jobs: Any) -> list[str]:
+    """Each job's outcome, run one after the other inside a simulation by a thread that was
+    started before it: `ok: <value>` or `<error type>: <message>`."""
+    requests: queue.Queue[Any] = queue.Queue()
+    answers: queue.Queue[str] = queue.Queue()
+
+    def serve() -> None:
+        while (job := requests.get()) is not None:
+            try:
+                answers.put(f"ok: {job()}")
+            except Exception as error:
+                answers.put(f"{type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=serve, name="started-before")
+    thread.start()
+    outcomes = []
+    try:
+        with simulated_devices("cuda", 2):
+            for job in jobs:
+                requests.put(job)
+                outcomes.append(answers.get(timeout=120))
+    finally:
+        requests.put(None)
+        thread.join(timeout=120)
+    assert not thread.is_alive(), "a thread did not finish within 120 s (a deadlock?)"
+    return outcomes
+
+
+def test_a_thread_started_before_the_simulation_is_refused_by_name() -> None:
+    """Issue 14 item 6: a clear `SimulationError`, never "Torch not compiled with CUDA
+    enabled" (nor a dispatcher error) while `torch.cuda.is_available()` answers True."""
+    outcomes = _in_thread_started_before(
+        lambda: torch.ones(2, device="cuda").device,
+        lambda: torch.ones(2).cuda().device,
+        lambda: torch.zeros(2).to("cuda:1").device,
+        lambda: torch.cuda.is_available(),
+        lambda: torch.ones(2).device,
+    )
+    for outcome in outcomes[:3]:
+        assert outcome.startswith(
+            "SimulationError: Thread 'started-before' asked torch for a real cuda device at "
+        )
+        assert "but it was already running when simulated_devices('cuda', 2) began" in outcome
+        assert outcome.endswith(
+            "Start the thread inside the simulation, or simulate the whole run (pytest "
+            "--devicekit-simulate=cuda:2 enters it before any test starts a thread)."
+        )
+    assert f"real cuda device at {__file__}:" in outcomes[0]  # the line that asked
+    assert outcomes[3:] == ["ok: True", "ok: cpu"]
+
+
+def test_torchs_own_cuda_functions_still_answer_in_any_thread() -> None:
+    """`torch.cuda._lazy_init` refuses torch's C++ only: torch's Python functions that call it
+    first (here `torch.cuda.random.get_rng_state_all`, which imports it by name) still work."""
+    (outcome,) = _in_thread_started_before(lambda: len(torch.cuda.get_rng_state_all()))
+    assert outcome == "ok: 2"
+    with simulated_devices("cuda", 2):
+        torch.cuda._lazy_init()  # a direct Python call: nothing to do
