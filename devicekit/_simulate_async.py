@@ -277,8 +277,7 @@ class Races:
             name in _NO_ACCESS and not (name == "__getitem__" and _indexes(args))
         ):
             return call(func, types_, args, kwargs)
-        with self.lock:
-            return self._run(call, func, name, types_, args, kwargs, streams, copying)
+        return self._run(call, func, name, types_, args, kwargs, streams, copying)
 
     def _run(
         self,
@@ -297,23 +296,24 @@ class Races:
         stream = None if device is None else streams.current_of(device.index or 0)
         side = stream is not None and stream is not streams.defaults[stream.device_index]
         note = side and not crossing  # a copy notes its own accesses when it is issued
-        for tensor in reads:
-            self._check(tensor, stream, write=False, func=func, note=note)
-        for tensor in writes:
-            self._check(tensor, stream, write=True, func=func, note=note)
-        if stream is not None and name in _HOST_WAITS:
-            self.host_waits(stamp_of(stream))
+        with self.lock:  # not held while the op runs: other threads' ops go on meanwhile
+            for tensor in reads:
+                self._check(tensor, stream, write=False, func=func, note=note)
+            for tensor in writes:
+                self._check(tensor, stream, write=True, func=func, note=note)
+            if stream is not None and name in _HOST_WAITS:
+                self.host_waits(stamp_of(stream))
         result = call(func, types_, args, kwargs)
         if result is NotImplemented or stream is None:
             return result
-        if crossing:
-            if copying and self._asynchronous(name, args, result):
-                self._copied(func, name, args, result, stream, side)
-            else:  # a blocking copy between host and device waits for its stream
-                self.host_waits(stamp_of(stream))
-            return result
-        if side:
-            self._wrote(func, result, writes, reads, stream)
+        with self.lock:
+            if crossing:
+                if copying and self._asynchronous(name, args, result):
+                    self._copied(func, name, args, result, stream, side)
+                else:  # a blocking copy between host and device waits for its stream
+                    self.host_waits(stamp_of(stream))
+            elif side:
+                self._wrote(func, result, writes, reads, stream)
         return result
 
     def _device_of(
