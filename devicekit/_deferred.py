@@ -23,6 +23,7 @@ import functools
 import itertools
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode, handle_torch_function, has_torch_function_unary
 from torch.utils._device import DeviceContext, _device_constructors
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from devicekit._describe import describe_tensor, op_name, user_call_site
 from devicekit._errors import MaterializeError
@@ -42,7 +43,7 @@ from devicekit._scope import Kind, Record, Scoped
 from devicekit._simulate_rng import RANDOM_OPS
 from devicekit._types import DeviceLike
 
-__all__ = ["Op", "Recording", "deferred", "recording_of", "storage_key"]
+__all__ = ["Op", "Recording", "Ref", "deferred", "recording_of", "storage_key"]
 
 _META = torch.device("meta")
 
@@ -52,13 +53,33 @@ def storage_key(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage()._cdata)
 
 
+class Ref:
+    """A meta tensor as it was when an op saw it: its storage (kept alive, so that its key stays
+    unique) and its geometry. Recorded instead of the tensor, whose storage may be swapped later
+    (`param.data = other`)."""
+
+    __slots__ = ("dtype", "key", "offset", "shape", "storage", "stride")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.storage = tensor.untyped_storage()
+        self.key = int(self.storage._cdata)
+        self.dtype = tensor.dtype
+        self.shape = tuple(tensor.shape)
+        self.stride = tuple(tensor.stride())
+        self.offset = tensor.storage_offset()
+
+
+def _refs(value: Any) -> Any:
+    return Ref(value) if _is_meta(value) else value
+
+
 class Op:
     """One recorded torch call: `func(*args, **kwargs)`, and the storages it touched.
 
-    `outputs` are the flattened leaves of the result (meta tensors in them are the recorded
-    outputs); `reads` the storage keys of the meta tensors among the arguments; `writes` those
-    of the outputs and of the arguments it changed in place; `random` whether it draws from a
-    generator.
+    Meta tensors in `args`, `kwargs` and `outputs` (the flattened leaves of the result) are
+    recorded as `Ref`s; `reads` are the storage keys of the meta tensors among the arguments,
+    `writes` those of the outputs and of the arguments it changed in place; `random` says
+    whether it draws from a generator.
     """
 
     __slots__ = ("args", "func", "kwargs", "outputs", "random", "reads", "writes")
@@ -124,6 +145,7 @@ class Recording:
         self.ops: list[Op] = []
         self.produced: dict[int, int] = {}  # storage key -> index of the op that created it
         self.versions: list[tuple[torch.Tensor, int]] = []
+        self.created: list[torch.Tensor] = []
         self.start_states: dict[torch.device, torch.Tensor] = {}
         self.thread = threading.get_ident()
         self.modes: tuple[TorchFunctionMode, ...] = ()
@@ -138,6 +160,7 @@ class Recording:
     def add(self, op: Op, created: list[torch.Tensor]) -> None:
         index = len(self.ops)
         self.ops.append(op)
+        self.created.extend(created)
         for tensor in created:
             key = storage_key(tensor)
             if key not in self.produced:
@@ -173,12 +196,9 @@ class Recording:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
-        seen: set[int] = set()
-        for op in self.ops:
-            for value in op.outputs:
-                if isinstance(value, torch.Tensor) and value.is_meta and id(value) not in seen:
-                    seen.add(id(value))
-                    self.versions.append((value, _version(value)))
+        unique = {id(tensor): tensor for tensor in self.created}.values()
+        self.versions = [(tensor, _version(tensor)) for tensor in unique]
+        self.created = []
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -239,8 +259,11 @@ class _DefaultDevice(DeviceContext):
 #: `torch.nn.init` functions that do not go through torch's function modes themselves. Some
 #: read values (`trunc_normal_` rejects samples until all fall inside the bounds) or return
 #: early on meta, so recording the ops inside them would fail or record nothing. While a block
-#: records, the module's names point at wrappers that dispatch the call as one op, which the
-#: recording mode records without running it and replay runs on the real tensor.
+#: records, each of these functions runs a trampoline that dispatches the call as one op (to a
+#: copy of the function), which the recording mode records without running it, and replay runs
+#: the copy on the real tensor. The functions themselves are changed (their `__code__`), not the
+#: module's names, so references taken earlier (transformers keeps a table of them) dispatch too;
+#: outside a recording the trampoline just calls the copy.
 _INIT_WRAPPED = (
     "dirac_",
     "eye_",
@@ -256,17 +279,40 @@ _INIT_WRAPPED = (
 _ATOMIC: set[Callable[..., Any]] = set()
 _init_lock = threading.Lock()
 _init_users = [0]
-_init_saved: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+#: Each wrapped function, with its own code, defaults and keyword defaults, while wrapped.
+_init_saved: list[tuple[types.FunctionType, types.CodeType, Any, Any]] = []
 
 
-def _dispatching(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if has_torch_function_unary(tensor):
-            return handle_torch_function(original, (tensor,), tensor, *args, **kwargs)
-        return original(tensor, *args, **kwargs)
+def _dispatch(
+    original: Callable[..., Any], tensor: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    if has_torch_function_unary(tensor):
+        return handle_torch_function(original, (tensor,), tensor, *args, **kwargs)
+    return original(tensor, *args, **kwargs)
 
-    return init
+
+def _trampoline(
+    tensor: Any,
+    *args: Any,
+    _devicekit_original: Any = None,
+    _devicekit_dispatch: Any = None,
+    **kwargs: Any,
+) -> Any:
+    # Runs as the code of an `nn.init` function: it may use nothing but its own arguments.
+    return _devicekit_dispatch(_devicekit_original, tensor, args, kwargs)
+
+
+def _copy(function: types.FunctionType) -> types.FunctionType:
+    copied = types.FunctionType(
+        function.__code__,
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copied.__kwdefaults__ = function.__kwdefaults__
+    functools.update_wrapper(copied, function)
+    return copied
 
 
 def _dispatch_init(change: int) -> None:
@@ -277,18 +323,26 @@ def _dispatch_init(change: int) -> None:
         _init_users[0] += change
         if _init_users[0] > 0 and not _init_saved:
             for name in _INIT_WRAPPED:
-                original = getattr(init_module, name, None)
-                if original is None:
+                function = getattr(init_module, name, None)
+                if not isinstance(function, types.FunctionType) or function.__closure__:
                     continue
-                wrapper = _dispatching(original)
-                _ATOMIC.add(original)
-                _init_saved[name] = (original, wrapper)
-                setattr(init_module, name, wrapper)
+                copied = _copy(function)
+                _ATOMIC.add(copied)
+                saved = (function, function.__code__, function.__defaults__)
+                _init_saved.append((*saved, function.__kwdefaults__))
+                function.__code__ = _trampoline.__code__
+                function.__defaults__ = None
+                function.__kwdefaults__ = {
+                    "_devicekit_original": copied,
+                    "_devicekit_dispatch": _dispatch,
+                }
         elif _init_users[0] <= 0 and _init_saved:
-            for name, (original, wrapper) in _init_saved.items():
-                if getattr(init_module, name, None) is wrapper:  # unless replaced meanwhile
-                    setattr(init_module, name, original)
+            for function, code, defaults, kwdefaults in _init_saved:
+                function.__code__ = code
+                function.__defaults__ = defaults
+                function.__kwdefaults__ = kwdefaults
             _init_saved.clear()
+            _ATOMIC.clear()
 
 
 class _RecordingMode(TorchFunctionMode):
@@ -332,7 +386,8 @@ class _RecordingMode(TorchFunctionMode):
         if func in _ATOMIC and args and _is_meta(args[0]):
             tensor: torch.Tensor = args[0]
             key = frozenset({storage_key(tensor)})
-            self.recording.add(Op(func, args, kwargs, [tensor], key, key), [])
+            args, kwargs = tree_map(_refs, (args, kwargs))
+            self.recording.add(Op(func, args, kwargs, [Ref(tensor)], key, key), [])
             return tensor
         before = [_version(t) for t in metas]
         try:
@@ -350,7 +405,9 @@ class _RecordingMode(TorchFunctionMode):
                 kwargs = {}
             reads = frozenset(map(storage_key, metas))
             writes = frozenset(map(storage_key, created + changed))
-            self.recording.add(Op(func, args, kwargs, outputs, reads, writes), created)
+            kept = [Ref(t) if _is_meta(t) else None if _is_tensor(t) else t for t in outputs]
+            args, kwargs = tree_map(_refs, (args, kwargs))
+            self.recording.add(Op(func, args, kwargs, kept, reads, writes), created)
         return result
 
     def _is_target(self, value: object, *, strings: bool = True) -> bool:
@@ -367,6 +424,10 @@ class _RecordingMode(TorchFunctionMode):
 
 _TENSOR_TO = torch.Tensor.to
 _DEEPCOPY = torch.Tensor.__deepcopy__
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _is_meta(value: object) -> bool:

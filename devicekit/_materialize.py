@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from devicekit._deferred import Op, Recording, recording_of, storage_key
+from devicekit._deferred import Op, Recording, Ref, recording_of, storage_key
 from devicekit._describe import describe_tensor
 from devicekit._errors import InvalidArgumentError, MaterializeError, MaterializeWarning
 from devicekit._move import to_device
@@ -142,19 +142,24 @@ def materialize(module: M, device: DeviceLike = None, *, init: Init = "replay") 
 # --- re-pointing ----------------------------------------------------------------------------------
 
 
-def _counterpart(base: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+def _counterpart(base: torch.Tensor, meta: torch.Tensor | Ref) -> torch.Tensor:
     """The tensor on `base`'s storage with `meta`'s dtype and geometry."""
+    if isinstance(meta, Ref):
+        dtype, shape, stride, offset = meta.dtype, meta.shape, meta.stride, meta.offset
+    else:
+        dtype, shape, offset = meta.dtype, tuple(meta.shape), meta.storage_offset()
+        stride = tuple(meta.stride())
     if (
-        base.dtype == meta.dtype
-        and base.shape == meta.shape
-        and base.stride() == meta.stride()
-        and base.storage_offset() == meta.storage_offset()
+        base.dtype == dtype
+        and tuple(base.shape) == shape
+        and tuple(base.stride()) == stride
+        and base.storage_offset() == offset
     ):
         return base
-    if base.dtype == meta.dtype:
-        return base.as_strided(meta.shape, meta.stride(), meta.storage_offset())
-    view = torch.empty(0, dtype=meta.dtype, device=base.device)
-    return view.set_(base.untyped_storage(), meta.storage_offset(), meta.shape, meta.stride())
+    if base.dtype == dtype:
+        return base.as_strided(shape, stride, offset)
+    view = torch.empty(0, dtype=dtype, device=base.device)
+    return view.set_(base.untyped_storage(), offset, shape, stride)
 
 
 def _new_tensor(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -414,8 +419,8 @@ class _Replay:
         target = self.target
 
         def convert(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and value.is_meta:
-                return _counterpart(real[storage_key(value)], value)
+            if isinstance(value, Ref):
+                return _counterpart(real[value.key], value)
             if isinstance(value, torch.device) and value.type == "meta":
                 return target
             return value
@@ -438,8 +443,8 @@ class _Replay:
             ) from error
         outputs, _ = tree_flatten(result)
         for old, new in zip(op.outputs, outputs, strict=False):
-            if isinstance(old, torch.Tensor) and old.is_meta and isinstance(new, torch.Tensor):
-                real.setdefault(storage_key(old), new)
+            if isinstance(old, Ref) and isinstance(new, torch.Tensor):
+                real.setdefault(old.key, new)
 
 
 def _first_line(error: BaseException) -> str:
