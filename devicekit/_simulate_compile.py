@@ -14,23 +14,25 @@ wrapped in a runner that, on each call,
    simulation instead, so a cross-device bug inside `forward` raises the same
    `CrossDeviceError`, naming the op, as without `torch.compile` (and code that moves tensors
    between devices on purpose still runs, eagerly);
-4. under `torch.autocast("cuda")`, runs the original code under the simulation too, which
-   applies CUDA's autocast policy op by op (compiled for the CPU, the graph would ignore CUDA
-   autocast and compute in float32). An autocast region *inside* the compiled function is not
-   seen: it computes in float32.
+4. under `torch.autocast("cuda")`, or when the compiled code enters `torch.autocast` itself
+   (its code or a submodule's `forward` names it), runs the original code under the
+   simulation too, which applies CUDA's autocast policy op by op (compiled for the CPU, the
+   graph would ignore CUDA autocast and compute in float32).
 
 Code that names a simulated device itself inside the compiled region (`torch.ones(3,
 device="cuda")`) cannot be compiled for the CPU: the first such failure makes that callable run
 eagerly under the simulation from then on. Results equal the CPU run's: the same backend
 compiles the same graph for the CPU. Modules compiled before the simulation began are run the
-same way. What dynamo compiled during a simulation assumed its devices: call
-`torch._dynamo.reset()` before calling the same compiled code again outside it.
+same way. What dynamo compiled during a simulation assumed its devices, so the simulation
+resets dynamo's caches when it ends (or pauses) if compiled code ran: the same compiled code
+then compiles again for the CPU outside it.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -52,9 +54,42 @@ _NAMES_A_DEVICE = (
 )
 
 
+class _Compiled:
+    """Whether compiled code ran during the active simulation. The simulation sets `active` as
+    one of its patches; when it is set back (the simulation ends or pauses) after compiled code
+    ran, TorchDynamo's caches are reset: what dynamo compiled then assumed the simulated
+    devices (its frames ask the accelerator for its current stream), and would fail outside."""
+
+    active: bool
+    ran: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "active", False)
+        object.__setattr__(self, "ran", False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "active" and not value:
+            self._forget()
+
+    def __delattr__(self, name: str) -> None:
+        object.__setattr__(self, name, False)
+        self._forget()
+
+    def _forget(self) -> None:
+        dynamo = sys.modules.get("torch._dynamo")
+        if self.ran and dynamo is not None:
+            object.__setattr__(self, "ran", False)
+            dynamo.reset()
+
+
+state = _Compiled()
+
+
 def patches() -> dict[tuple[object, str], object]:
     """What a simulation replaces: `torch.compile`, and the call of modules compiled before it."""
     found: dict[tuple[object, str], object] = {(torch, "compile"): compile_patch(torch.compile)}
+    found[(state, "active")] = True
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     if eval_frame is not None:  # modules may have been compiled before the simulation began
         optimized = eval_frame.OptimizedModule
@@ -113,6 +148,21 @@ class _Runner:
         self.eager = eager
         self.module = module
         self.eager_only = False
+        self.autocast: bool | None = None
+
+    def enters_autocast(self) -> bool:
+        """Whether the compiled code enters `torch.autocast` itself (compiled for the CPU, the
+        region would compute in float32): its code, its module's and submodules' `forward`,
+        and the functions defined in them name `autocast`."""
+        if self.autocast is None:
+            owners: list[object] = [self.eager]
+            if self.module is not None:
+                owners.extend(type(module).forward for module in self.module.modules())
+            codes = [
+                getattr(getattr(owner, "__func__", owner), "__code__", None) for owner in owners
+            ]
+            self.autocast = any(_names_autocast(code) for code in codes if code is not None)
+        return self.autocast
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
@@ -124,9 +174,15 @@ class _Runner:
             tensors.extend(self.module.parameters())
             tensors.extend(self.module.buffers())
         found, mixed = _one_device(tensors)
-        if mixed or self.eager_only or torch.is_autocast_enabled(session.type):
+        if (
+            mixed
+            or self.eager_only
+            or torch.is_autocast_enabled(session.type)
+            or self.enters_autocast()
+        ):
             return self.eager(*args, **kwargs)
         try:
+            state.ran = True
             with _backward.modes_off():
                 result = self.compiled(*args, **kwargs)
         except Exception as error:
@@ -137,6 +193,14 @@ class _Runner:
         if found is None:
             return result
         return _pytree.tree_map_only(torch.Tensor, functools.partial(_tagged, found), result)
+
+
+def _names_autocast(code: types.CodeType) -> bool:
+    if "autocast" in code.co_names:
+        return True
+    return any(
+        isinstance(const, types.CodeType) and _names_autocast(const) for const in code.co_consts
+    )
 
 
 def _is_tensor(value: object) -> bool:

@@ -145,3 +145,60 @@ def test_inductor_compiles_for_the_cpu_and_gives_its_results() -> None:
         assert next(model.parameters()).device == torch.device("cuda", 0)
     assert torch.equal(out, expected[0])
     assert torch.equal(grad, expected[1])
+
+
+def test_an_autocast_region_inside_compiled_code_gets_cudas_dtypes() -> None:
+    """Compiled for the CPU, an autocast("cuda") region inside the compiled code would compute
+    in float32: code that enters autocast itself runs eagerly under the simulation instead."""
+
+    def scores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.float16):
+            product = a @ b
+            return product, product.softmax(-1)
+
+    class Half(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(AutocastLinear())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    with devicekit.simulated_devices("cuda", 2):
+        a = torch.ones(2, 2, device="cuda:1")
+        product, probabilities = torch.compile(scores, backend="eager")(a, a)
+        assert (product.dtype, probabilities.dtype) == (torch.float16, torch.float32)
+        assert product.device == CUDA1
+        model = torch.compile(Half().to("cuda:1"), backend="aot_eager")
+        assert model(a).dtype == torch.bfloat16  # a submodule's forward enters autocast
+        plain = torch.compile(small_model().to("cuda:1"), backend="eager")
+        assert plain(torch.ones(1, 4, device="cuda:1")).dtype == torch.float32
+
+
+class AutocastLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.linear(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_code_compiled_in_a_simulation_runs_again_after_it(backend: str) -> None:
+    """What dynamo compiled inside asked the simulated accelerator for its stream: the
+    simulation resets dynamo's caches when it ends, so no `torch._dynamo.reset()` is needed."""
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) * 2
+
+    model = small_model()
+    with devicekit.simulated_devices("cuda", 2):
+        function = torch.compile(double, backend=backend)
+        assert function(torch.ones(3, device="cuda:1")).device == CUDA1
+        module = torch.compile(model.to("cuda:0"), backend=backend)
+        module(torch.ones(1, 4, device="cuda:0")).sum().backward()
+    model.cpu()
+    assert torch.equal(function(torch.zeros(3)), torch.zeros(3))
+    assert module(torch.ones(1, 4)).device.type == "cpu"
