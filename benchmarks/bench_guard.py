@@ -311,6 +311,80 @@ def check_alone(rounds: int, seed: int = 0) -> str:
     return format_table(["tensor arguments", "empty mode", "device_guard", "guard - empty"], rows)
 
 
+@contextmanager
+def _recording_off() -> Iterator[None]:
+    """The guard as it was before provenance (issue 15): it records no factory or move."""
+    from devicekit import _guard
+
+    saved = _guard._RECORDED
+    _guard._RECORDED = frozenset()
+    try:
+        yield
+    finally:
+        _guard._RECORDED = saved
+
+
+def provenance_cost(rounds: int, seed: int = 0) -> str:
+    """What recording provenance adds to the guard: ops run in place under `device_guard` with
+    recording on, and with it off (the guard before issue 15), in alternating batches."""
+    a, b = torch.ones(4), torch.ones(4)
+    x = torch.ones(8, 64)
+    linear = torch.nn.Linear(64, 32)
+    ops: dict[str, Callable[[], object]] = {
+        "a + b (no factory)": lambda: a + b,
+        "nn.Linear(64, 32) forward": lambda: linear(x),
+        "torch.zeros(8) (a factory)": lambda: torch.zeros(8),
+        "torch.arange(16) (a factory)": lambda: torch.arange(16),
+        "x.to(torch.float64) (a move)": lambda: x.to(torch.float64),
+    }
+    conditions: dict[str, Callable[[], AbstractContextManager[object]]] = {
+        "none": nullcontext,
+        "off": _recording_off,
+        "on": nullcontext,
+    }
+    rng = random.Random(seed)
+    rows = []
+    for name, function in ops.items():
+        number = calls_per_batch(function)
+        samples: dict[str, list[float]] = {key: [] for key in conditions}
+        for _ in range(rounds):
+            for key in rng.sample(list(conditions), len(conditions)):
+                guard = nullcontext() if key == "none" else devicekit.device_guard("error")
+                with conditions[key](), guard:
+                    samples[key].append(batch_us(function, number))
+        rows.append(
+            [
+                name,
+                statistics.median(samples["none"]) * 1000,
+                statistics.median(samples["off"]) * 1000,
+                statistics.median(samples["on"]) * 1000,
+                paired(samples, "on", "off") * 1000,
+                ratio(
+                    {
+                        "on": [o - n for o, n in zip(samples["on"], samples["none"], strict=True)],
+                        "off": [
+                            max(f - n, 1e-9)
+                            for f, n in zip(samples["off"], samples["none"], strict=True)
+                        ],
+                    },
+                    "on",
+                    "off",
+                ),
+            ]
+        )
+    return format_table(
+        [
+            "op",
+            "no guard (ns)",
+            "guard, recording off (ns)",
+            "guard (ns)",
+            "recording adds (ns)",
+            "guard cost with / without recording",
+        ],
+        rows,
+    )
+
+
 def _load() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
 
@@ -340,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print("The check alone: one handler call on a no-op op, process CPU time in us")
     print(alone)
+    print()
+    print(
+        "Provenance (issue 15): the guard recording factory calls and moves, against the same "
+        "guard with recording off; ns per call, medians over rounds"
+    )
+    print(provenance_cost(max(1, options.rounds // 3)))
 
 
 if __name__ == "__main__":

@@ -200,24 +200,17 @@ class _DeviceGuardMode(TorchFunctionMode):
                 elif (_KINDS.get(kind) or _kind(kind)) is _SUBCLASS:
                     return _checked(func, args, kwargs)
         if func in _RECORDED:  # a tensor factory or a move: where it ran is kept
-            return _recorded(func, args, kwargs)
+            result = func(*args, **kwargs) if kwargs else func(*args)
+            if func in FACTORIES:
+                record(func, result)
+            elif type(result) is _Tensor and result is not args[0]:
+                keep(func, args[0], result)  # a move, or a `.to(dtype)` keeping the record
+            return result
         return func(*args, **kwargs) if kwargs else func(*args)
 
 
 #: The ops whose results `devicekit._provenance` records while a guard is active.
 _RECORDED = FACTORIES | MOVES
-
-
-def _recorded(
-    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None
-) -> Any:
-    result = func(*args, **kwargs) if kwargs else func(*args)
-    if func in FACTORIES:
-        record(func, result)
-    elif isinstance(result, torch.Tensor) and result is not args[0]:
-        # A move, or a `.to(dtype)` that keeps the record of what it converted.
-        keep(func, args[0], result)
-    return result
 
 
 def _checked(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:

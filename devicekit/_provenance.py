@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from devicekit._describe import call_site, is_internal, op_name, user_frame
+from devicekit._describe import _INTERNAL, call_site, is_internal, op_name
 from devicekit._errors import Provenance
 
 __all__ = ["FACTORIES", "MOVES", "explain", "keep", "made", "record"]
@@ -51,27 +51,37 @@ MOVES = _existing(torch.Tensor, "to cpu cuda")
 
 
 class _Entry(weakref.ref):  # type: ignore[type-arg]
-    """A weak reference to a recorded tensor, with where it was made."""
+    """A weak reference to a recorded tensor, with the op that made it and where: the code
+    and instruction of the user's frame, turned into a line only when a report needs it
+    (attributes are set after creation: a Python `__init__` would cost more than the rest)."""
 
-    __slots__ = ("filename", "func", "key", "lineno")
+    __slots__ = ("code", "device", "func", "key", "lasti")
+    key: int
+    func: object
+    code: CodeType
+    lasti: int
+    device: torch.device | None  # as the user sees it, where torch's answer is not that
 
-    def __new__(cls, tensor: torch.Tensor, func: object, filename: str, lineno: int) -> _Entry:
-        return super().__new__(cls, tensor, _forget)
+    @property
+    def filename(self) -> str:
+        return self.code.co_filename
 
-    def __init__(self, tensor: torch.Tensor, func: object, filename: str, lineno: int) -> None:
-        super().__init__(tensor, _forget)  # type: ignore[call-arg]
-        self.key = id(tensor)
-        self.func = func
-        self.filename = filename
-        self.lineno = lineno
+    @property
+    def lineno(self) -> int:
+        for start, end, line in self.code.co_lines():
+            if start <= self.lasti < end and line is not None:
+                return line
+        return self.code.co_firstlineno
 
 
 #: Recorded tensors by `id`, each entry removed when its tensor is freed.
 ENTRIES: dict[int, _Entry] = {}
-#: The lines where a recorded factory or move ran, with the op and the device of its result as
-#: torch reports it: `(filename, lineno) -> (func, device)`.
-SITES: dict[tuple[str, int], tuple[object, torch.device]] = {}
+#: The last record made at each instruction of the user's code: `(id(code), lasti) -> entry`
+#: (the entry keeps its code alive, so the id stays its own). Kept after its tensor is freed:
+#: it says which lines ran factories (`mask = torch.ones(t, t).tril()`).
+SITES: dict[tuple[int, int], _Entry] = {}
 _MAX_SITES = 10_000
+_getframe = sys._getframe
 
 
 def _forget(entry: weakref.ref[Any]) -> None:
@@ -80,19 +90,30 @@ def _forget(entry: weakref.ref[Any]) -> None:
         del ENTRIES[key]
 
 
-def record(func: object, result: object, device: torch.device | None = None) -> None:
-    """Remember where the factory or move `func` made `result` (a tensor, else nothing), on
-    `device` as the user sees it (`None`: where torch says it is)."""
-    if not isinstance(result, torch.Tensor):
-        return
-    frame = user_frame(2)
-    if frame is None:
-        return
-    filename, lineno = frame.f_code.co_filename, frame.f_lineno
-    ENTRIES[id(result)] = _Entry(result, func, filename, lineno)
+def _remember(result: torch.Tensor, func: object, code: CodeType, lasti: int, device: Any) -> None:
+    entry = _Entry(result, _forget)
+    entry.key = key = id(result)
+    entry.func, entry.code, entry.lasti, entry.device = func, code, lasti, device
+    ENTRIES[key] = entry
     if len(SITES) > _MAX_SITES:
         SITES.clear()
-    SITES[filename, lineno] = (func, result.device if device is None else device)
+    SITES[id(code), lasti] = entry
+
+
+def record(
+    func: object, result: object, device: torch.device | None = None, depth: int = 2
+) -> None:
+    """Remember where the factory or move `func` made `result` (a tensor, else nothing), on
+    `device` as the user sees it (`None`: where torch says it is). The user's frame is the
+    first outside torch and devicekit from `depth` frames up (2: the caller's caller, which
+    is the user's when a torch function mode calls this for a C function the user called)."""
+    if not isinstance(result, torch.Tensor):
+        return
+    frame: FrameType | None = _getframe(depth)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+    if frame is not None:
+        _remember(result, func, frame.f_code, frame.f_lasti, device)
 
 
 def keep(func: object, source: torch.Tensor, result: torch.Tensor) -> None:
@@ -103,18 +124,18 @@ def keep(func: object, source: torch.Tensor, result: torch.Tensor) -> None:
     except Exception:  # a tensor whose device cannot be read: nothing to say
         return
     if moved:
-        record(func, result)
+        record(func, result, None, 3)
         return
     entry = _entry_of(source)
     if entry is not None:
-        ENTRIES[id(result)] = _Entry(result, entry.func, entry.filename, entry.lineno)
+        _remember(result, entry.func, entry.code, entry.lasti, entry.device)
 
 
 def made(func: object, result: Any, device: torch.device | None = None) -> Any:
     """`result`, recorded first when `func` is a tensor factory (the simulation's hook; a
     simulated tensor's `device` is given)."""
     if func in FACTORIES:
-        record(func, result, device)
+        record(func, result, device, 3)
     return result
 
 
@@ -312,13 +333,14 @@ class _Context:
             lines = [line for _, _, line in code.co_lines() if line is not None]
             if not lines:
                 continue
-            for (filename, number), (func, device) in reversed(SITES.items()):
+            first, last = min(lines), max(lines)
+            for entry in reversed(list(SITES.values())):
                 if (
-                    filename == code.co_filename
-                    and min(lines) <= number <= max(lines)
-                    and device == self.device
+                    entry.filename == code.co_filename
+                    and first <= entry.lineno <= last
+                    and self._on_device(entry)
                 ):
-                    return func, call_site(filename, number)
+                    return entry.func, call_site(entry.filename, entry.lineno)
         return None
 
     def line_site(self) -> tuple[object, Any] | None:
@@ -331,13 +353,25 @@ class _Context:
         return None if func is None else (func, call_site(filename, lineno))
 
     def made_at(self, filename: str, lineno: int) -> object:
-        """The factory or move recorded on a line that made a tensor on the operand's device
-        (as torch saw it), else `None`."""
-        found = SITES.get((filename, lineno))
-        if found is None:
-            return None
-        func, device = found
-        return func if device == self.device else None
+        """The factory or move last recorded on a line that made a tensor on the operand's
+        device, else `None`."""
+        for entry in reversed(list(SITES.values())):
+            if entry.filename == filename and entry.lineno == lineno and self._on_device(entry):
+                return entry.func
+        return None
+
+    def _on_device(self, entry: _Entry) -> bool:
+        """Whether the tensor `entry` records was on the operand's device (a freed one may
+        have been: it is not ruled out)."""
+        if entry.device is not None:
+            return entry.device == self.device
+        tensor = entry()
+        if tensor is None:
+            return True
+        try:
+            return self.device_of(tensor) == self.device
+        except Exception:
+            return False
 
 
 _NAME = re.compile(r"(?<![\w.'\"])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
