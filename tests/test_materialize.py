@@ -491,3 +491,15 @@ def test_more_hugging_face_models_materialise_like_eager(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_like_eager(lambda: _hugging_face(name))
+
+
+def test_to_device_keeps_ties_when_torch_overwrites_parameters() -> None:
+    model = TiedLM()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        to_device(model, "cpu", dtype=torch.float64)  # Module.to alone unties them here
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert model.head.weight is model.embed.weight
+    assert model.embed.weight.dtype == torch.float64
+    assert sharing(model) == sharing(TiedLM())
