@@ -437,9 +437,9 @@ class Races:
             device = _simulated(tensor)
             record = _Storage(allocated_on, describe_tensor(tensor, device))
             self.storages[key] = record
-            if allocated_on is not None:
-                storage = tensor.untyped_storage()
-                record.finalizer = weakref.finalize(storage, self._freed, key, record)
+            # Forgotten when the memory is freed, before the allocator can hand its address on.
+            storage = tensor.untyped_storage()
+            record.finalizer = weakref.finalize(storage, self._freed, key, record)
         return record
 
     def _default(self, device: torch.device) -> SimulatedStream:

@@ -396,6 +396,23 @@ def test_copies_land_when_the_block_ends() -> None:
     assert host.tolist() == [0.0, 1.0, 2.0]
 
 
+def test_what_is_known_of_memory_is_forgotten_when_it_is_freed() -> None:
+    # The CPU allocator hands freed addresses on at once: a record left behind would make the
+    # next tensor at that address race with work done on the freed one.
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        races = _simulate_async.active
+        assert races is not None
+        side = torch.cuda.Stream()
+        source = torch.ones(64).pin_memory()
+        key = source.untyped_storage().data_ptr()
+        with torch.cuda.stream(side):
+            batch = source.to("cuda", non_blocking=True)
+            batch.sum()  # lands the copy; the side stream's read of `source` stays recorded
+        assert key in races.storages
+        del source
+        assert key not in races.storages
+
+
 def test_record_stream_is_accepted_for_host_streams_and_tensors_never_seen() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         torch.ones(2, device="cuda").record_stream(torch.cuda.current_stream())
@@ -698,10 +715,11 @@ def _batches(count: int = 5) -> list[dict[str, object]]:
     ]
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("coalesce", ["auto", True, False])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_prefetch_raises_nothing_and_hands_over_every_batch(
-    depth: int, coalesce: bool | str
+    depth: int, coalesce: bool | str, static: bool
 ) -> None:
     prefetch = _prefetch()
     batches = _batches()
@@ -709,15 +727,17 @@ def test_prefetch_raises_nothing_and_hands_over_every_batch(
         total = torch.zeros((), device="cuda")  # no host wait per step: races would show
         seen = []
         for _ in range(2):
-            for batch in prefetch(batches, "cuda", depth=depth, coalesce=coalesce):
+            loop = prefetch(batches, "cuda", depth=depth, coalesce=coalesce, static=static)
+            for batch in loop:
                 total += batch["x"].sum() + batch["small"][0].sum()
-                seen.append(batch["y"].tolist())
+                seen.append(batch["y"] + 0)  # kept on the device: no host wait per step
         for step, _batch in enumerate(prefetch(batches, "cuda", depth=depth)):
             if step == 2:
                 break  # an early exit
         expected = sum(float(b["x"].sum()) + 3 * float(b["small"][0][0]) for b in batches)
         assert total.item() == pytest.approx(2 * expected, rel=1e-5)
-    assert seen == [b["y"].tolist() for b in batches] * 2
+        seen_values = [t.tolist() for t in seen]
+    assert seen_values == [b["y"].tolist() for b in batches] * 2
 
 
 def _sum_all(batches: Any) -> torch.Tensor:
@@ -749,3 +769,56 @@ def test_prefetch_without_its_wait_or_record_stream_would_be_caught(
             pytest.raises(RaceError, match=r"was freed while the default stream"),
         ):
             _sum_all(prefetch(batches, "cuda"))
+
+
+class _Failed(Exception):
+    pass
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=0, max_size=6),
+    fail_at=st.none() | st.integers(0, 6),
+    stop_at=st.none() | st.integers(0, 6),
+    depth=st.integers(1, 3),
+    static=st.booleans(),
+)
+def test_prefetch_under_the_race_finder_hands_over_each_batch_once_in_order(
+    sizes: list[int], fail_at: int | None, stop_at: int | None, depth: int, static: bool
+) -> None:
+    prefetch = _prefetch()
+    if static:
+        sizes = [3] * len(sizes)  # static buffers take batches of one layout
+    source = [torch.arange(float(size)) + 10 * step for step, size in enumerate(sizes)]
+
+    def loader() -> Any:
+        for step, batch in enumerate(source):
+            if step == fail_at:
+                raise _Failed(step)
+            yield {"x": batch, "step": torch.tensor(step)}
+
+    received: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+    failed = False
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        total = torch.zeros((), device="cuda")
+        try:
+            for step, batch in enumerate(prefetch(loader(), "cuda", depth=depth, static=static)):
+                if step == stop_at:
+                    break
+                total += batch["x"].sum()  # read on the loop's stream, no host wait
+                received.append(batch["x"].clone())
+                steps.append(batch["step"].clone())
+        except _Failed:
+            failed = True
+        total_read = total.item()
+        received = [t.cpu() for t in received]
+        assert [int(t) for t in steps] == list(range(len(steps)))
+    ends = [len(source)] + [at for at in (fail_at, stop_at) if at is not None]
+    expected = source[: min(ends)]
+    assert len(received) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(received, expected, strict=True))
+    assert total_read == pytest.approx(float(sum(b.sum() for b in expected)))
+    # Stopping at step k needs batch k, which the loader yields only when it fails later.
+    stopped_first = stop_at is not None and (fail_at is None or stop_at < fail_at)
+    assert failed == (fail_at is not None and fail_at < len(source) and not stopped_first)
