@@ -303,6 +303,21 @@ def test_data_dependent_init_raises_naming_the_module_and_op() -> None:
     assert message.startswith("deferred(): Reads.__init__ ran Tensor.item on f32[] @ meta at ")
     assert "cannot be recorded: compute the value from Python numbers" in message
     assert isinstance(caught.value.__cause__, (RuntimeError, NotImplementedError))
+    # the block ended with the error: nothing of it is left behind
+    assert torch.zeros(1).device == CPU
+    assert nn.init.trunc_normal_.__code__.co_name == "trunc_normal_"
+
+
+def test_deferred_is_also_a_decorator() -> None:
+    @deferred()
+    def build() -> nn.Linear:
+        return nn.Linear(2, 2)
+
+    model = build()
+    assert model.weight.is_meta
+    assert torch.zeros(1).device == CPU
+    materialize(model, "cpu")
+    assert not model.weight.is_meta
 
 
 def test_a_parameter_assigned_after_the_block_raises_naming_its_path() -> None:
@@ -477,6 +492,9 @@ def _hugging_face(name: str) -> nn.Module:
             hidden_size=32, num_hidden_layers=1, image_size=16, patch_size=8, **small
         )
         return transformers.ViTModel(config)  # type: ignore[no-any-return]
+    if name == "from_config":
+        config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, **small)
+        return transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-any-return]
     if name == "bert":
         config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, **small)
         return transformers.BertForMaskedLM(config)  # type: ignore[no-any-return]
@@ -484,7 +502,7 @@ def _hugging_face(name: str) -> nn.Module:
     return transformers.T5ForConditionalGeneration(config)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "t5"])
+@pytest.mark.parametrize("name", ["vit", "bert", "t5", "from_config"])
 def test_more_hugging_face_models_materialise_like_eager(name: str) -> None:
     # ViT initialises with trunc_normal_ taken from transformers' own table of nn.init functions;
     # BERT swaps a storage with `.data =`; T5 ties three embeddings.
