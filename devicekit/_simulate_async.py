@@ -560,15 +560,15 @@ class Races:
                     or _ordered(owner, access)
                 ):
                     continue
+                user, allocator = self._spelled(stream), self._spelled(owner)
                 self.hazards.append(
                     f"{record.description} was freed while {_stream_name(stream)} may still "
-                    f"use it ({access.op}, called from {access.site or 'unknown'}). It was "
-                    f"allocated on {_stream_name(owner)}, whose next allocation may reuse the "
-                    f"memory before that use is done. Fix: call "
-                    f"tensor.record_stream(torch.cuda.current_stream()) on the stream that uses "
-                    f"it, or keep the tensor alive until {_stream_name(owner)} waits for it "
-                    f"({_stream_name(owner)}.wait_stream(...) or a synchronize). (Found by "
-                    f"devicekit.simulated_devices(..., races=True).)"
+                    f"use it ({access.op}, called from {access.site or 'an unknown line'}). It "
+                    f"was allocated on {_stream_name(owner)}, whose next allocation may reuse "
+                    "the memory before that use is done. Fix: call "
+                    f"tensor.record_stream({user}) where {_stream_name(stream)} uses it, or "
+                    f"keep the tensor alive until {allocator}.wait_stream({user}) or a "
+                    "synchronize. (Found by devicekit.simulated_devices(..., races=True).)"
                 )
                 return
 
@@ -579,6 +579,12 @@ class Races:
         raise RaceError(f"Race: {message}", op="free", stream=None, other=None, location=None)
 
     # --- messages ------------------------------------------------------------------------------
+
+    def _spelled(self, stream: SimulatedStream) -> str:
+        """How code names `stream`: `torch.cuda.current_stream()` for a default stream."""
+        if _is_default(stream):
+            return f"torch.{self.session.type}.current_stream()"
+        return "side_stream"
 
     def _race(
         self,
@@ -601,10 +607,10 @@ class Races:
                 f"or .synchronize() of an event recorded on it after the copy"
             )
         else:
+            mine, theirs = self._spelled(stream), self._spelled(access.stream)
             fix = (
-                f"order {reader} after it: torch.{self.session.type}.current_stream()"
-                f".wait_stream(side) or .wait_event(event) with the event recorded on "
-                f"{writer} after the op"
+                f"make {reader} wait for that op first: {mine}.wait_stream({theirs}), or "
+                f"{mine}.wait_event(event) with the event recorded on {writer} after that op"
             )
         lines = [
             f"Race: {op} on {reader} {verb} {describe_tensor(tensor, _simulated(tensor))} "
@@ -614,10 +620,13 @@ class Races:
             lines.append(f"  this op: {site}")
         if access.site:
             lines.append(f"  {access.op}: {access.site}")
-        lines.append(
-            f"On a GPU this {verb} {'garbage' if access.write else 'into data still in use'}. "
-            f"Fix: {fix}."
-        )
+        if not write:
+            effect = "this may read the bytes before they are written (garbage)"
+        elif access.write:
+            effect = "the unfinished write may land after this one and undo it"
+        else:
+            effect = "this may overwrite the bytes before the other op has read them"
+        lines.append(f"On a GPU {effect}. Fix: {fix}.")
         lines.append("(Found by devicekit.simulated_devices(..., races=True).)")
         return RaceError(
             "\n".join(lines),

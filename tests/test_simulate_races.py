@@ -41,8 +41,12 @@ FOUND = {
     "prefetcher_without_wait_stream": r"Tensor\.mul on the default stream of cuda:0 reads "
     r"f32\[4\] @ cuda:0 while Tensor\.cuda\(non_blocking=True\) on the side stream \d+ of cuda:0",
     "prefetcher_without_record_stream": r"f32\[4\] @ cuda:0 was freed while the default stream "
-    r"of cuda:0 may still use it \(Tensor\.mul, .*It was allocated on the side stream \d+ of "
-    r"cuda:0.*record_stream",
+    r"of cuda:0 may still use it \(Tensor\.mul, called from .*race_corpus\.py:\d+: total \+= "
+    r"\(batch \* 2\)\.sum\(\)\)\. It was allocated on the side stream \d+ of cuda:0, whose "
+    r"next allocation may reuse the memory before that use is done\. Fix: call "
+    r"tensor\.record_stream\(torch\.cuda\.current_stream\(\)\) where the default stream of "
+    r"cuda:0 uses it, or keep the tensor alive until side_stream\.wait_stream\(torch\.cuda\."
+    r"current_stream\(\)\) or a synchronize\.",
     "staging_buffer_reused_early": r"Tensor\.copy_ on the host writes f32\[4\] @ cpu while "
     r"Tensor\.to\(non_blocking=True\) on the default stream of cuda:0 may still be reading it",
     "event_on_wrong_stream": r"Tensor\.mean on the default stream of cuda:0 reads f32\[3\] "
@@ -52,7 +56,10 @@ FOUND = {
     "side_copy_read_by_default": r"Tensor\.square on the default stream of cuda:0 reads "
     r"f32\[4\] @ cuda:0 while Tensor\.copy_\(non_blocking=True\) on the side stream",
     "double_buffering_one_event": r"Tensor\.copy_ on the side stream \d+ of cuda:0 writes "
-    r"f32\[4\] @ cuda:0 while Tensor\.sum on the default stream of cuda:0 may still be reading",
+    r"f32\[4\] @ cuda:0 while Tensor\.sum on the default stream of cuda:0 may still be reading"
+    r".*this may overwrite the bytes before the other op has read them\. Fix: make the side "
+    r"stream \d+ of cuda:0 wait for that op first: side_stream\.wait_stream\(torch\.cuda\."
+    r"current_stream\(\)\)",
 }
 
 
@@ -260,8 +267,12 @@ def test_a_race_names_both_ops_their_streams_and_call_sites() -> None:
     assert "batch.sum()" in message
     assert "Tensor.to(non_blocking=True): " in message
     assert ".pin_memory().to(" in message
-    assert "Fix: order the default stream of cuda:0 after it: " in message
-    assert "wait_stream(side)" in message
+    assert message.splitlines()[3] == (
+        "On a GPU this may read the bytes before they are written (garbage). Fix: make the "
+        "default stream of cuda:0 wait for that op first: torch.cuda.current_stream()"
+        ".wait_stream(side_stream), or torch.cuda.current_stream().wait_event(event) with the "
+        f"event recorded on the side stream {side.stream_id} of cuda:0 after that op."
+    )
     assert error.op == "Tensor.sum"
     assert error.stream == "the default stream of cuda:0"
     assert (
