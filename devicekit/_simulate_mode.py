@@ -391,6 +391,11 @@ class _SimulationMode(TorchFunctionMode):
             if plain == _FACTORY:  # where it ran, for a cross-device error's provenance
                 return _provenance.made(func, found[2](func, args, kwargs or {}))
             return found[2](func, args, kwargs) if kwargs else found[3](func, args)
+        name = _DIRECT.get(func)
+        if name is not None and (not kwargs or _HANDLED_KEYWORDS.isdisjoint(kwargs)):
+            # An op with no handler of its own (most ops on simulated tensors): checked as is.
+            method = bool(args) and isinstance(args[0], _Tensor)
+            return _op(func, name, method, args, kwargs or {})
         kwargs = kwargs or {}
         if kwargs.get("pin_memory"):  # nothing to pin on a CPU build: copy the same
             made = self.__torch_function__(func, types_, args, {**kwargs, "pin_memory": False})
@@ -466,8 +471,20 @@ def _plain(func: object) -> int:
                 return 0
     if len(_PLAIN) > _MAX_RUNNERS:
         _PLAIN.clear()
+        _DIRECT.clear()
     _PLAIN[func] = found
+    if found == _ANY:
+        name = getattr(func, "__name__", "")
+        if name not in _METHODS and name not in _QUERIES and not name.startswith("_foreach_"):
+            _DIRECT[func] = name
     return found
+
+
+#: Per torch function with no handler of its own (no method the simulation answers, no query,
+#: no factory, no `_foreach_*`): its name. Such a call goes straight to `_op` unless a keyword
+#: argument needs a handler (`_HANDLED_KEYWORDS`).
+_DIRECT: dict[object, str] = {}
+_HANDLED_KEYWORDS = frozenset({"device", "pin_memory", "generator"})
 
 
 def _untouched(values: Sequence[object], indices: bool) -> bool:
