@@ -39,6 +39,7 @@ MODULES = (
     "bench_transfer",
     "bench_simulate",
     "bench_prefetch",
+    "bench_materialize",
 )
 
 
