@@ -382,6 +382,8 @@ class _RecordingMode(TorchFunctionMode):
             args = tuple(
                 _META if isinstance(arg, str) and self._is_target(arg) else arg for arg in args
             )
+        if _MOVES.get(func) == self.device.type and args and _is_meta(args[0]):
+            return args[0]  # `.cuda()` / `.cpu()` to the device it is built for: already there
         metas = [t for t in tree_leaves((args, kwargs)) if _is_meta(t)]
         if func in _ATOMIC and args and _is_meta(args[0]):
             tensor: torch.Tensor = args[0]
@@ -423,6 +425,7 @@ class _RecordingMode(TorchFunctionMode):
 
 
 _TENSOR_TO = torch.Tensor.to
+_MOVES: dict[Any, str] = {torch.Tensor.cpu: "cpu", torch.Tensor.cuda: "cuda"}
 _DEEPCOPY = torch.Tensor.__deepcopy__
 
 

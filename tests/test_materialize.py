@@ -521,3 +521,17 @@ def test_to_device_keeps_ties_when_torch_overwrites_parameters() -> None:
     assert model.head.weight is model.embed.weight
     assert model.embed.weight.dtype == torch.float64
     assert sharing(model) == sharing(TiedLM())
+
+
+def test_moves_to_the_device_being_built_for_stay_recorded() -> None:
+    class Moves(nn.Module):
+        positions: torch.Tensor
+        doubled: torch.Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("positions", torch.arange(4).cpu().float())
+            self.register_buffer("doubled", self.positions.to("cpu") * 2)
+
+    model = assert_like_eager(Moves)
+    assert torch.equal(model.doubled, torch.arange(4).float() * 2)
