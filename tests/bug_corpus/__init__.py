@@ -53,6 +53,8 @@ class Case:
             a module, an optimizer or a batch holds.
         forward: A tensor made inside a forward pass: the message must name its line.
         held: The stray tensor is held by a module attribute (`audit` should flag it).
+        static: The bug is in the objects' state, visible without running anything (`audit`
+            should flag it); implied by `held`.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Case:
     owner: str | None = None
     forward: bool = False
     held: bool = False
+    static: bool = False
 
     @property
     def lines(self) -> range | None:
@@ -183,7 +186,12 @@ def table(outcomes: list[Outcome]) -> str:
     ]
     for outcome in outcomes:
         case = outcome.case
-        audit = "n/a" if outcome.audit is None else _mark(outcome.audit_flags)
+        if outcome.audit is None:
+            audit = "n/a"
+        elif case.held or case.static:
+            audit = _mark(outcome.audit_flags)
+        else:  # nothing to see without running it: "no" is the expected answer
+            audit = "yes" if outcome.audit_flags else "no"
         rows.append(
             f"| {case.name} | {case.pattern} | {_mark(outcome.caught)} | {audit} "
             f"| {_mark(outcome.names_line, case.lines is not None)} "
@@ -193,6 +201,7 @@ def table(outcomes: list[Outcome]) -> str:
     forward = [o for o in outcomes if o.case.forward]
     held = [o for o in outcomes if o.case.held]
     owned = [o for o in outcomes if o.case.owner is not None]
+    static = [o for o in outcomes if o.case.static and not o.case.held]
     totals = [
         f"- cases: {len(outcomes)}; caught by the simulation: {sum(o.caught for o in outcomes)}",
         f"- forward-pass bugs whose creation line is named: "
@@ -202,7 +211,8 @@ def table(outcomes: list[Outcome]) -> str:
         f"holder, {sum(o.names_owner for o in held)} of {len(held)} attribute-held tensors "
         "(target: all)",
         f"- attribute-held tensors flagged by audit: {sum(o.audit_flags for o in held)} of "
-        f"{len(held)} (target: all)",
+        f"{len(held)} (target: all); other bugs in the objects' state: "
+        f"{sum(o.audit_flags for o in static)} of {len(static)}",
         f"- right fix: {sum(o.right_fix for o in outcomes)} of {len(outcomes)}",
         f"- false alarms on the fixed versions: {sum(o.false_alarm for o in outcomes)} (target: 0)",
     ]

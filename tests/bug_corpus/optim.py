@@ -56,6 +56,7 @@ CASES = [
         optimizer_before_move,
         fix="create the optimizer after moving the model",
         owner="optimizer.state[model.fc.weight]['exp_avg']",
+        static=True,
     ),
     Case(
         "momentum_warm_start",
@@ -63,5 +64,6 @@ CASES = [
         momentum_warm_start,
         fix="create the optimizer after moving the model",
         owner="optimizer.state[model.fc.weight]['momentum_buffer']",
+        static=True,
     ),
 ]

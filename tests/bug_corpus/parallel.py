@@ -72,6 +72,7 @@ CASES = [
         head_on_other_gpu,
         fix="before calling model.head",
         owner="model.head.weight",
+        static=True,
     ),
     Case(
         "pipeline_no_hop",
@@ -79,6 +80,7 @@ CASES = [
         pipeline_no_hop,
         fix="before calling model.stage2",
         owner="model.stage2.weight",
+        static=True,
     ),
     Case(
         "teacher_other_gpu",
@@ -86,6 +88,7 @@ CASES = [
         teacher_other_gpu,
         fix="put both models on one device",
         owner="teacher.weight",
+        static=True,
     ),
     Case(
         "input_on_other_gpu",
