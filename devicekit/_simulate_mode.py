@@ -366,6 +366,10 @@ class _SimulationMode(TorchFunctionMode):
         session = self.session
         if session is not _active:
             return func(*args, **(kwargs or {}))
+        if type(func) is _METHOD_WRAPPER and len(args) == 1:
+            tensor = args[0]  # reading an attribute (`.shape`, `.device`) of a plain tensor
+            if type(tensor) is _Tensor and _TAG not in tensor.__dict__:
+                return func(tensor)
         if types_ and (_DEFERS.get(types_) or _defers_cached(types_)) and _subclasses_enabled():
             # An operand's type overrides `__torch_function__` (a tensor subclass, TensorDict):
             # let it run first, with this mode still on the stack, so that the torch calls it
