@@ -150,6 +150,7 @@ class Recording:
         self.thread = threading.get_ident()
         self.modes: tuple[TorchFunctionMode, ...] = ()
         self.hooks: list[Any] = []
+        self.dispatching = False
         self.__weakref__: Any
 
     def __repr__(self) -> str:
@@ -175,13 +176,16 @@ class Recording:
         weakref.finalize(module, _OWNERS.pop, id(module), None)
 
     def start(self) -> None:
+        """Begin recording on this thread; `stop` undoes whatever of it was done."""
         from torch.nn.modules import module as torch_module
 
-        self.hooks = [
-            torch_module.register_module_parameter_registration_hook(self.own),
-            torch_module.register_module_buffer_registration_hook(self.own),
-            torch_module.register_module_module_registration_hook(self.own),
-        ]
+        for register in (
+            torch_module.register_module_parameter_registration_hook,
+            torch_module.register_module_buffer_registration_hook,
+            torch_module.register_module_module_registration_hook,
+        ):
+            self.hooks.append(register(self.own))
+        self.dispatching = True
         _dispatch_init(+1)
         holder = users()
         self.modes = (_DefaultDevice(self.device), _RecordingMode(self))
@@ -192,10 +196,11 @@ class Recording:
         holder = users()
         for mode in reversed(self.modes):
             holder.release_instance(mode)
-        _dispatch_init(-1)
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
+        if self.dispatching:
+            self.dispatching = False
+            _dispatch_init(-1)
+        while self.hooks:
+            self.hooks.pop().remove()
         unique = {id(tensor): tensor for tensor in self.created}.values()
         self.versions = [(tensor, _version(tensor)) for tensor in unique]
         self.created = []
