@@ -721,7 +721,28 @@ def _move_to_current(
 def _cpu(mode: _SimulationMode, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     if _simulated(args[0]) is None:
         return func(*args, **kwargs)
-    return torch.Tensor.to(args[0], _CPU, copy=True, **kwargs)
+    return _unshared(args[0], torch.Tensor.to(args[0], _CPU, copy=True, **kwargs))
+
+
+def _unshared(source: torch.Tensor, moved: Any) -> Any:
+    """`moved`, a copy of `source` off its simulated device, without the inner tensors it shares
+    with `source`: a wrapper subclass's move may hand them over as they are (a jagged nested
+    tensor's offsets are already CPU tensors), tagged with the source's device. On a GPU the
+    move copies them, so `moved` gets untagged copies (a nested tensor's copy keeps the nested
+    size its offsets stand for)."""
+    kind = type(moved)
+    if kind is torch.Tensor or not (_WRAPS[kind] if kind in _WRAPS else _wraps(kind)):
+        return moved
+    nested = sys.modules.get("torch.nested._internal.nested_tensor")
+    registry = getattr(nested, "_tensor_symint_registry", None)
+    for name, inner in list(moved.__dict__.items()):
+        shared = isinstance(inner, torch.Tensor) and inner is source.__dict__.get(name)
+        if shared and _TAG in inner.__dict__:
+            copy = torch.Tensor.clone(inner)
+            if registry is not None and inner in registry:
+                registry[copy] = registry[inner]
+            moved.__dict__[name] = copy
+    return moved
 
 
 def _get_device(
@@ -876,7 +897,7 @@ def _move(
         if current is None:
             return func(tensor, real, *rest, **kwargs)
         kwargs["copy"] = True
-        return func(tensor, real, *rest, **kwargs)
+        return _unshared(tensor, func(tensor, real, *rest, **kwargs))
     if target == current:
         result = func(tensor, _CPU, *rest, **kwargs)
         if result is not tensor:

@@ -521,3 +521,21 @@ def test_a_bare_index_names_the_simulated_type(sim: object) -> None:
     assert torch.device("cpu").type == "cpu"
     with pytest.raises(SimulationError, match="provides only cuda:0 to cuda:1"):
         torch.ones(2, device=torch.device(2))
+
+
+def test_a_nested_tensor_moved_to_the_cpu_has_its_own_offsets(sim: object) -> None:
+    """torch's move of a jagged nested tensor hands its (CPU) offsets over as they are: the CPU
+    copy gets untagged copies of them, with the same nested size, as a move off a GPU does
+    (tensordict's `consolidate(filename=...)` of nested tensors gave back simulated values)."""
+    nested = torch.nested.nested_tensor(
+        [torch.ones(2, 3), torch.ones(4, 3)], layout=torch.jagged, device="cuda:1"
+    )
+    for moved in (nested.to("cpu"), nested.cpu()):
+        assert (moved.device, moved._values.device, moved._offsets.device) == (
+            torch.device("cpu"),
+        ) * 3
+        assert moved._offsets is not nested._offsets
+        assert moved.shape == nested.shape  # the same nested int
+        assert nested._offsets.device == CUDA1
+        assert torch.equal(moved._values, torch.ones(6, 3))
+    assert (nested.to("cpu") + nested.cpu()).shape == nested.shape
