@@ -350,7 +350,7 @@ class _Replay:
             op = ops[index]
             for key in op.reads:
                 made = produced.get(key)
-                if made is None or made > index:
+                if made is None or made >= index:  # this op made it: a view of an unknown one
                     raise MaterializeError(
                         f"materialize({self.target}): the recorded {op.name} reads a meta "
                         "tensor that was not made inside its devicekit.deferred() block, so its "

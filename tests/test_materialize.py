@@ -535,3 +535,19 @@ def test_moves_to_the_device_being_built_for_stay_recorded() -> None:
 
     model = assert_like_eager(Moves)
     assert torch.equal(model.doubled, torch.arange(4).float() * 2)
+
+
+def test_an_op_reading_a_meta_tensor_from_outside_the_block_raises() -> None:
+    outside = torch.empty(3, device="meta")  # built under no recording: its values are unknown
+    with deferred():
+        model = nn.Linear(3, 2)
+        with torch.no_grad():
+            model.bias.copy_(outside[:2])
+    with pytest.raises(MaterializeError) as caught:
+        materialize(model, "cpu")
+    assert caught.value.op == "Tensor.__getitem__"  # the slice of it, copied into the bias
+    assert caught.value.path == "model.bias"
+    assert str(caught.value).startswith(
+        "materialize(cpu): the recorded Tensor.__getitem__ reads a meta tensor that was not made "
+        "inside its devicekit.deferred() block, so its value is unknown (it feeds model.bias)."
+    )
