@@ -290,6 +290,41 @@ def test_a_read_on_the_copying_stream_sees_real_values() -> None:
         assert _escaping_read(batch).tolist() == [0, 1, 2, 3, 4]
 
 
+COPY_SPELLINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "to(device, non_blocking=True)": lambda t: t.to("cuda", non_blocking=True),
+    "to(device, dtype, True)": lambda t: t.to("cuda", torch.float32, True),
+    "to(other, non_blocking=True)": lambda t: t.to(torch.ones(1, device="cuda"), non_blocking=True),
+    "cuda(non_blocking=True)": lambda t: t.cuda(non_blocking=True),
+    "cuda(0, True)": lambda t: t.cuda(0, True),
+    "copy_(t, non_blocking=True)": lambda t: torch.empty(3, device="cuda").copy_(
+        t, non_blocking=True
+    ),
+    "copy_(t, True)": lambda t: torch.empty(3, device="cuda").copy_(t, True),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(COPY_SPELLINGS))
+def test_every_spelling_of_a_non_blocking_copy_is_asynchronous(spelling: str) -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            moved = COPY_SPELLINGS[spelling](torch.arange(3.0).pin_memory())
+        assert bool(torch.isnan(_escaping_read(moved)).all())  # not landed yet
+        with pytest.raises(RaceError, match=r"on the default stream of cuda:0 reads f32\[3\]"):
+            moved.sum()
+        torch.cuda.current_stream().wait_stream(side)
+        assert moved.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_blocking_copy_or_one_between_devices_holds_no_poison() -> None:
+    with devicekit.simulated_devices("cuda", 2, races=True):
+        on_device = torch.arange(3.0).to("cuda")
+        assert _escaping_read(on_device).tolist() == [0.0, 1.0, 2.0]
+        other = on_device.to("cuda:1", non_blocking=True)  # ordered on the streams: no poison
+        assert _escaping_read(other).tolist() == [0.0, 1.0, 2.0]
+        assert other.tolist() == [0.0, 1.0, 2.0]
+
+
 def test_a_view_of_an_unlanded_copy_is_checked_as_the_copy() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         host = torch.arange(6.0, device="cuda").to("cpu", non_blocking=True)
