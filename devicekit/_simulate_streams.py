@@ -4,6 +4,9 @@ Work on the CPU is done when the call returns, so every stream is idle and every
 happened; what remains of CUDA's semantics is which device a stream belongs to (entering
 `torch.cuda.stream(s)` makes `s`'s device current, as CUDA does), which stream is current, and
 the time an event was recorded (`elapsed_time` measures real wall-clock milliseconds).
+Under `simulated_devices(..., races=True)` they also keep the race finder's clocks: each stream
+counts its work and what it waited for, each recorded event carries a stamp of that, and waits
+and synchronizations tell `_simulate_async` what is ordered after what.
 
 The classes are subclasses of `torch.Stream`/`torch.Event` built on the CPU, so `isinstance`,
 annotations and torch's C++ argument parsing (`tensor.record_stream(s)`) accept them.
