@@ -25,7 +25,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from types import FrameType
 from typing import Any
@@ -43,7 +43,7 @@ from devicekit._scope import Kind, Record, Scoped
 from devicekit._simulate_rng import RANDOM_OPS
 from devicekit._types import DeviceLike
 
-__all__ = ["Op", "Recording", "Ref", "deferred", "recording_of", "storage_key"]
+__all__ = ["Op", "Recording", "Ref", "deferred", "disown", "recording_of", "storage_key"]
 
 _META = torch.device("meta")
 
@@ -217,6 +217,12 @@ def _version(tensor: torch.Tensor) -> int:
 _BY_STORAGE: weakref.WeakValueDictionary[int, Recording] = weakref.WeakValueDictionary()
 #: Recordings by the id of a module registered inside their block (removed when it dies).
 _OWNERS: dict[int, Recording] = {}
+
+
+def disown(modules: Iterable[object]) -> None:
+    """Stop keeping recordings alive for `modules` (materialised: nothing left to replay)."""
+    for module in modules:
+        _OWNERS.pop(id(module), None)
 
 
 def recording_of(tensor: torch.Tensor) -> Recording | None:

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from devicekit._deferred import Op, Recording, Ref, recording_of, storage_key
+from devicekit._deferred import Op, Recording, Ref, disown, recording_of, storage_key
 from devicekit._describe import describe_tensor
 from devicekit._errors import InvalidArgumentError, MaterializeError, MaterializeWarning
 from devicekit._move import to_device
@@ -134,6 +134,10 @@ def materialize(module: M, device: DeviceLike = None, *, init: Init = "replay") 
             _repoint(metas, real)
             if init == "reset":
                 _reset(module, metas, target)
+        # Nothing of this subtree is left to replay: its recordings (and the tensors their ops
+        # hold, such as a CPU tensor copied into a parameter) may go, unless other modules of
+        # the same block still need them.
+        disown(module.modules())
     # Tensors not on meta (and everything, for a meta target): moved as to_device moves them.
     to_device(module, target)
     return module

@@ -271,6 +271,27 @@ def test_init_functions_referenced_before_the_block_are_recorded_as_one_op() -> 
     assert_like_eager(Captured)
 
 
+def test_a_recording_is_let_go_once_its_modules_are_materialised() -> None:
+    from devicekit._deferred import recording_of
+
+    source = torch.ones(64, 64)
+    with deferred():
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(2, 2))
+        with torch.no_grad():
+            model[0].weight.copy_(source)  # the recording holds `source` for the replay
+    found = recording_of(model[0].get_parameter("weight"))
+    assert found is not None
+    recording = weakref.ref(found)
+    del found
+    materialize(model[1], "cpu")
+    gc.collect()
+    assert recording() is not None  # model[0] still needs it
+    materialize(model, "cpu")
+    gc.collect()
+    assert recording() is None
+    assert torch.equal(model[0].get_parameter("weight"), source)
+
+
 def test_a_recording_lives_as_long_as_its_modules() -> None:
     from devicekit._deferred import recording_of
 
