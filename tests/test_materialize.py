@@ -277,8 +277,8 @@ def test_a_recording_is_let_go_once_its_modules_are_materialised() -> None:
     source = torch.ones(64, 64)
     with deferred():
         model = nn.Sequential(nn.Linear(64, 64), nn.Linear(2, 2))
-        with torch.no_grad():
-            model[0].weight.copy_(source)  # the recording holds `source` for the replay
+        with torch.no_grad():  # the recording holds `source` for the replay
+            model[0].get_parameter("weight").copy_(source)
     found = recording_of(model[0].get_parameter("weight"))
     assert found is not None
     recording = weakref.ref(found)
