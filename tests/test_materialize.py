@@ -46,6 +46,7 @@ def assert_like_eager(build: Callable[[], M], seed: int = 0) -> M:
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_ten_models_are_materialised_like_eager_construction(device: str) -> None:
+    pytest.importorskip("transformers")  # two of the ten are Hugging Face models (`interop`)
     found = bench_materialize.results(devices=[device], methods=["devicekit"])
     wrong = {name: result for (name, _, _), result in found.items() if result != (True, True)}
     assert not wrong
