@@ -26,6 +26,7 @@ __all__ = [
     "MaterializeWarning",
     "MixedDevicesError",
     "MoveError",
+    "Provenance",
     "RaceError",
     "ScopeError",
     "SimulationError",
@@ -158,6 +159,17 @@ class Provenance:
         owner_kind: What holds it: `"parameter"`, `"buffer"`, `"attribute"` (a plain attribute
             of a module, which `Module.to` does not move), `"list item"`, `"dict item"`,
             `"optimizer state"`, `"local variable"` or `"argument"`; `None` with no owner.
+
+    Example:
+        >>> import torch, devicekit
+        >>> with devicekit.simulated_devices("cuda", 1):
+        ...     x = torch.ones(2, device="cuda")
+        ...     try:
+        ...         x + torch.zeros(2)
+        ...     except devicekit.CrossDeviceError as error:
+        ...         (found,) = error.provenance
+        >>> found.label, found.origin, found.op
+        ('other', 'made', 'torch.zeros')
     """
 
     label: str

@@ -100,7 +100,10 @@ class Report:
                 continue
             self.strays.append(label)
             if block in _BLOCKS:
-                provenance[label] = explain(label, value, device, self.frame, device_of)
+                try:
+                    provenance[label] = explain(label, value, device, self.frame, device_of)
+                except Exception:  # an object on the stack that cannot be looked at: say less
+                    continue
         self.provenance = provenance
         self._on_target = on_target
         self._device_of = device_of
