@@ -181,7 +181,7 @@ def test_bench_guard(capsys: pytest.CaptureFixture[str]) -> None:
     bench_guard.main(["--rounds", "2"])
     out = capsys.readouterr().out
     assert out.startswith(f"torch {torch.__version__}, 1 CPU thread(s), 2 alternating rounds")
-    in_place, references, alone = tables(out)
+    in_place, references, alone, provenance = tables(out)
     ops = list(bench_guard.cases())
     assert in_place.column("op") == ops
     assert in_place.headers[1:5] == ["no mode", "empty mode", "device_guard", "after guard"]
@@ -200,6 +200,11 @@ def test_bench_guard(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(alone.rows) == 8
     for header in alone.headers[1:]:
         assert_cells(alone, header, NUMBER)
+    assert provenance.headers[-1] == "guard cost with / without recording"
+    assert len(provenance.rows) == 5
+    for header in provenance.headers[1:-1]:
+        assert_cells(provenance, header, NUMBER)
+    assert_cells(provenance, provenance.headers[-1], RATIO)
     # The guard left nothing behind: no torch function mode, no active guard state.
     assert torch._C._len_torch_function_stack() == 0
     assert devicekit._guard._ACTIVE_GUARD.get() is None
