@@ -252,10 +252,7 @@ class Report:
                 if reference is not None
                 else f'device="{target or self.devices[0]}"'
             )
-            return (
-                f"create it where it is used: `{found.op}(..., {where})`; a constant belongs in "
-                "`self.register_buffer(..., persistent=False)`."
-            )
+            return f"create it on the device where it is used: `{found.op}(..., {where})`."
         if found.origin == "moved" and target is not None:
             return (
                 f"keep it on {target}: drop the {found.op} at {found.location}, or move the "

@@ -314,8 +314,7 @@ def test_a_tensor_made_in_forward_names_its_line() -> None:
         f"    made by torch.arange at {line_of(forward, 1)}: pos = torch.arange(x.size(1))\n"
         "  weight: f32[8,4] @ cuda:0\n"
         f"called at {line_of(forward, 2)}: return x + self.pos(pos)\n"
-        "Fix: create it where it is used: `torch.arange(..., device=x.device)`; a constant "
-        "belongs in `self.register_buffer(..., persistent=False)`.\n"
+        "Fix: create it on the device where it is used: `torch.arange(..., device=x.device)`.\n"
         f"{SIMULATED}"
     )
     assert info.value.provenance == (

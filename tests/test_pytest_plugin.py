@@ -72,7 +72,8 @@ def test_planted_bug_is_caught_under_simulation(pytester: pytest.Pytester) -> No
             "E *other: i64?4? @ cpu",
             "E *made by torch.arange at *test_model.py:11: positions = torch.arange(self.n)",
             "E *called at *test_model.py:12: return self.linear(x) * positions",
-            "E *Fix: create it where it is used: `torch.arange(..., device=x.device)`*",
+            "E *Fix: create it on the device where it is used: "
+            "`torch.arange(..., device=x.device)`.",
         ]
     )
     result.stdout.no_fnmatch_line("*_simulate.py:*in __torch_function__*")

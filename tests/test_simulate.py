@@ -172,8 +172,7 @@ def test_cross_device_message(sim: object) -> None:
     assert lines[4].startswith("called at ")
     assert lines[4].endswith("test_simulate.py:" + lines[4].split(":")[-2] + ": torch.add(a, b)")
     assert lines[5] == (
-        "Fix: create it where it is used: `torch.ones(..., device=a.device)`; a constant "
-        "belongs in `self.register_buffer(..., persistent=False)`."
+        "Fix: create it on the device where it is used: `torch.ones(..., device=a.device)`."
     )
     assert lines[6] == (
         "(Devices cuda:0 to cuda:1 are simulated on the CPU by devicekit.simulated_devices; "
