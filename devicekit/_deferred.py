@@ -79,10 +79,10 @@ class Op:
     Meta tensors in `args`, `kwargs` and `outputs` (the flattened leaves of the result) are
     recorded as `Ref`s; `reads` are the storage keys of the meta tensors among the arguments,
     `writes` those of the outputs and of the arguments it changed in place; `random` says
-    whether it draws from a generator.
+    whether it draws from a generator; `default_dtype` is torch's default dtype at the call.
     """
 
-    __slots__ = ("args", "func", "kwargs", "outputs", "random", "reads", "writes")
+    __slots__ = ("args", "default_dtype", "func", "kwargs", "outputs", "random", "reads", "writes")
 
     def __init__(
         self,
@@ -100,6 +100,9 @@ class Op:
         self.reads = reads
         self.writes = writes
         self.random = _is_random(func)
+        # `torch.zeros(3)` and `arange(4) / 2` take their dtype from the default dtype, which
+        # code may set while building (transformers' `from_config(dtype=...)` does).
+        self.default_dtype = torch.get_default_dtype()
 
     @property
     def name(self) -> str:

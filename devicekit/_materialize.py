@@ -406,15 +406,19 @@ class _Replay:
             else:
                 states[self.target] = _rng_state(self.target)
         real: dict[int, torch.Tensor] = {}
+        default_dtype = torch.get_default_dtype()
         try:
             with torch.no_grad():
                 for index in kept:
                     op = ops[index]
+                    if op.default_dtype != torch.get_default_dtype():
+                        torch.set_default_dtype(op.default_dtype)
                     self.step(op, index, real)
                     for key in op.reads | op.writes:
                         if last.get(key) == index and key not in self.needed:
                             real.pop(key, None)
         finally:
+            torch.set_default_dtype(default_dtype)
             if restore is not None:
                 _set_rng_state(self.target, restore)
         return real

@@ -215,6 +215,25 @@ def test_on_a_simulated_device_the_device_generator_is_used() -> None:
 # --- what building sees ---------------------------------------------------------------------------
 
 
+def test_the_default_dtype_while_building_is_replayed() -> None:
+    class Half(nn.Module):
+        scale: torch.Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                self.weight = nn.Parameter(torch.randn(3))
+                self.register_buffer("scale", torch.arange(4) / 3)  # the default dtype too
+            finally:
+                torch.set_default_dtype(previous)
+
+    model = assert_like_eager(Half)
+    assert model.weight.dtype == model.scale.dtype == torch.float64
+    assert torch.get_default_dtype() == torch.float32
+
+
 def test_code_being_built_sees_the_device_it_is_built_for() -> None:
     seen: dict[str, object] = {}
 
@@ -517,6 +536,12 @@ def _hugging_face(name: str) -> nn.Module:
     if name == "from_config":
         config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, **small)
         return transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-any-return]
+    if name == "from_config_bf16":
+        config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, **small)
+        bf16: nn.Module = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16
+        )
+        return bf16
     if name == "bert":
         config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, **small)
         return transformers.BertForMaskedLM(config)  # type: ignore[no-any-return]
@@ -524,7 +549,7 @@ def _hugging_face(name: str) -> nn.Module:
     return transformers.T5ForConditionalGeneration(config)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("name", ["vit", "bert", "t5", "from_config"])
+@pytest.mark.parametrize("name", ["vit", "bert", "t5", "from_config", "from_config_bf16"])
 def test_more_hugging_face_models_materialise_like_eager(name: str) -> None:
     # ViT initialises with trunc_normal_ taken from transformers' own table of nn.init functions;
     # BERT swaps a storage with `.data =`; T5 ties three embeddings.
