@@ -203,7 +203,7 @@ class _DeviceGuardMode(TorchFunctionMode):
             result = func(*args, **kwargs) if kwargs else func(*args)
             if func in FACTORIES:
                 record(func, result)
-            elif type(result) is _Tensor and result is not args[0]:
+            elif args and type(result) is _Tensor and result is not args[0]:
                 keep(func, args[0], result)  # a move, or a `.to(dtype)` keeping the record
             return result
         return func(*args, **kwargs) if kwargs else func(*args)
