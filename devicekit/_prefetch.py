@@ -106,11 +106,12 @@ def _tensors(batch: Any, target: torch.device) -> tuple[list[torch.Tensor], Call
     return found.leaves, general
 
 
-def _pinned(batch: Any, target: torch.device, coalesce: Coalesce) -> Any:
-    """`batch` with the host tensors `to_device` copies alone in pinned memory: those too large
-    to pack (or all of them, with `coalesce=False`), each alone on its storage so that views
-    keep sharing one."""
-    leaves, rebuild_with = _tensors(batch, target)
+def _pinned(
+    batch: Any, leaves: list[torch.Tensor], rebuild_with: Callable[..., Any], coalesce: Coalesce
+) -> Any:
+    """`batch` (whose tensors are `leaves`) with the host tensors `to_device` copies alone in
+    pinned memory: those too large to pack (or all of them, with `coalesce=False`), each alone
+    on its storage so that views keep sharing one."""
     limit = -1 if coalesce is False else None if coalesce is True else COALESCE_MAX_BYTES
     storages: dict[int, int] = {}
     for tensor in {id(t): t for t in leaves}.values():
@@ -173,7 +174,14 @@ class _Copier:
     static: bool
 
     def __call__(self, batch: Any) -> _Ready:
-        source = _pinned(batch, self.target, self.coalesce) if self.pin else batch
+        found, rebuild_found = _tensors(batch, self.target)
+        source = _pinned(batch, found, rebuild_found, self.coalesce) if self.pin else batch
+        # Tensors on other accelerators were written on their current streams (the loader ran
+        # in this thread): the side stream reads them only after that work.
+        others = {t.device for t in found if not t.is_cpu and t.device != self.target}
+        for device in others:
+            if device.type == self.target.type:
+                self.stream.wait_stream(torch.accelerator.current_stream(device))
         with self.stream:
             moved = to_device(source, self.target, non_blocking=True, coalesce=self.coalesce)
             event = torch.Event(device=self.target)

@@ -361,6 +361,30 @@ def test_every_device_tensor_is_tied_to_the_loop_stream() -> None:
     assert len(recorded) == 3 * 3
 
 
+def test_the_side_stream_waits_for_tensors_on_another_device() -> None:
+    waits: list[tuple[Any, Any]] = []
+
+    def source() -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(2):  # written on cuda:1's stream, in the thread that reads the loader
+            yield {"x": torch.full((3,), float(i), device="cuda:1"), "y": torch.ones(2)}
+
+    with simulated_cuda(2), pytest.MonkeyPatch.context() as patch:
+        stream_type = type(torch.accelerator.current_stream())
+        wait_stream = stream_type.wait_stream
+
+        def spy(stream: Any, other: Any) -> None:
+            waits.append((stream, other))
+            wait_stream(stream, other)
+
+        patch.setattr(stream_type, "wait_stream", spy)
+        moved = list(devicekit.prefetch(source(), "cuda:0"))
+        assert [b["x"].device for b in moved] == [torch.device("cuda", 0)] * 2
+        assert [b["x"].cpu().tolist() for b in moved] == [[0.0] * 3, [1.0] * 3]
+    assert len(waits) == 2
+    assert all(other.device == torch.device("cuda", 1) for _, other in waits)
+    assert all(stream.device == torch.device("cuda", 0) for stream, _ in waits)
+
+
 def test_current_streams_are_per_thread_in_the_simulation() -> None:
     # CUDA keeps the current stream per thread; prefetch's thread enters its side stream
     # while the loop's thread reads its own current stream.
