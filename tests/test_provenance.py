@@ -40,15 +40,40 @@ def test_a_record_goes_with_its_tensor() -> None:
     assert key not in _provenance.ENTRIES
 
 
-def test_records_survive_no_copy_of_the_tensor() -> None:
+def test_a_record_is_no_part_of_the_tensor() -> None:
     import copy
     import pickle
 
     with device_guard():
         made = torch.ones(2)
     assert made.__dict__ == {}  # nothing in the tensor: pickles and copies carry nothing
-    assert id(copy.deepcopy(made)) not in _provenance.ENTRIES
+    copied = copy.deepcopy(made)
+    assert id(copied) not in _provenance.ENTRIES
     assert torch.equal(pickle.loads(pickle.dumps(made)), made)
+
+
+class Masked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.ModuleDict({"attn": torch.nn.Linear(3, 3)})
+        self.inner["attn"].mask = torch.ones(3, 3).tril()  # a plain attribute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.inner["attn"]
+        return attn(x).masked_fill(attn.mask == 0, 0.0)
+
+
+def test_the_guard_names_the_holder_of_a_plain_attribute() -> None:
+    model = Masked().to("meta")
+    with device_guard(), pytest.raises(CrossDeviceError) as info:
+        model(torch.ones(3, 3, device="meta"))
+    (found,) = info.value.provenance
+    assert (found.owner, found.owner_kind, found.via) == (
+        "model.inner['attn'].mask",
+        "attribute",
+        "attn.mask",
+    )
+    assert 'register_buffer("mask", ..., persistent=False)' in str(info.value)
 
 
 FACTORIES: dict[str, Callable[[int], torch.Tensor]] = {
