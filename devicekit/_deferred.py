@@ -525,6 +525,8 @@ class deferred(Scoped[Recording]):
     Raises:
         MaterializeError: Inside the block, initialisation read the values of a meta tensor
             (`.item()`, `.tolist()`, `bool()`); the message names the module and the op.
+        InvalidDeviceSpecError: `device` is malformed.
+        DeviceUnavailableError: `device` is not on this machine.
 
     Example:
         >>> import torch, devicekit
