@@ -598,3 +598,10 @@ def test_an_op_reading_a_meta_tensor_from_outside_the_block_raises() -> None:
         "materialize(cpu): the recorded Tensor.__getitem__ reads a meta tensor that was not made "
         "inside its devicekit.deferred() block, so its value is unknown (it feeds model.bias)."
     )
+
+
+def test_bad_devices_fail_where_they_are_given() -> None:
+    with pytest.raises(devicekit.InvalidDeviceSpecError, match="cuda:x"):
+        deferred("cuda:x")
+    with pytest.raises(devicekit.DeviceUnavailableError):
+        materialize(nn.Linear(1, 1), "cuda:7")
