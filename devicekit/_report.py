@@ -8,7 +8,7 @@ Tensor.__add__ got tensors on different devices (cuda:0, cpu):
   other: i64[8] @ cpu
     made by torch.arange at model.py:41: pos = torch.arange(t)
 called at model.py:42: return x + pos
-Fix: create it where it is used: `torch.arange(..., device=x.device)`.
+Fix: create it on the device where it is used: `torch.arange(..., device=x.device)`.
 ```
 
 The first line is torch's own sentence, which programs and test suites match; then the op, each
