@@ -604,4 +604,4 @@ def test_bad_devices_fail_where_they_are_given() -> None:
     with pytest.raises(devicekit.InvalidDeviceSpecError, match="cuda:x"):
         deferred("cuda:x")
     with pytest.raises(devicekit.DeviceUnavailableError):
-        materialize(nn.Linear(1, 1), "cuda:7")
+        materialize(nn.Linear(1, 1), "cuda:99")
