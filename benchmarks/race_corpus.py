@@ -322,6 +322,30 @@ def double_buffering_one_event_fixed() -> Values:
     return [total.item()]
 
 
+# --- 13. offloading to the host on a side stream without waiting for the compute ---------------
+
+
+def offload_without_wait_stream() -> Values:
+    side = torch.cuda.Stream()
+    activations = torch.arange(4.0, device="cuda").exp()  # computed on the default stream
+    host = torch.empty(4, pin_memory=True)
+    with torch.cuda.stream(side):  # the copy may start before `exp` has run
+        host.copy_(activations, non_blocking=True)
+    side.synchronize()
+    return [round(v, 4) for v in host.tolist()]
+
+
+def offload_without_wait_stream_fixed() -> Values:
+    side = torch.cuda.Stream()
+    activations = torch.arange(4.0, device="cuda").exp()
+    host = torch.empty(4, pin_memory=True)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        host.copy_(activations, non_blocking=True)
+    side.synchronize()
+    return [round(v, 4) for v in host.tolist()]
+
+
 PATTERNS = [
     Pattern(
         "d2h_read_before_sync",
@@ -395,6 +419,12 @@ PATTERNS = [
         "double buffering with one event: a buffer refilled while still read",
         double_buffering_one_event,
         double_buffering_one_event_fixed,
+    ),
+    Pattern(
+        "offload_without_wait_stream",
+        "side-stream offload to the host without `side.wait_stream(current)`",
+        offload_without_wait_stream,
+        offload_without_wait_stream_fixed,
     ),
 ]
 

@@ -14,7 +14,9 @@ read which bytes, and whether the reader is ordered after that stream's work.
   and keeps the real values aside; they land when an op on the copying stream (or on a stream
   ordered after it) reads them, or when the host waits for it. A copy from pinned memory reads
   its source when it lands, so a source overwritten too early shows in the destination too.
-- Ops on a side stream (any stream but the device's default) record their writes and reads.
+- Ops on a side stream (any stream but the device's default) record their writes and reads;
+  while a side stream exists, what ops on default streams write is tagged (`_WRITTEN`), so a
+  side stream that uses it without waiting for the default stream races.
 - An op that reads bytes whose last write it is not ordered after, or writes bytes that an
   unfinished copy still reads, raises `RaceError` naming both ops, their streams and where each
   was called. The host is never ordered after unfinished work: reading a `non_blocking` copy to
@@ -23,9 +25,8 @@ read which bytes, and whether the reader is ordered after that stream's work.
   wait) would be handed to the allocating stream's next allocation on a GPU: the next op after
   the free raises `RaceError`.
 
-Not modelled: reads on a side stream of what the default stream wrote without a
-`side.wait_stream(default)` (ops on default streams are not recorded, which keeps plain code
-fast), and races between two host threads.
+Not modelled: default-stream writes made before the first side stream existed, writes through
+one view read through another, and races between two host threads.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from devicekit import _simulate_mode, _simulate_streams
-from devicekit._describe import PASS_THROUGH, describe_tensor, user_call_site
+from devicekit._describe import (
+    PASS_THROUGH,
+    call_site,
+    describe_tensor,
+    user_call_site,
+    user_frame,
+)
 from devicekit._errors import RaceError
 from devicekit._simulate_mode import _PINNED, _Session, _simulated, _SimulationMode
 
@@ -77,6 +84,10 @@ _HOST_WAITS = frozenset(
     }
 )  # fmt: skip
 _COPIES = frozenset({"to", "cpu", "cuda", "xpu", "mps", "copy_"})
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty"})
+#: The tag of a tensor a default stream wrote while side streams existed: the race state, the
+#: stream, its work number, the op and where it was called.
+_WRITTEN = "_devicekit_written"
 _HOST = "the host"
 
 
@@ -199,6 +210,11 @@ class Races:
         self.storages: dict[int, _Storage] = {}
         #: Frees found unsafe, raised by the next op (a finalizer cannot raise).
         self.hazards: list[str] = []
+        #: How many streams besides the default ones exist: while there are any, what ops on
+        #: default streams write is tagged (`_WRITTEN`), for side streams that read it.
+        self.side_streams = 0
+        #: Per stream id, how much of its work the host has waited for.
+        self.host_seen: Stamp = {}
 
     # --- streams and events (called by `_simulate_streams`) ------------------------------------
 
@@ -216,6 +232,14 @@ class Races:
         """The host waited for what `stamp` covers (or for all work of device `device`): those
         copies land, and every later op is ordered after them."""
         with self.lock:
+            if stamp is not None:
+                for key, count in stamp.items():
+                    if self.host_seen.get(key, 0) < count:
+                        self.host_seen[key] = count
+            if device is not None and _simulate_streams.active is not None:
+                default = _simulate_streams.active.defaults[device]
+                if default is not None:
+                    self.host_seen[default._devicekit_id] = default._devicekit_count
             for key, record in list(self.storages.items()):
                 kept = []
                 for access in record.accesses:
@@ -271,12 +295,22 @@ class Races:
         side = streams is not None and any(
             stream is not streams.defaults[index] for index, stream in streams.current.items()
         )
-        if not (self.storages or copying or side or name in _HOST_WAITS or name in _COPIES):
+        if not (
+            self.storages
+            or copying
+            or side
+            or self.side_streams
+            or name in _HOST_WAITS
+            or name in _COPIES
+        ):
             return call(func, types_, args, kwargs)
         if streams is None or (
             name in _NO_ACCESS and not (name == "__getitem__" and _indexes(args))
         ):
-            return call(func, types_, args, kwargs)
+            result = call(func, types_, args, kwargs)
+            if self.side_streams and args and isinstance(args[0], torch.Tensor):
+                _inherit(args[0], result)  # a view holds what its base holds
+            return result
         return self._run(call, func, name, types_, args, kwargs, streams, copying)
 
     def _run(
@@ -314,6 +348,8 @@ class Races:
                     self.host_waits(stamp_of(stream))
             elif side:
                 self._wrote(func, result, writes, reads, stream)
+            elif self.side_streams:
+                self._tag(func, result, writes, reads, stream)
         return result
 
     def _device_of(
@@ -401,6 +437,8 @@ class Races:
         """Raise if this access races an unfinished one; land copies it is ordered after; note
         the access where a later race or free must know of it."""
         __tracebackhide__ = True
+        if stream is not None and self.side_streams and not _is_default(stream):
+            self._check_written(tensor, stream, write, func)
         key = _key(tensor)
         if not key:
             return
@@ -533,6 +571,58 @@ class Races:
             start, stop = _span(tensor)
             self._note(record, stream, True, start, stop, func, None)
 
+    def _tag(
+        self,
+        func: Callable[..., Any],
+        result: Any,
+        writes: list[torch.Tensor],
+        reads: list[torch.Tensor],
+        stream: SimulatedStream,
+    ) -> None:
+        """An op on a default stream while side streams exist: tag what it wrote (its new
+        tensors and its in-place operands) with the stream's work number."""
+        if type(result) is torch.Tensor or isinstance(result, torch.Tensor):
+            made: Sequence[Any] = (result,)
+        elif isinstance(result, (list, tuple)):
+            made = result
+        else:
+            made = ()
+        if getattr(func, "__name__", "") in _ALLOCATIONS:
+            made = ()  # memory handed out, nothing written
+        written: tuple[Any, ...] | None = None
+        for tensor in (*made, *writes):
+            if not isinstance(tensor, torch.Tensor) or _simulated(tensor) is None:
+                continue
+            if any(tensor is read for read in reads):
+                continue  # an input handed back (`contiguous()`, `.to(same)`): not written
+            if written is None:
+                stream._devicekit_count += 1
+                frame = user_frame(3)
+                where = None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+                written = (self, stream, stream._devicekit_count, func, where)
+            tensor.__dict__[_WRITTEN] = written
+
+    def _check_written(
+        self,
+        tensor: torch.Tensor,
+        stream: SimulatedStream,
+        write: bool,
+        func: Callable[..., Any],
+    ) -> None:
+        """A side stream uses `tensor`: raise if a default stream's write of it may be
+        unfinished (no `wait_stream`/`wait_event` of the side stream, no host wait)."""
+        __tracebackhide__ = True
+        written = tensor.__dict__.get(_WRITTEN)
+        if written is None or written[0] is not self or written[1] is stream:
+            return
+        _, writer, seq, op, where = written
+        key = writer._devicekit_id
+        if stream._devicekit_seen.get(key, 0) >= seq or self.host_seen.get(key, 0) >= seq:
+            return
+        site = "" if where is None else str(call_site(*where))
+        access = _Access(True, writer, seq, 0, 0, _op_name(op), site)
+        raise self._race(func, tensor, stream, write, access)
+
     def record_stream(self, tensor: torch.Tensor, stream: object) -> None:
         """`tensor.record_stream(stream)`: freeing it waits for `stream`'s work so far."""
         if not isinstance(stream, _simulate_streams.SimulatedStream):
@@ -635,6 +725,20 @@ class Races:
             other=f"{access.op} on {writer}",
             location=site or None,
         )
+
+
+def _inherit(base: torch.Tensor, made: object) -> None:
+    """Views of `base` carry its `_WRITTEN` tag."""
+    written = base.__dict__.get(_WRITTEN)
+    if written is None:
+        return
+    if isinstance(made, torch.Tensor):
+        if made is not base:
+            made.__dict__[_WRITTEN] = written
+    elif isinstance(made, (list, tuple)):
+        for item in made:
+            if isinstance(item, torch.Tensor):
+                item.__dict__[_WRITTEN] = written
 
 
 def _is_default(stream: SimulatedStream) -> bool:

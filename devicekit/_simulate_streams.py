@@ -77,6 +77,9 @@ class SimulatedStream(torch.Stream):
         stream._devicekit_id = next(_ids)
         stream._devicekit_count = 0
         stream._devicekit_seen = {}
+        races = _simulate_async.active
+        if races is not None:
+            races.side_streams += 1  # `Streams.default` takes its own back
         return stream
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -272,6 +275,9 @@ class Streams:
             session = _session()
             stream = SimulatedStream(session.device(index))
             self.defaults[index] = stream
+            races = _simulate_async.active
+            if races is not None:
+                races.side_streams -= 1  # a default stream: not a side one
         return stream
 
     def synchronize(self, index: int) -> None:

@@ -55,6 +55,10 @@ FOUND = {
     r"while Tensor\.matmul on the side stream",
     "side_copy_read_by_default": r"Tensor\.square on the default stream of cuda:0 reads "
     r"f32\[4\] @ cuda:0 while Tensor\.copy_\(non_blocking=True\) on the side stream",
+    "offload_without_wait_stream": r"Tensor\.copy_ on the side stream \d+ of cuda:0 reads "
+    r"f32\[4\] @ cuda:0 while Tensor\.exp on the default stream of cuda:0 may still be writing "
+    r"it\.\n  this op: .*host\.copy_\(activations, non_blocking=True\)\n  Tensor\.exp: .*"
+    r"race_corpus\.py:\d+: activations = torch\.arange\(4\.0, device=\"cuda\"\)\.exp\(\)",
     "double_buffering_one_event": r"Tensor\.copy_ on the side stream \d+ of cuda:0 writes "
     r"f32\[4\] @ cuda:0 while Tensor\.sum on the default stream of cuda:0 may still be reading"
     r".*this may overwrite the bytes before the other op has read them\. Fix: make the side "
@@ -247,6 +251,44 @@ def test_an_ordered_stream_reads_a_side_stream_copy(order: str) -> None:
             assert batch.sum().item() == 6.0  # the copying stream itself is ordered after it
         ORDERINGS[order](side)
         assert (batch * 2).tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def _no_wait(side: torch.Stream) -> None:
+    pass
+
+
+def _host_waits_for_default(side: torch.Stream) -> None:
+    torch.ones((), device="cuda").item()
+
+
+def _side_waits_for_default(side: torch.Stream) -> None:
+    side.wait_stream(torch.cuda.current_stream())
+
+
+@pytest.mark.parametrize(
+    ("wait", "raced"),
+    [(_no_wait, True), (_host_waits_for_default, False), (_side_waits_for_default, False)],
+)
+def test_a_side_stream_reading_what_the_default_stream_wrote_must_wait_for_it(
+    wait: Callable[[torch.Stream], None], raced: bool
+) -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        weights = torch.ones(3, 3, device="cuda") * 2  # written on the default stream
+        rows = weights.unbind(0)  # views hold what their base holds
+        same = weights.contiguous()  # hands `weights` back: nothing new written
+        wait(side)
+        with torch.cuda.stream(side):
+            if raced:
+                with pytest.raises(
+                    RaceError,
+                    match=r"Tensor\.sum on the side stream \d+ of cuda:0 reads f32\[3\] @ "
+                    r"cuda:0 while Tensor\.mul on the default stream of cuda:0 may still be "
+                    r"writing it\.\n  this op: .*\n  Tensor\.mul: .*weights = torch\.ones",
+                ):
+                    rows[1].sum()
+            else:
+                assert float(rows[1].sum() + same.sum()) == 24.0
 
 
 def test_a_race_names_both_ops_their_streams_and_call_sites() -> None:
