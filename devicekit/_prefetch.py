@@ -43,6 +43,7 @@ from devicekit._transfer import COALESCE_MAX_BYTES, Coalesce, TransferRequest
 from devicekit._tree import (
     OPAQUE,
     TENSOR,
+    TO,
     NotSimple,
     classify,
     collect,
@@ -104,6 +105,14 @@ def _tensors(batch: Any, target: torch.device) -> tuple[list[torch.Tensor], Call
         return rebuild(found, new, lambda obj, kind: obj, mover.unmovable)
 
     return found.leaves, general
+
+
+def _every_tensor(batch: Any) -> list[torch.Tensor]:
+    """Every tensor in `batch`, those inside objects with their own `.to()` included."""
+    try:
+        return flatten_simple(batch)
+    except NotSimple:
+        return [value for value, _ in walk(batch) if isinstance(value, torch.Tensor)]
 
 
 def _pinned(
@@ -186,10 +195,11 @@ class _Copier:
             moved = to_device(source, self.target, non_blocking=True, coalesce=self.coalesce)
             event = torch.Event(device=self.target)
             event.record(self.stream)
-        leaves, rebuild_with = _tensors(moved, self.target)
-        on_target = [t for t in {id(t): t for t in leaves}.values() if t.device == self.target]
+        every = {id(t): t for t in _every_tensor(moved)}.values()
+        on_target = [t for t in every if t.device == self.target]
         if not self.static:
             return _Ready(moved, event, on_target, [], None, source)
+        leaves, rebuild_with = _tensors(moved, self.target)
         return _Ready(moved, event, on_target, leaves, rebuild_with, source)
 
 
@@ -256,6 +266,14 @@ class _Static:
         shape = _shape(batch)
         buffers = self.buffers
         if buffers is None:
+            for value, where in walk(batch):
+                if classify(type(value)) == TO:
+                    raise InvalidArgumentError(
+                        f"prefetch(static=True): {render('batch', where)} "
+                        f"({type(value).__name__}) moves with its own .to(), so its tensors "
+                        "cannot be refilled in place. Put its tensors in a dict (e.g. "
+                        "dict(encoding)) in the loader's collate_fn, or pass static=False."
+                    )
             made: dict[int, torch.Tensor] = {}
             buffers = [made.setdefault(id(t), torch.empty_like(t)) for t in leaves]
             self.buffers, self.shape = buffers, shape

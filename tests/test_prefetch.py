@@ -385,6 +385,30 @@ def test_the_side_stream_waits_for_tensors_on_another_device() -> None:
     assert all(stream.device == torch.device("cuda", 0) for stream, _ in waits)
 
 
+def test_tensors_inside_objects_with_their_own_to_are_tied_too() -> None:
+    source: list[dict[str, Any]] = [
+        {"enc": Carrier([torch.ones(3)]), "x": torch.ones(2)} for _ in range(2)
+    ]
+    with simulated_cuda():
+        with spying() as spy:
+            moved = list(devicekit.prefetch(source, "cuda"))
+        tied = {id(t) for what, t, _, _ in spy.calls if what == "record_stream"}
+        for batch in moved:
+            assert batch["enc"].payload[0].device == torch.device("cuda", 0)
+            assert id(batch["enc"].payload[0]) in tied
+            assert id(batch["x"]) in tied
+
+
+def test_static_refuses_objects_with_their_own_to() -> None:
+    source = [{"enc": Carrier([torch.ones(3)])}]
+    with pytest.raises(
+        devicekit.InvalidArgumentError,
+        match=r"^prefetch\(static=True\): batch\['enc'\] \(Carrier\) moves with its own \.to\(\), "
+        r"so its tensors cannot be refilled in place\. Put its tensors in a dict",
+    ):
+        list(devicekit.prefetch(source, "cpu", static=True))
+
+
 def test_current_streams_are_per_thread_in_the_simulation() -> None:
     # CUDA keeps the current stream per thread; prefetch's thread enters its side stream
     # while the loop's thread reads its own current stream.
