@@ -539,3 +539,33 @@ def test_a_nested_tensor_moved_to_the_cpu_has_its_own_offsets(sim: object) -> No
         assert nested._offsets.device == CUDA1
         assert torch.equal(moved._values, torch.ones(6, 3))
     assert (nested.to("cpu") + nested.cpu()).shape == nested.shape
+
+
+CPU_OPS = {
+    "add": lambda a, b: torch.add(a, b),
+    "mul operator": lambda a, b: a * b,
+    "cat": lambda a, b: torch.cat([a, b]),
+    "stack then sum": lambda a, b: torch.stack((a, b)).sum(dim=0),
+    "where": lambda a, b: torch.where(a > 0, a, b),
+    "to float64": lambda a, b: a.to(torch.float64) + b.to("cpu"),
+    "index": lambda a, b: a[torch.tensor([0])] + b[0],
+    "zeros like": lambda a, b: torch.zeros_like(a, device="cpu") + b,
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    op=st.sampled_from(sorted(CPU_OPS)),
+    values=st.lists(st.floats(-10, 10, width=32), min_size=1, max_size=5),
+)
+def test_cpu_ops_give_the_same_results_in_a_simulation(op: str, values: list[float]) -> None:
+    """The fast path changes nothing but the cost: ordinary CPU tensors in, the same ordinary
+    CPU tensors out, as without a simulation."""
+    a, b = torch.tensor(values), torch.tensor(values[::-1])
+    expected = CPU_OPS[op](a, b)
+    with simulated_devices("cuda", 2):
+        got = CPU_OPS[op](a, b)
+        assert got.device == torch.device("cpu")
+        assert not got.is_cuda
+    assert "_devicekit_simulated_device" not in got.__dict__
+    assert torch.equal(got, expected)
