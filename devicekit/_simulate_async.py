@@ -145,15 +145,39 @@ def _ordered(reader: SimulatedStream | None, access: _Access) -> bool:
 
 @dataclass(eq=False)
 class _Copy:
-    """A `non_blocking` copy that has not landed: its destination holds poison till then."""
+    """A `non_blocking` copy that has not landed: its destination holds poison till then.
 
-    destination: torch.Tensor
+    The destination is held by its storage's weak reference and its layout, so that the race
+    finder keeps no tensor alive that the program let go (memory a GPU would free too).
+    """
+
+    storage: weakref.ref[torch.UntypedStorage]
+    dtype: torch.dtype
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
     #: What lands: a snapshot of the values, or the live pinned source (read when it lands).
     values: torch.Tensor
 
+    @classmethod
+    def into(cls, destination: torch.Tensor, values: torch.Tensor) -> _Copy:
+        return cls(
+            weakref.ref(destination.untyped_storage()),
+            destination.dtype,
+            int(destination.storage_offset()),
+            tuple(destination.shape),
+            tuple(destination.stride()),
+            values,
+        )
+
     def land(self) -> None:
+        storage = self.storage()
+        if storage is None:
+            return  # freed before it landed: nobody can read it
         with torch._C.DisableTorchFunction():
-            self.destination.copy_(self.values)
+            destination = torch.empty(0, dtype=self.dtype)
+            destination.set_(storage, self.offset, self.size, self.stride)
+            destination.copy_(self.values)
 
 
 @dataclass(eq=False)
@@ -533,7 +557,7 @@ class Races:
         pinned_source = _simulated(source) is None and bool(source.__dict__.get(_PINNED))
         with torch._C.DisableTorchFunction():
             values = source if pinned_source else destination.clone()
-        copy = _Copy(destination, values)
+        copy = _Copy.into(destination, values)
         op = f"{_op_name(func)}(non_blocking=True)"
         allocated = None
         if on_device:  # `.to()` allocates on the copying stream; `copy_` writes older memory

@@ -501,6 +501,22 @@ def test_what_is_known_of_memory_is_forgotten_when_it_is_freed() -> None:
         assert key not in races.storages
 
 
+def test_an_unlanded_copy_keeps_no_tensor_alive() -> None:
+    import gc
+    import weakref
+
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            on_device = torch.ones(8).pin_memory().to("cuda", non_blocking=True)
+            on_host = torch.ones(8, device="cuda").to("cpu", non_blocking=True)
+        refs = [weakref.ref(on_device), weakref.ref(on_host)]
+        del on_device, on_host  # never read: a GPU frees them, and so does the race finder
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None]
+        torch.cuda.synchronize()  # nothing left to land
+
+
 def test_record_stream_is_accepted_for_host_streams_and_tensors_never_seen() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         torch.ones(2, device="cuda").record_stream(torch.cuda.current_stream())
