@@ -14,7 +14,7 @@ import math
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +47,6 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
 #: The active simulation's memory (set while it is active, by `_simulate_patches`).
 active: Memory | None = None
-#: Where a tensor's storage is: the same for every view of one storage, while it lives.
-_storage_address: Callable[[torch.Tensor], int] = torch._C._storage_address  # type: ignore[attr-defined]
 # Allocations up to 1 MiB come from CUDA's small pool, larger ones from the large pool.
 _SMALL = 1 << 20
 
@@ -220,9 +218,10 @@ class Memory:
     def add(self, tensor: torch.Tensor, device: torch.device) -> None:
         """Count `tensor`'s storage on `device` while the storage lives (once per storage)."""
         try:
-            key = _storage_address(tensor)
+            storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return  # sparse and nested tensors have no storage of their own
+        key: int = storage._cdata  # the storage's address, as `device_of` keys it
         if key in self.live:
             return  # a view, or an in-place result: its storage is counted already
         nbytes = tensor.nbytes
@@ -245,7 +244,7 @@ class Memory:
         self.live[key] = (index, nbytes, total, pool)
         # torch keeps one Python object per storage while any tensor uses it: its weak
         # reference's callback runs when the last tensor (tagged or not) lets go.
-        reference = weakref.ref(tensor.untyped_storage(), self._gone)
+        reference = weakref.ref(storage, self._gone)
         self.refs[id(reference)] = (reference, key)
 
     def _gone(self, reference: weakref.ref[torch.UntypedStorage]) -> None:
