@@ -47,11 +47,13 @@ _KINDS: list[ModeKind[Any]] = []
 
 
 class _Holders:
-    """Who needs backward passes covered: guard blocks (`blocks`, through `CoveredModeKind`)
-    and the active simulation (`simulation`), which the simulation sets as one of its patches,
-    so its undo clears it. Every change puts the engine wrapper in place or takes it away."""
+    """Who needs backward passes covered: guard blocks (`blocks`, the ids of their records,
+    through `CoveredModeKind`: an id, not the record, so that a record an interrupt left held is
+    still collected and lets go in `Record.__del__`) and the active simulation (`simulation`),
+    which the simulation sets as one of its patches, so its undo clears it. Every change puts the
+    engine wrapper in place or takes it away."""
 
-    blocks: set[Record]
+    blocks: set[int]
     simulation: Any
 
     def __init__(self) -> None:
@@ -72,12 +74,12 @@ class _Holders:
 
     def add(self, record: Record) -> None:
         with _lock:
-            self.blocks.add(record)
+            self.blocks.add(id(record))
             _sync()
 
     def discard(self, record: Record) -> None:
         with _lock:
-            self.blocks.discard(record)
+            self.blocks.discard(id(record))
             _sync()
 
 
