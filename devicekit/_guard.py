@@ -88,7 +88,9 @@ _TRANSFERS: frozenset[object] = frozenset(
         ),
         torch.Tensor,
     )
-    | _existing(("as_tensor", "tensor", "_has_compatible_shallow_copy_type"), torch)
+    | _existing(
+        ("as_tensor", "tensor", "_has_compatible_shallow_copy_type", "_foreach_copy_"), torch
+    )
     | {torch.Tensor.data.__set__}  # type: ignore[attr-defined]
 )
 

@@ -934,9 +934,16 @@ def _factory(
     return _provenance.made(func, _tag_results(result, target, set()), target)
 
 
+_FOREACH_COPY = torch._foreach_copy_
+
+
 def _foreach(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    """`torch._foreach_*`: operands at the same list position must share a device."""
+    """`torch._foreach_*`: operands at the same list position must share a device, except for
+    `_foreach_copy_`, a copy at each position (`copy_` between devices, as CUDA allows): the
+    destinations keep their devices."""
     __tracebackhide__ = True
+    if func is _FOREACH_COPY:
+        return func(*args, **kwargs)
     lists = [value for value in args if isinstance(value, (list, tuple))]
     lists = [value for value in lists if value and isinstance(value[0], torch.Tensor)]
     loose = [

@@ -733,3 +733,10 @@ def test_error_raises_exactly_when_simulated_devices_mix(
             assert "got tensors on different devices" in str(error)  # the guard's, not torch's
         else:
             assert not mixes_devices(operands)
+
+
+def test_foreach_copy_between_devices_is_a_transfer() -> None:
+    destinations = [torch.zeros(3, device="meta")]
+    with device_guard():
+        torch._foreach_copy_(destinations, [torch.ones(3)])
+    assert destinations[0].device.type == "meta"

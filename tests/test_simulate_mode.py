@@ -569,3 +569,13 @@ def test_cpu_ops_give_the_same_results_in_a_simulation(op: str, values: list[flo
         assert not got.is_cuda
     assert "_devicekit_simulated_device" not in got.__dict__
     assert torch.equal(got, expected)
+
+
+def test_foreach_copy_between_devices_is_a_copy_as_on_cuda() -> None:
+    # CUDA runs `_foreach_copy_` position by position as `copy_`, which may cross devices.
+    with simulated_devices("cuda", 2):
+        destinations = [torch.zeros(3, device="cuda:0"), torch.zeros(2, device="cuda:1")]
+        torch._foreach_copy_(destinations, [torch.ones(3), torch.full((2,), 2.0, device="cuda:0")])
+        assert [str(t.device) for t in destinations] == ["cuda:0", "cuda:1"]
+        assert destinations[0].tolist() == [1.0, 1.0, 1.0]
+        assert destinations[1].tolist() == [2.0, 2.0]
