@@ -14,9 +14,9 @@ read which bytes, and whether the reader is ordered after that stream's work.
   and keeps the real values aside; they land when an op on the copying stream (or on a stream
   ordered after it) reads them, or when the host waits for it. A copy from pinned memory reads
   its source when it lands, so a source overwritten too early shows in the destination too.
-- Ops on a side stream (any stream but the device's default) record their writes and reads;
-  while a side stream exists, what ops on default streams write is tagged (`_WRITTEN`), so a
-  side stream that uses it without waiting for the default stream races.
+- While a side stream (any stream but a device's default) exists, ops record the bytes they
+  write and read, so a side stream that uses what the default stream wrote without waiting for
+  it races, and so does the default stream using what a side stream wrote.
 - An op that reads bytes whose last write it is not ordered after, or writes bytes that an
   unfinished copy still reads, raises `RaceError` naming both ops, their streams and where each
   was called. The host is never ordered after unfinished work: reading a `non_blocking` copy to
@@ -25,8 +25,8 @@ read which bytes, and whether the reader is ordered after that stream's work.
   wait) would be handed to the allocating stream's next allocation on a GPU: the next op after
   the free raises `RaceError`.
 
-Not modelled: default-stream writes made before the first side stream existed, writes through
-one view read through another, and races between two host threads.
+Not modelled: writes made before the first side stream existed, and races between two host
+threads.
 """
 
 from __future__ import annotations
@@ -84,10 +84,8 @@ _HOST_WAITS = frozenset(
     }
 )  # fmt: skip
 _COPIES = frozenset({"to", "cpu", "cuda", "xpu", "mps", "copy_"})
+#: Ops that hand out memory without writing it.
 _ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty"})
-#: The tag of a tensor a default stream wrote while side streams existed: the race state, the
-#: stream, its work number, the op and where it was called.
-_WRITTEN = "_devicekit_written"
 _HOST = "the host"
 
 
@@ -190,8 +188,13 @@ class _Access:
     start: int
     stop: int
     op: str
-    site: str
+    #: The user's file and line that issued it (read from the source only for a message).
+    where: tuple[str, int] | None
     copy: _Copy | None = None
+
+    @property
+    def site(self) -> str:
+        return "" if self.where is None else str(call_site(*self.where))
 
 
 @dataclass(eq=False)
@@ -225,6 +228,36 @@ def _site() -> str:
     return "" if site is None else str(site)
 
 
+def _where() -> tuple[str, int] | None:
+    """The user's file and line running now, cheaply (no source read)."""
+    frame = user_frame(2)
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+
+
+class _Op:
+    """The op being run, with its name and the user's line worked out once, when first asked."""
+
+    __slots__ = ("_name", "_where", "func", "suffix")
+
+    def __init__(self, func: Callable[..., Any], suffix: str = "") -> None:
+        self.func = func
+        self.suffix = suffix
+        self._name: str | None = None
+        self._where: tuple[str, int] | bool | None = False
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            self._name = _op_name(self.func) + self.suffix
+        return self._name
+
+    @property
+    def where(self) -> tuple[str, int] | None:
+        if self._where is False:
+            self._where = _where()
+        return self._where  # type: ignore[return-value]
+
+
 class Races:
     """The race state of one simulation (kept while a nested simulation pauses it)."""
 
@@ -234,11 +267,9 @@ class Races:
         self.storages: dict[int, _Storage] = {}
         #: Frees found unsafe, raised by the next op (a finalizer cannot raise).
         self.hazards: list[str] = []
-        #: How many streams besides the default ones exist: while there are any, what ops on
-        #: default streams write is tagged (`_WRITTEN`), for side streams that read it.
+        #: How many streams besides the default ones exist: while there are any, ops on default
+        #: streams record what they touch too.
         self.side_streams = 0
-        #: Per stream id, how much of its work the host has waited for.
-        self.host_seen: Stamp = {}
 
     # --- streams and events (called by `_simulate_streams`) ------------------------------------
 
@@ -256,14 +287,6 @@ class Races:
         """The host waited for what `stamp` covers (or for all work of device `device`): those
         copies land, and every later op is ordered after them."""
         with self.lock:
-            if stamp is not None:
-                for key, count in stamp.items():
-                    if self.host_seen.get(key, 0) < count:
-                        self.host_seen[key] = count
-            if device is not None and _simulate_streams.active is not None:
-                default = _simulate_streams.active.defaults[device]
-                if default is not None:
-                    self.host_seen[default._devicekit_id] = default._devicekit_count
             for key, record in list(self.storages.items()):
                 kept = []
                 for access in record.accesses:
@@ -296,8 +319,7 @@ class Races:
     def _forget(self, key: int, record: _Storage) -> None:
         if self.storages.get(key) is record:
             del self.storages[key]
-        if record.finalizer is not None:
-            record.finalizer.detach()
+        record.finalizer = None  # its callback goes with it
 
     # --- ops (called by `RacingMode`) ----------------------------------------------------------
 
@@ -331,10 +353,7 @@ class Races:
         if streams is None or (
             name in _NO_ACCESS and not (name == "__getitem__" and _indexes(args))
         ):
-            result = call(func, types_, args, kwargs)
-            if self.side_streams and args and isinstance(args[0], torch.Tensor):
-                _inherit(args[0], result)  # a view holds what its base holds
-            return result
+            return call(func, types_, args, kwargs)
         return self._run(call, func, name, types_, args, kwargs, streams, copying)
 
     def _run(
@@ -353,12 +372,15 @@ class Races:
         device, crossing = self._device_of(name, args, kwargs, reads + writes)
         stream = None if device is None else streams.current_of(device.index or 0)
         side = stream is not None and stream is not streams.defaults[stream.device_index]
-        note = side and not crossing  # a copy notes its own accesses when it is issued
+        # With side streams about, every stream's use is noted (a copy notes its own).
+        recording = side or self.side_streams > 0
+        note = recording and not crossing
+        op = _Op(func)
         with self.lock:  # not held while the op runs: other threads' ops go on meanwhile
             for tensor in reads:
-                self._check(tensor, stream, write=False, func=func, note=note)
+                self._check(tensor, stream, write=False, op=op, note=note, copy=crossing)
             for tensor in writes:
-                self._check(tensor, stream, write=True, func=func, note=note)
+                self._check(tensor, stream, write=True, op=op, note=note, copy=crossing)
             if stream is not None and name in _HOST_WAITS:
                 self.host_waits(stamp_of(stream))
         result = call(func, types_, args, kwargs)
@@ -367,13 +389,11 @@ class Races:
         with self.lock:
             if crossing:
                 if copying and self._asynchronous(name, args, result):
-                    self._copied(func, name, args, result, stream, side)
+                    self._copied(_Op(func, "(non_blocking=True)"), name, args, result, stream)
                 else:  # a blocking copy between host and device waits for its stream
                     self.host_waits(stamp_of(stream))
-            elif side:
-                self._wrote(func, result, writes, reads, stream)
-            elif self.side_streams:
-                self._tag(func, result, writes, reads, stream)
+            elif recording:
+                self._wrote(op, result, writes, reads, stream)
         return result
 
     def _device_of(
@@ -455,14 +475,14 @@ class Races:
         stream: SimulatedStream | None,
         *,
         write: bool,
-        func: Callable[..., Any],
+        op: _Op,
         note: bool,
+        copy: bool,
     ) -> None:
         """Raise if this access races an unfinished one; land copies it is ordered after; note
-        the access where a later race or free must know of it."""
+        the access where a later race or free must know of it (a copy between host and device
+        notes its own accesses)."""
         __tracebackhide__ = True
-        if stream is not None and self.side_streams and not _is_default(stream):
-            self._check_written(tensor, stream, write, func)
         key = _key(tensor)
         if not key:
             return
@@ -477,11 +497,11 @@ class Races:
                 if not (access.write or write):
                     continue  # two reads never race
                 if not _ordered(stream, access):
-                    raise self._race(func, tensor, stream, write, access)
+                    raise self._race(op.name, tensor, stream, write, access)
                 if access.copy is not None:  # ordered after the copy: it has landed
                     access.copy.land()
                     access.copy = None
-        if stream is None or not (note or record is not None):
+        if stream is None or copy or not (note or record is not None):
             return
         if record is None:
             device = _simulated(tensor)
@@ -489,7 +509,7 @@ class Races:
                 return  # host memory read by a device op: only copies keep it busy
             record = self._record(key, tensor, self._default(device))
         if note or record.shared or record.allocated_on is not stream:
-            self._note(record, stream, write, start, stop, func, None)
+            self._note(record, stream, write, start, stop, op, None)
 
     def _record(
         self, key: int, tensor: torch.Tensor, allocated_on: SimulatedStream | None
@@ -501,7 +521,7 @@ class Races:
             self.storages[key] = record
             # Forgotten when the memory is freed, before the allocator can hand its address on.
             storage = tensor.untyped_storage()
-            record.finalizer = weakref.finalize(storage, self._freed, key, record)
+            record.finalizer = weakref.ref(storage, lambda _: self._freed(key, record))
         return record
 
     def _default(self, device: torch.device) -> SimulatedStream:
@@ -516,11 +536,10 @@ class Races:
         write: bool,
         start: int,
         stop: int,
-        func: Callable[..., Any] | str,
+        op: _Op,
         copy: _Copy | None,
     ) -> _Access:
         stream._devicekit_count += 1
-        op = func if isinstance(func, str) else _op_name(func)
         for access in record.accesses:  # the same work again: only its number moves on
             if (
                 copy is None
@@ -529,22 +548,17 @@ class Races:
                 and access.write == write
                 and (access.start, access.stop) == (start, stop)
             ):
-                access.seq, access.op, access.site = stream._devicekit_count, op, _site()
+                access.seq, access.op, access.where = stream._devicekit_count, op.name, op.where
                 return access
-        access = _Access(write, stream, stream._devicekit_count, start, stop, op, _site(), copy)
+        count = stream._devicekit_count
+        access = _Access(write, stream, count, start, stop, op.name, op.where, copy)
         record.accesses.append(access)
         if not record.shared and not _is_default(stream):
             record.shared = True
         return access
 
     def _copied(
-        self,
-        func: Callable[..., Any],
-        name: str,
-        args: Sequence[Any],
-        result: Any,
-        stream: SimulatedStream,
-        side: bool,
+        self, op: _Op, name: str, args: Sequence[Any], result: Any, stream: SimulatedStream
     ) -> None:
         """A `non_blocking` copy was issued on `stream`: poison its destination till it lands."""
         destination: torch.Tensor = args[0] if name == "copy_" else result
@@ -558,7 +572,6 @@ class Races:
         with torch._C.DisableTorchFunction():
             values = source if pinned_source else destination.clone()
         copy = _Copy.into(destination, values)
-        op = f"{_op_name(func)}(non_blocking=True)"
         allocated = None
         if on_device:  # `.to()` allocates on the copying stream; `copy_` writes older memory
             allocated = stream if name != "copy_" else self._default(stream.device)
@@ -576,76 +589,27 @@ class Races:
 
     def _wrote(
         self,
-        func: Callable[..., Any],
+        op: _Op,
         result: Any,
         writes: list[torch.Tensor],
         reads: list[torch.Tensor],
         stream: SimulatedStream,
     ) -> None:
-        """An op on a side stream: new tensors are its writes, allocated on it."""
+        """An op while side streams exist: its new tensors are allocated on its stream, and
+        written by it (unless it only hands memory out, as `torch.empty` does)."""
         operands = {_key(tensor) for tensor in reads + writes}
         made = [result] if isinstance(result, torch.Tensor) else []
         if isinstance(result, (list, tuple)):
             made = [item for item in result if isinstance(item, torch.Tensor)]
+        allocation = getattr(op.func, "__name__", "") in _ALLOCATIONS
         for tensor in made:
             key = _key(tensor)
             if not key or key in operands or _simulated(tensor) is None:
-                continue
+                continue  # an input handed back (`contiguous()`), or a view of one
             record = self._record(key, tensor, stream)
-            start, stop = _span(tensor)
-            self._note(record, stream, True, start, stop, func, None)
-
-    def _tag(
-        self,
-        func: Callable[..., Any],
-        result: Any,
-        writes: list[torch.Tensor],
-        reads: list[torch.Tensor],
-        stream: SimulatedStream,
-    ) -> None:
-        """An op on a default stream while side streams exist: tag what it wrote (its new
-        tensors and its in-place operands) with the stream's work number."""
-        if type(result) is torch.Tensor or isinstance(result, torch.Tensor):
-            made: Sequence[Any] = (result,)
-        elif isinstance(result, (list, tuple)):
-            made = result
-        else:
-            made = ()
-        if getattr(func, "__name__", "") in _ALLOCATIONS:
-            made = ()  # memory handed out, nothing written
-        written: tuple[Any, ...] | None = None
-        for tensor in (*made, *writes):
-            if not isinstance(tensor, torch.Tensor) or _simulated(tensor) is None:
-                continue
-            if any(tensor is read for read in reads):
-                continue  # an input handed back (`contiguous()`, `.to(same)`): not written
-            if written is None:
-                stream._devicekit_count += 1
-                frame = user_frame(3)
-                where = None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
-                written = (self, stream, stream._devicekit_count, func, where)
-            tensor.__dict__[_WRITTEN] = written
-
-    def _check_written(
-        self,
-        tensor: torch.Tensor,
-        stream: SimulatedStream,
-        write: bool,
-        func: Callable[..., Any],
-    ) -> None:
-        """A side stream uses `tensor`: raise if a default stream's write of it may be
-        unfinished (no `wait_stream`/`wait_event` of the side stream, no host wait)."""
-        __tracebackhide__ = True
-        written = tensor.__dict__.get(_WRITTEN)
-        if written is None or written[0] is not self or written[1] is stream:
-            return
-        _, writer, seq, op, where = written
-        key = writer._devicekit_id
-        if stream._devicekit_seen.get(key, 0) >= seq or self.host_seen.get(key, 0) >= seq:
-            return
-        site = "" if where is None else str(call_site(*where))
-        access = _Access(True, writer, seq, 0, 0, _op_name(op), site)
-        raise self._race(func, tensor, stream, write, access)
+            if not allocation:
+                start, stop = _span(tensor)
+                self._note(record, stream, True, start, stop, op, None)
 
     def record_stream(self, tensor: torch.Tensor, stream: object) -> None:
         """`tensor.record_stream(stream)`: freeing it waits for `stream`'s work so far."""
@@ -661,8 +625,10 @@ class Races:
     def _freed(self, key: int, record: _Storage) -> None:
         """A storage was freed: unsafe if a stream other than its allocator's still uses it."""
         with self.lock:
-            if self.storages.get(key) is record:
-                del self.storages[key]
+            record.finalizer = None
+            if self.storages.get(key) is not record:
+                return  # forgotten already: nothing of it is unfinished
+            del self.storages[key]
             owner = record.allocated_on
             if owner is None:
                 return
@@ -702,14 +668,13 @@ class Races:
 
     def _race(
         self,
-        func: Callable[..., Any],
+        op: str,
         tensor: torch.Tensor,
         stream: SimulatedStream | None,
         write: bool,
         access: _Access,
     ) -> RaceError:
         site = _site()
-        op = _op_name(func)
         verb = "writes" if write else "reads"
         other = "writing" if access.write else "reading"
         reader = _stream_name(stream)
@@ -749,20 +714,6 @@ class Races:
             other=f"{access.op} on {writer}",
             location=site or None,
         )
-
-
-def _inherit(base: torch.Tensor, made: object) -> None:
-    """Views of `base` carry its `_WRITTEN` tag."""
-    written = base.__dict__.get(_WRITTEN)
-    if written is None:
-        return
-    if isinstance(made, torch.Tensor):
-        if made is not base:
-            made.__dict__[_WRITTEN] = written
-    elif isinstance(made, (list, tuple)):
-        for item in made:
-            if isinstance(item, torch.Tensor):
-                item.__dict__[_WRITTEN] = written
 
 
 def _is_default(stream: SimulatedStream) -> bool:
