@@ -273,6 +273,22 @@ class Races:
 
     # --- streams and events (called by `_simulate_streams`) ------------------------------------
 
+    def stream_made(self, stream: SimulatedStream) -> None:
+        """A stream was made: a side one until `default_stream_made` says otherwise; it counts
+        until it is garbage, so that a test that once made one does not slow all later ones."""
+        with self.lock:
+            self.side_streams += 1
+        stream._devicekit_gone = weakref.finalize(stream, self._stream_gone)
+
+    def default_stream_made(self, stream: SimulatedStream) -> None:
+        gone = getattr(stream, "_devicekit_gone", None)
+        if gone is not None and gone.detach() is not None:
+            self._stream_gone()
+
+    def _stream_gone(self) -> None:
+        with self.lock:
+            self.side_streams -= 1
+
     def wait(self, stream: SimulatedStream, stamp: Stamp | None) -> None:
         """`stream.wait_event(e)`: its later work runs after what `e`'s stamp covers."""
         if not stamp:
@@ -463,6 +479,8 @@ class Races:
             destination is args[0] and name != "copy_"
         ):
             return False
+        if destination.is_quantized or destination.layout is not torch.strided:
+            return False  # not modelled: taken as finished at once
         if _simulated(destination) is not None:
             return True
         return (

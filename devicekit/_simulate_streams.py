@@ -60,6 +60,8 @@ class SimulatedStream(torch.Stream):
     #: much of its work this stream's later work runs after.
     _devicekit_count: int
     _devicekit_seen: dict[int, int]
+    #: Takes the stream off the race finder's count of side streams when it is garbage.
+    _devicekit_gone: Any
 
     def __new__(cls, device: object = None, priority: int = 0, **kwargs: Any) -> SimulatedStream:
         session = _session()
@@ -79,7 +81,7 @@ class SimulatedStream(torch.Stream):
         stream._devicekit_seen = {}
         races = _simulate_async.active
         if races is not None:
-            races.side_streams += 1  # `Streams.default` takes its own back
+            races.stream_made(stream)  # `Streams.default` takes its own back
         return stream
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -277,7 +279,7 @@ class Streams:
             self.defaults[index] = stream
             races = _simulate_async.active
             if races is not None:
-                races.side_streams -= 1  # a default stream: not a side one
+                races.default_stream_made(stream)
         return stream
 
     def synchronize(self, index: int) -> None:

@@ -536,6 +536,25 @@ def test_tensors_deep_copy_and_save_as_usual_while_side_streams_exist() -> None:
     assert set(vars(model.weight)) <= {"_devicekit_simulated_device"}
 
 
+def test_ops_stop_recording_once_the_side_streams_are_gone() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        races = _simulate_async.active
+        assert races is not None
+        torch.ones(2, device="cuda") * 2
+        assert races.side_streams == 0
+        assert not races.storages  # no side stream: nothing to record
+        side = torch.cuda.Stream()
+        kept = torch.ones(2, device="cuda") * 2
+        assert races.side_streams == 1
+        assert races.storages  # recorded while a side stream exists
+        torch.cuda.synchronize()
+        del side, kept
+        gc.collect()
+        assert races.side_streams == 0
+        torch.ones(2, device="cuda") * 2
+        assert not races.storages
+
+
 def test_record_stream_is_accepted_for_host_streams_and_tensors_never_seen() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         torch.ones(2, device="cuda").record_stream(torch.cuda.current_stream())
