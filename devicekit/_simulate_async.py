@@ -410,7 +410,29 @@ class Races:
                     self.host_waits(stamp_of(stream))
             elif recording:
                 self._wrote(op, result, writes, reads, stream)
+            if name in ("to", "copy_") or name == self.session.type:
+                self._between_devices(name, args, result, stream, streams)
         return result
+
+    def _between_devices(
+        self,
+        name: str,
+        args: Sequence[Any],
+        result: Any,
+        stream: SimulatedStream,
+        streams: Streams,
+    ) -> None:
+        """A copy from one device to another runs on the source's current stream, and torch
+        makes the destination's current stream wait for it (and the copy for that stream)."""
+        destination = args[0] if name == "copy_" else result
+        if not isinstance(destination, torch.Tensor):
+            return
+        device = _simulated(destination)
+        if device is None or device.index == stream.device_index:
+            return
+        other = streams.current_of(device.index or 0)
+        self.wait(stream, stamp_of(other))
+        self.wait(other, stamp_of(stream))
 
     def _device_of(
         self,
@@ -680,9 +702,10 @@ class Races:
 
     def _spelled(self, stream: SimulatedStream) -> str:
         """How code names `stream`: `torch.cuda.current_stream()` for a default stream."""
-        if _is_default(stream):
-            return f"torch.{self.session.type}.current_stream()"
-        return "side_stream"
+        if not _is_default(stream):
+            return "side_stream"
+        index = "" if self.session.count == 1 else str(stream.device_index)
+        return f"torch.{self.session.type}.current_stream({index})"
 
     def _race(
         self,

@@ -297,6 +297,23 @@ def test_a_side_stream_reading_what_the_default_stream_wrote_must_wait_for_it(
                 assert float(rows[1].sum() + same.sum()) == 24.0
 
 
+@pytest.mark.parametrize("spelling", ["to", "copy_"])
+def test_a_copy_between_devices_orders_the_destination_stream_after_it(spelling: str) -> None:
+    with devicekit.simulated_devices("cuda", 2, races=True):
+        side = torch.cuda.Stream(device=0)  # side streams exist: every op is recorded
+        source = torch.ones(3, device="cuda:1") * 2  # written on cuda:1's default stream
+        with torch.cuda.stream(side):  # cuda:0's current stream is `side` here
+            if spelling == "to":
+                copied = source.to("cuda:0", non_blocking=True)
+            else:
+                copied = torch.empty(3, device="cuda:0").copy_(source, non_blocking=True)
+            total = copied.sum()  # `side` waits for the copy, as torch makes it
+        with pytest.raises(RaceError, match=r"on the default stream of cuda:0 reads f32\[3\]"):
+            copied.sum()  # ... but cuda:0's default stream does not
+        torch.cuda.current_stream(0).wait_stream(side)
+        assert (copied.sum() + total).item() == 12.0
+
+
 def test_a_race_names_both_ops_their_streams_and_call_sites() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         side = torch.cuda.Stream()
