@@ -100,11 +100,12 @@ def _poison(tensor: torch.Tensor) -> None:
     else:
         info = torch.iinfo(dtype)
         value = info.min if info.min < 0 else info.max
-    with torch._C.DisableTorchFunction():
+    data = tensor.detach()  # the bytes only: autograd sees no write
+    with torch._C.DisableTorchFunction(), torch.no_grad():
         try:
-            tensor.fill_(value)
+            data.fill_(value)
         except RuntimeError:  # float8 and other dtypes without fill: all bits set
-            tensor.view(torch.uint8).fill_(0xFF)
+            data.view(torch.uint8).fill_(0xFF)
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
@@ -172,7 +173,7 @@ class _Copy:
         storage = self.storage()
         if storage is None:
             return  # freed before it landed: nobody can read it
-        with torch._C.DisableTorchFunction():
+        with torch._C.DisableTorchFunction(), torch.no_grad():
             destination = torch.empty(0, dtype=self.dtype)
             destination.set_(storage, self.offset, self.size, self.stride)
             destination.copy_(self.values)
@@ -610,7 +611,7 @@ class Races:
             destination.__dict__[_PINNED] = True  # as torch pins `.to("cpu", non_blocking=True)`
         pinned_source = _simulated(source) is None and bool(source.__dict__.get(_PINNED))
         with torch._C.DisableTorchFunction():
-            values = source if pinned_source else destination.clone()
+            values = source.detach() if pinned_source else destination.detach().clone()
         copy = _Copy.into(destination, values)
         allocated = None
         if on_device:  # `.to()` allocates on the copying stream; `copy_` writes older memory

@@ -390,6 +390,18 @@ def test_a_blocking_copy_or_one_between_devices_holds_no_poison() -> None:
         assert other.tolist() == [0.0, 1.0, 2.0]
 
 
+def test_gradients_flow_through_non_blocking_copies() -> None:
+    with devicekit.simulated_devices("cuda", 1, races=True):
+        weights = torch.ones(3, requires_grad=True)
+        on_device = weights.to("cuda", non_blocking=True)  # poisoned, then landed: no autograd
+        (on_device * 2).sum().backward()
+        back = (weights.to("cuda") * 3).to("cpu", non_blocking=True)
+        torch.cuda.synchronize()
+        back.sum().backward()
+    assert weights.grad is not None
+    assert weights.grad.tolist() == [5.0, 5.0, 5.0]
+
+
 def test_a_view_of_an_unlanded_copy_is_checked_as_the_copy() -> None:
     with devicekit.simulated_devices("cuda", 1, races=True):
         host = torch.arange(6.0, device="cuda").to("cpu", non_blocking=True)
