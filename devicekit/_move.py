@@ -315,15 +315,42 @@ class _Mover:
 _IN_PLACE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu"})
 
 
-def aliases(module: torch.nn.Module) -> list[list[tuple[dict[str, Any], str]]]:
+def _modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """`module` and its submodules, each once: `module.modules()` without the path strings."""
+    found = [module]
+    seen = {id(module)}
+    for current in found:  # grows while read: breadth first
+        for child in current._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
+
+
+def aliases(
+    module: torch.nn.Module, *, buffers_only: bool = False
+) -> list[list[tuple[dict[str, Any], str]]]:
     """The parameter and buffer slots of `module` that hold one tensor shared by several:
-    `[[(embed._parameters, "weight"), (head._parameters, "weight")], ...]`."""
+    `[[(embed._parameters, "weight"), (head._parameters, "weight")], ...]`; with
+    `buffers_only`, only the groups with a buffer slot among them."""
+    modules = _modules(module)
     slots: dict[int, list[tuple[dict[str, Any], str]]] = {}
-    for submodule in module.modules():
-        for entries in (submodule._parameters, submodule._buffers):
-            for name, tensor in entries.items():
-                if tensor is not None:
-                    slots.setdefault(id(tensor), []).append((entries, name))
+    for submodule in modules:
+        buffers = submodule._buffers
+        for name, tensor in buffers.items():
+            if tensor is not None:
+                slots.setdefault(id(tensor), []).append((buffers, name))
+    if buffers_only and not slots:
+        return []
+    for submodule in modules:
+        parameters = submodule._parameters
+        for name, tensor in parameters.items():
+            if tensor is not None:
+                if buffers_only:
+                    if id(tensor) in slots:
+                        slots[id(tensor)].append((parameters, name))
+                else:
+                    slots.setdefault(id(tensor), []).append((parameters, name))
     return [group for group in slots.values() if len(group) > 1]
 
 
@@ -334,8 +361,11 @@ def move_module(
 
     torch keeps a parameter's identity only where it can swap the data in place (`param.data =
     moved`); to and from `meta`, or with `torch.__future__`'s overwrite or swap settings, each
-    module gets a new `Parameter`, and one shared by two modules becomes two. Here every slot
-    that held the shared tensor is pointed at the first slot's result afterwards.
+    module gets a new `Parameter`, and one shared by two modules becomes two. A buffer is
+    replaced by every move that changes it, so one registered under two names (or by two
+    modules, or as a buffer and a parameter) becomes two on any device. Here every slot that
+    held the shared tensor is pointed at one result afterwards: the first slot holding a
+    `Parameter` (torch kept its identity, where it could), else the first slot.
     """
     future = torch.__future__
     untying = (
@@ -343,13 +373,13 @@ def move_module(
         or future.get_overwrite_module_params_on_conversion()
         or future.get_swap_module_params_on_conversion()
     )
-    groups = aliases(module) if untying else ()
+    groups = aliases(module, buffers_only=not untying)
     moved = module.to(device=device, dtype=dtype, non_blocking=non_blocking)
     for group in groups:
-        entries, name = group[0]
-        kept = entries.get(name)
-        for other, other_name in group[1:]:
-            if other_name in other and other[other_name] is not kept:
+        values = [entries.get(name) for entries, name in group]
+        kept = next((v for v in values if isinstance(v, torch.nn.Parameter)), values[0])
+        for (other, other_name), value in zip(group, values, strict=True):
+            if value is not kept and other_name in other:
                 other[other_name] = kept
     return moved
 

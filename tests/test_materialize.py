@@ -609,3 +609,78 @@ def test_bad_devices_fail_where_they_are_given() -> None:
         deferred("cuda:x")
     with pytest.raises(devicekit.DeviceUnavailableError):
         materialize(nn.Linear(1, 1), "cuda:99")
+
+
+def _identities(model: nn.Module) -> list[list[str]]:
+    """The parameter and buffer slots of `model` grouped by the tensor object they hold."""
+    groups: dict[int, list[str]] = {}
+    for prefix, submodule in model.named_modules(remove_duplicate=False):
+        for kind, entries in (("param", submodule._parameters), ("buffer", submodule._buffers)):
+            for name, tensor in entries.items():
+                if tensor is not None:
+                    groups.setdefault(id(tensor), []).append(f"{kind}:{prefix}.{name}")
+    return sorted(sorted(group) for group in groups.values())
+
+
+def _shared_buffers_model() -> nn.Module:
+    parent = nn.Module()
+    parent.m1, parent.m2 = nn.Module(), nn.Module()
+    shared = torch.ones(3)
+    parent.register_buffer("a", shared)
+    parent.register_buffer("b", shared)
+    parent.m1.register_buffer("x", shared)
+    parent.m2.register_buffer("x", shared)
+    weight = nn.Parameter(torch.ones(2))
+    parent.m1.weight = weight
+    parent.m2.register_buffer("w", weight)  # a parameter registered as a buffer elsewhere
+    return parent
+
+
+@pytest.mark.parametrize("target", ["meta", "cuda:1", "cpu"])
+def test_to_device_keeps_buffers_registered_twice_or_by_two_modules(target: str) -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        model = _shared_buffers_model()
+        weight = model.m1.weight
+        to_device(model, target)
+        assert model.a is model.b is model.m1.x is model.m2.x
+        assert model.m2.w is model.m1.weight
+        assert isinstance(model.m1.weight, nn.Parameter)
+        assert model.a.device == torch.device(target)
+        if target != "meta":  # torch keeps a parameter's identity where it moves in place
+            assert model.m1.weight is weight
+
+
+_SLOTS = st.lists(
+    st.tuples(st.integers(0, 3), st.booleans(), st.integers(0, 5)), min_size=1, max_size=10
+)
+
+
+@given(
+    slots=_SLOTS,
+    parameters=st.lists(st.booleans(), min_size=6, max_size=6),
+    target=st.sampled_from(["meta", "cuda:1"]),
+)
+def test_to_device_keeps_any_sharing_of_parameters_and_buffers(
+    slots: list[tuple[int, bool, int]], parameters: list[bool], target: str
+) -> None:
+    # Six tensors (each a Parameter or not), registered in up to four submodules, as a
+    # parameter (Parameters only) or a buffer, under numbered names.
+    with devicekit.simulated_devices("cuda", 2):
+        pool = [nn.Parameter(torch.ones(2)) if p else torch.ones(2) for p in parameters]
+        model = nn.Module()
+        children = [nn.Module() for _ in range(3)]
+        for index, child in enumerate(children):
+            model.add_module(f"c{index}", child)
+        owners = [model, *children]
+        for number, (owner, as_buffer, which) in enumerate(slots):
+            tensor = pool[which]
+            if as_buffer or not isinstance(tensor, nn.Parameter):
+                owners[owner].register_buffer(f"b{number}", tensor)
+            else:
+                owners[owner].register_parameter(f"p{number}", tensor)
+        expected = _identities(model)
+        to_device(model, target)
+        assert _identities(model) == expected
+        assert all(
+            t.device == torch.device(target) for t in (*model.parameters(), *model.buffers())
+        )
