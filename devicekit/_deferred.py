@@ -43,7 +43,16 @@ from devicekit._scope import Kind, Record, Scoped
 from devicekit._simulate_rng import RANDOM_OPS
 from devicekit._types import DeviceLike
 
-__all__ = ["Op", "Recording", "Ref", "deferred", "disown", "recording_of", "storage_key"]
+__all__ = [
+    "Op",
+    "Recording",
+    "Ref",
+    "deferred",
+    "disown",
+    "recording_of",
+    "replaced",
+    "storage_key",
+]
 
 _META = torch.device("meta")
 
@@ -139,7 +148,9 @@ class Recording:
     `produced` are the storages an op created; `versions` the version counter of every
     recorded meta tensor when the block ended, to notice in-place changes made afterwards;
     `start_states` the target generators' states before the first replay on each device, so
-    that a second replay (of another part of the same block) draws the same numbers.
+    that a second replay (of another part of the same block) draws the same numbers;
+    `slots` what each module the block registered held when it ended (its type, and a `Ref`
+    per meta parameter and buffer, by name), to tell what happened to a tensor replaced later.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -154,6 +165,8 @@ class Recording:
         self.modes: tuple[TorchFunctionMode, ...] = ()
         self.hooks: list[Any] = []
         self.dispatching = False
+        self.owned: list[weakref.ref[torch.nn.Module]] = []
+        self.slots: dict[int, tuple[type, dict[str, Ref]]] = {}
         self.__weakref__: Any
 
     def __repr__(self) -> str:
@@ -177,6 +190,8 @@ class Recording:
             return
         _OWNERS[id(module)] = self
         weakref.finalize(module, _OWNERS.pop, id(module), None)
+        if isinstance(module, torch.nn.Module):
+            self.owned.append(weakref.ref(module))
 
     def start(self) -> None:
         """Begin recording on this thread; `stop` undoes whatever of it was done."""
@@ -207,6 +222,13 @@ class Recording:
         unique = {id(tensor): tensor for tensor in self.created}.values()
         self.versions = [(tensor, _version(tensor)) for tensor in unique]
         self.created = []
+        for reference in self.owned:
+            module = reference()
+            if module is not None:
+                tensors = {**module._parameters, **module._buffers}
+                refs = {n: Ref(t) for n, t in tensors.items() if t is not None and t.is_meta}
+                self.slots[id(module)] = (type(module), refs)
+        self.owned = []
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -231,6 +253,58 @@ def disown(modules: Iterable[object]) -> None:
 def recording_of(tensor: torch.Tensor) -> Recording | None:
     """The recording that created `tensor`'s storage, if a live one did."""
     return _BY_STORAGE.get(storage_key(tensor))
+
+
+def replaced(
+    module: torch.nn.Module, name: str, tensor: torch.Tensor
+) -> tuple[str | None, str] | None:
+    """What happened to `module`'s meta parameter or buffer `name` (now `tensor`, which no
+    recording made) after a `deferred()` block, as far as devicekit can tell: the op that
+    most likely did it (`"Module.to"`, `"copy.deepcopy"`, or `None` for an assignment) and
+    words for an error message; `None` when no live block built `module` or one like it.
+
+    A module the block registered held another tensor there when the block ended: one of the
+    same shape and another dtype was cast (`Module.to(dtype)`), anything else was assigned.
+    A module no block registered, whose type and meta tensors' names and shapes match one a
+    live block registered, is most likely a copy of it (`copy.deepcopy`), cast too if the
+    dtypes differ.
+    """
+    owner = _OWNERS.get(id(module))
+    if owner is not None and id(module) in owner.slots:
+        before = owner.slots[id(module)][1].get(name)
+        if before is None:
+            return None, "assigned after the deferred() block (it held no meta tensor there)"
+        if before.shape == tuple(tensor.shape) and before.dtype != tensor.dtype:
+            return "Module.to", (
+                f"replaced after the deferred() block (cast from {before.dtype} to "
+                f"{tensor.dtype}, by Module.to or Tensor.to?)"
+            )
+        return None, "replaced after the deferred() block (assigned a new tensor?)"
+    layout = _layout(module)
+    for recording in {id(r): r for r in _OWNERS.values()}.values():
+        for kind, refs in recording.slots.values():
+            if kind is not type(module) or _layout_of(refs) != layout:
+                continue
+            before = refs.get(name)
+            cast = (
+                ""
+                if before is None or before.dtype == tensor.dtype
+                else f" and cast from {before.dtype} to {tensor.dtype}"
+            )
+            return "copy.deepcopy", (
+                f"made after the deferred() block: its {type(module).__name__} matches one "
+                f"built in the block, so it is most likely a copy of it (copy.deepcopy?{cast})"
+            )
+    return None
+
+
+def _layout(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    tensors = {**module._parameters, **module._buffers}
+    return {n: tuple(t.shape) for n, t in tensors.items() if t is not None and t.is_meta}
+
+
+def _layout_of(refs: dict[str, Ref]) -> dict[str, tuple[int, ...]]:
+    return {name: ref.shape for name, ref in refs.items()}
 
 
 # --- the modes ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from devicekit._deferred import Op, Recording, Ref, disown, recording_of, storage_key
+from devicekit._deferred import Op, Recording, Ref, disown, recording_of, replaced, storage_key
 from devicekit._describe import describe_tensor
 from devicekit._errors import InvalidArgumentError, MaterializeError, MaterializeWarning
 from devicekit._move import to_device
@@ -294,6 +294,7 @@ def _replayed(
         path = slots[0].path
         recording = recording_of(tensor)
         if recording is None:
+            _raise_if_replaced(tensor, slots, target)
             raise MaterializeError(
                 f"materialize({target}): {path} ({describe_tensor(tensor)}) was not made "
                 "inside a devicekit.deferred() block (built under another meta context, or "
@@ -311,6 +312,38 @@ def _replayed(
         _check_unchanged(recording, needed, target)
         real.update(_Replay(recording, needed, target).run())
     return real
+
+
+def _raise_if_replaced(tensor: torch.Tensor, slots: list[_Slot], target: torch.device) -> None:
+    """Raise `MaterializeError` saying what happened to a tensor no recording made, where
+    `replaced` can tell (a cast, a copy or an assignment after the block)."""
+    for slot in slots:
+        if slot.entries is vars(slot.module):
+            continue
+        found = replaced(slot.module, slot.name, tensor)
+        if found is None:
+            continue
+        op, happened = found
+        if op == "Module.to":
+            fix = (
+                f"do the cast inside the block (`with devicekit.deferred(): model = "
+                f"Net().to({tensor.dtype})`), or materialise first and cast after "
+                f"(`devicekit.materialize(model, {str(target)!r}).to({tensor.dtype})`)"
+            )
+        elif op == "copy.deepcopy":
+            fix = (
+                "copy inside the block (`with devicekit.deferred(): ...; copy = "
+                "copy.deepcopy(model)`), or materialise first and copy after"
+            )
+        else:
+            fix = "assign it inside the block, or materialise first and assign after"
+        raise MaterializeError(
+            f"materialize({target}): {slot.path} ({describe_tensor(tensor)}) was {happened}, "
+            "and only what runs inside a devicekit.deferred() block is recorded, so its "
+            f"values cannot be replayed. Fix: {fix}; or pass init='reset' or init=None.",
+            path=slot.path,
+            op=op,
+        )
 
 
 def _check_unchanged(recording: Recording, needed: dict[int, str], target: torch.device) -> None:

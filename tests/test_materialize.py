@@ -369,10 +369,68 @@ def test_a_parameter_assigned_after_the_block_raises_naming_its_path() -> None:
         materialize(model, "cpu")
     assert caught.value.path == "model.body.0.weight"
     assert str(caught.value).startswith(
-        "materialize(cpu): model.body.0.weight (f32[16,16] @ meta) was not made inside a "
-        "devicekit.deferred() block"
+        "materialize(cpu): model.body.0.weight (f32[16,16] @ meta) was replaced after the "
+        "deferred() block (assigned a new tensor?), and only what runs inside a "
+        "devicekit.deferred() block is recorded"
+    )
+    assert "Fix: assign it inside the block, or materialise first and assign after" in str(
+        caught.value
     )
     assert "pass init='reset'" in str(caught.value)
+
+
+def test_a_cast_after_the_block_raises_naming_the_cast_and_the_fix() -> None:
+    model = built(TiedLM).to(torch.bfloat16)
+    with pytest.raises(MaterializeError) as caught:
+        materialize(model, "cpu")
+    assert caught.value.path == "model.embed.weight"
+    assert caught.value.op == "Module.to"
+    assert str(caught.value) == (
+        "materialize(cpu): model.embed.weight (bf16[64,16] @ meta) was replaced after the "
+        "deferred() block (cast from torch.float32 to torch.bfloat16, by Module.to or "
+        "Tensor.to?), and only what runs inside a devicekit.deferred() block is recorded, so "
+        "its values cannot be replayed. Fix: do the cast inside the block (`with "
+        "devicekit.deferred(): model = Net().to(torch.bfloat16)`), or materialise first and "
+        "cast after (`devicekit.materialize(model, 'cpu').to(torch.bfloat16)`); or pass "
+        "init='reset' or init=None."
+    )
+
+
+def test_the_cast_inside_the_block_is_replayed_like_eager() -> None:
+    torch.manual_seed(0)
+    with deferred():
+        model = TiedLM().to(torch.bfloat16)
+    materialize(model, "cpu")
+    torch.manual_seed(0)
+    expected = TiedLM().to(torch.bfloat16)
+    assert model.head.weight is model.embed.weight
+    assert model.embed.weight.dtype == torch.bfloat16
+    for (name, value), (_, wanted) in zip(
+        model.state_dict().items(), expected.state_dict().items(), strict=True
+    ):
+        assert torch.equal(value, wanted), name
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_a_deepcopy_after_the_block_raises_naming_the_copy(dtype: torch.dtype | None) -> None:
+    original = built(TiedLM)
+    model = copy.deepcopy(original)
+    if dtype is not None:
+        model.to(dtype)
+    with pytest.raises(MaterializeError) as caught:
+        materialize(model, "cpu")
+    assert caught.value.op == "copy.deepcopy"
+    cast = "" if dtype is None else " and cast from torch.float32 to torch.float16"
+    described = "f32[64,16]" if dtype is None else "f16[64,16]"
+    assert str(caught.value).startswith(
+        f"materialize(cpu): model.embed.weight ({described} @ meta) was made after the "
+        "deferred() block: its Embedding matches one built in the block, so it is most "
+        f"likely a copy of it (copy.deepcopy?{cast}), and only what runs inside a "
+        "devicekit.deferred() block is recorded, so its values cannot be replayed. Fix: copy "
+        "inside the block"
+    )
+    materialize(original, "cpu")  # the original itself is still replayed
+    assert not original.embed.weight.is_meta
 
 
 def test_a_change_in_place_after_the_block_raises() -> None:
@@ -640,14 +698,15 @@ def _shared_buffers_model() -> nn.Module:
 def test_to_device_keeps_buffers_registered_twice_or_by_two_modules(target: str) -> None:
     with devicekit.simulated_devices("cuda", 2):
         model = _shared_buffers_model()
-        weight = model.m1.weight
+        weight = model.get_parameter("m1.weight")
         to_device(model, target)
-        assert model.a is model.b is model.m1.x is model.m2.x
-        assert model.m2.w is model.m1.weight
-        assert isinstance(model.m1.weight, nn.Parameter)
-        assert model.a.device == torch.device(target)
+        buffer = model.get_buffer
+        assert buffer("a") is buffer("b") is buffer("m1.x") is buffer("m2.x")
+        assert buffer("m2.w") is model.get_parameter("m1.weight")
+        assert isinstance(model.get_parameter("m1.weight"), nn.Parameter)
+        assert buffer("a").device == torch.device(target)
         if target != "meta":  # torch keeps a parameter's identity where it moves in place
-            assert model.m1.weight is weight
+            assert model.get_parameter("m1.weight") is weight
 
 
 _SLOTS = st.lists(
