@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_materialize                 # cpu and a simulated cuda:0
     python -m benchmarks.bench_materialize --memory        # and peak memory, one process each
+    python -m benchmarks.bench_materialize --timing        # build times of GPT-2s, CPU
 
 For each model and target device, each method builds the model without memory and gives it
 memory on the device; the result is compared with eager construction on that device after the
@@ -21,6 +22,10 @@ eager model (the same names name one object), `values` when every parameter and 
 non-persistent ones too) is bit-identical to the eager model's. With `--memory`, each build and
 materialisation also runs in a child process on the CPU, and the table gives its peak resident
 memory above the child's memory before building (`VmHWM` after resetting it), in MiB.
+
+With `--timing`, the table is instead how long GPT-2s built from configs (`TIMED_MODELS`) take
+on one CPU thread: eager construction against `deferred()` recording plus `materialize`
+replaying, each the median of `--repeat` runs (each seeded alike).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -458,17 +465,84 @@ def memory_table(methods: Sequence[str] = METHODS) -> str:
     return "\n".join(lines)
 
 
+def _gpt2_sized(width: int, layers: int, heads: int, vocab: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            vocab_size=vocab,
+            n_positions=1024,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return GPT2LMHeadModel(config)
+
+    return build
+
+
+#: The models `--timing` times: GPT-2s from configs, tiny to small.
+TIMED_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "GPT-2 2 layers, width 128": _gpt2_sized(128, 2, 2, 8000),
+    "GPT-2 6 layers, width 512": _gpt2_sized(512, 6, 8, 32000),
+}
+
+
+def timing(models: dict[str, Callable[[], nn.Module]] | None = None, repeats: int = 5) -> str:
+    """Seconds to build each model eagerly, to record it under `deferred()`, and to
+    `materialize` it on the CPU: a markdown table of medians over `repeats` runs."""
+    lines = [
+        "| model | parameters | eager s | record s | materialise s | record + materialise s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, build in (TIMED_MODELS if models is None else models).items():
+        eager_s, record_s, replay_s = [], [], []
+        parameters = 0
+        for _ in range(repeats):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                model = build()
+                eager_s.append(time.perf_counter() - start)
+                parameters = sum(p.numel() for p in model.parameters())
+                del model
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                with devicekit.deferred("cpu"):
+                    model = build()
+                record_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                devicekit.materialize(model, "cpu")
+                replay_s.append(time.perf_counter() - start)
+                del model
+        eager, record, replay = (statistics.median(v) for v in (eager_s, record_s, replay_s))
+        lines.append(
+            f"| {name} | {parameters / 1e6:.1f}M | {eager:.3f} | {record:.3f} | {replay:.3f} "
+            f"| {record + replay:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--device", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--memory", action="store_true", help="peak memory, a child each")
+    parser.add_argument("--timing", action="store_true", help="build times of GPT-2s, CPU")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per --timing median")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.child:
         measure_child(*arguments.child)
         return ""
     torch.set_num_threads(1)
+    if arguments.timing:
+        text = timing(repeats=arguments.repeat)
+        print(text)
+        return text
     found = results(arguments.device, arguments.method)
     memory = None
     if arguments.memory:

@@ -743,3 +743,22 @@ def test_to_device_keeps_any_sharing_of_parameters_and_buffers(
         assert all(
             t.device == torch.device(target) for t in (*model.parameters(), *model.buffers())
         )
+
+
+def test_the_timing_table_times_eager_against_record_and_materialise() -> None:
+    tiny = {"GPT-2 tiny": bench_materialize._gpt2_sized(16, 1, 2, 64)}
+    text = bench_materialize.timing(tiny, repeats=1)
+    header, rule, row = text.splitlines()
+    assert rule == "|---|---|---|---|---|---|"
+    assert header == (
+        "| model | parameters | eager s | record s | materialise s | record + materialise s |"
+    )
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:2] == ["GPT-2 tiny", "0.0M"]
+    eager, record, replay, total = map(float, cells[2:])
+    assert min(eager, record, replay) > 0
+    assert total == pytest.approx(record + replay, abs=0.0015)
+    assert set(bench_materialize.TIMED_MODELS) == {
+        "GPT-2 2 layers, width 128",
+        "GPT-2 6 layers, width 512",
+    }
