@@ -20,6 +20,11 @@ what the guard saves against the plain empty mode), and a bare check that does n
 
 A last table calls the handlers directly on a no-op op: the check's own cost without a kernel
 and torch's dispatch around it, which is steadier, and lower, than the same check in place.
+
+Two tables give provenance's cost (issue 15): the guard recording factories and moves against
+the same guard with recording off, and a simulation's factories with recording on and off
+(`devicekit._provenance.made` replaced by a function that records nothing), inside one
+`simulated_devices("cuda", 1)`.
 """
 
 from __future__ import annotations
@@ -385,6 +390,68 @@ def provenance_cost(rounds: int, seed: int = 0) -> str:
     )
 
 
+@contextmanager
+def _simulated_recording_off() -> Iterator[None]:
+    """A simulation as it would be without provenance: its factories record nothing."""
+    from devicekit import _provenance
+
+    def made(func: object, result: object, device: object = None) -> object:
+        return result
+
+    saved = _provenance.made
+    _provenance.made = made  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _provenance.made = saved
+
+
+def simulated_provenance_cost(rounds: int, seed: int = 0) -> str:
+    """What recording provenance adds under `simulated_devices("cuda", 1)`: factories on the
+    CPU and on the simulated device, and an op on simulated tensors (no factory), with
+    recording on and off in alternating batches inside one simulation."""
+    conditions: dict[str, Callable[[], AbstractContextManager[object]]] = {
+        "off": _simulated_recording_off,
+        "on": nullcontext,
+    }
+    rng = random.Random(seed)
+    rows = []
+    with devicekit.simulated_devices("cuda", 1):
+        a, b = torch.ones(4, device="cuda"), torch.ones(4, device="cuda")
+        ops: dict[str, Callable[[], object]] = {
+            "a + b on cuda:0 (no factory)": lambda: a + b,
+            "torch.zeros(8) (CPU factory)": lambda: torch.zeros(8),
+            'torch.zeros(8, device="cuda")': lambda: torch.zeros(8, device="cuda"),
+            'torch.arange(16, device="cuda")': lambda: torch.arange(16, device="cuda"),
+        }
+        for name, function in ops.items():
+            number = calls_per_batch(function)
+            samples: dict[str, list[float]] = {key: [] for key in conditions}
+            for _ in range(rounds):
+                for key in rng.sample(list(conditions), len(conditions)):
+                    with conditions[key]():
+                        samples[key].append(batch_us(function, number))
+            rows.append(
+                [
+                    name,
+                    statistics.median(samples["off"]) * 1000,
+                    statistics.median(samples["on"]) * 1000,
+                    paired(samples, "on", "off") * 1000,
+                    ratio(samples, "on", "off"),
+                ]
+            )
+    return format_table(
+        [
+            "op under simulated_devices",
+            "recording off (ns)",
+            "recording on (ns)",
+            "recording adds (ns)",
+            "on / off",
+        ],
+        rows,
+    )
+
+
 def _load() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
 
@@ -420,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "guard with recording off; ns per call, medians over rounds"
     )
     print(provenance_cost(max(1, options.rounds // 3)))
+    print()
+    print(
+        "Provenance under a simulation: the same ops with factory recording on and off, "
+        "inside one simulated_devices('cuda', 1); ns per call, medians over rounds"
+    )
+    print(simulated_provenance_cost(max(1, options.rounds // 3)))
 
 
 if __name__ == "__main__":

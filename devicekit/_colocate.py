@@ -17,9 +17,9 @@ import torch
 from typing_extensions import ParamSpec, TypeVarTuple, Unpack
 
 from devicekit._errors import CrossDeviceError
-from devicekit._guard import choose_device
+from devicekit._guard import _ACTIVE_GUARD, choose_device
 from devicekit._move import to_device
-from devicekit._paths import devices_in
+from devicekit._paths import devices_in, render, walk
 from devicekit._report import Report
 from devicekit._resolve import resolve
 from devicekit._scope import wrap
@@ -42,19 +42,50 @@ def _choose_target(
     found = devices_in(labelled)
     target = choose_device(found, None)
     if target is None and found:
-        raise _ambiguous(operation, found)
+        raise _ambiguous(operation, labelled, found)
     return target
 
 
-def _ambiguous(operation: str, found: Mapping[torch.device, Sequence[str]]) -> CrossDeviceError:
+#: The most tensors per device that the error lists by path (a model has thousands).
+_SHOWN = 3
+
+
+def _ambiguous(
+    operation: str,
+    labelled: list[tuple[str, object]],
+    found: Mapping[torch.device, Sequence[str]],
+) -> CrossDeviceError:
+    """The error for tensors on two accelerators or more: each tensor described as the guard
+    and the simulation describe operands, with where it came from inside either of them."""
     __tracebackhide__ = True
-    operands = [(path, str(device)) for device, paths in found.items() for path in paths]
-    report = Report(operation, operands, devices=list(found), target=None, block="colocate")
+    shown: dict[torch.device, list[tuple[str, torch.Tensor | str]]] = {d: [] for d in found}
+    for label, obj in labelled:
+        for value, where in walk(obj):
+            if isinstance(value, torch.Tensor) and value.device in shown:
+                listed = shown[value.device]
+                if len(listed) < _SHOWN:
+                    listed.append((render(label, where), value))
+    operands: list[tuple[str, torch.Tensor | str]] = []
+    for device, listed in shown.items():
+        operands.extend(listed)
+        if len(found[device]) > len(listed):
+            operands.append(("", f"and {len(found[device]) - len(listed)} more on {device}"))
+    report = Report(operation, operands, devices=list(found), target=None, block=_block())
     first = next(iter(found))
     return report.error(
         fix=f'Fix: name the device, e.g. `{operation}(..., device="{first}")`: with tensors on '
         "several accelerators there is no one device to move them to."
     )
+
+
+def _block() -> str:
+    """Which check is active, for the operands' provenance: a simulation, a guard, or none
+    (`"colocate"`: nothing was recorded, no provenance is looked up)."""
+    from devicekit import _simulate_mode
+
+    if _simulate_mode._active is not None:
+        return "simulated_devices"
+    return "device_guard" if _ACTIVE_GUARD.get() is not None else "colocate"
 
 
 def colocate(*objs: Unpack[Ts], device: DeviceLike = None) -> tuple[Unpack[Ts]]:

@@ -287,13 +287,21 @@ def _where(operation: str, spec: object) -> str:
     return operation if "=" in operation else f"{operation}({show(spec)})"
 
 
+#: The operations that take `check=`: only their message offers `check=False`.
+CHECKABLE = frozenset({"as_device"})
+
+
 def _unavailable(operation: str, spec: object, device: torch.device) -> DeviceUnavailableError:
     available = _available()
     listed = ", ".join(str(d) for d in available)
+    offer = (
+        ", or pass check=False to build the torch.device anyway"
+        if operation.split("(", 1)[0] in CHECKABLE
+        else ""
+    )
     return DeviceUnavailableError(
         f"{_where(operation, spec)}: {device} is not available on this machine. "
-        f"Available devices: {listed}. Use one of those, or pass check=False "
-        "to build the torch.device anyway.",
+        f"Available devices: {listed}. Use one of those{offer}.",
         device=device,
         available=available,
     )

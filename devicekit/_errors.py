@@ -145,7 +145,9 @@ class Provenance:
         device: Where the operand is (the simulated device under a simulation).
         origin: How it came to be, one of `"made"` (a factory call inside the block made it, or
             the value it was computed from), `"moved"` (a `.to()`/`.cpu()`/`.cuda()` inside the
-            block put it there), `"assigned"` (the line that assigned the variable holding it;
+            block put it there), `"returned"` (library code the user's line called made it:
+            `torch.load`, `default_collate`; `op` is that call), `"assigned"` (the line that
+            assigned the variable holding it;
             no factory was recorded there), `"argument"` (it was passed into the function
             that uses it) or `"outside"` (nothing inside the block made it: it was passed in,
             loaded or made before the block).
@@ -174,7 +176,7 @@ class Provenance:
 
     label: str
     device: str
-    origin: Literal["made", "moved", "assigned", "argument", "outside"]
+    origin: Literal["made", "moved", "returned", "assigned", "argument", "outside"]
     op: str | None = None
     location: str | None = None
     via: str | None = None

@@ -4,7 +4,10 @@ Recording costs time only while a `device_guard` or a simulation is active, and 
 factory calls (`torch.arange`, `torch.zeros`, `torch.tensor`, ...) and moves (`.to()`, `.cpu()`):
 `record` keeps the user's file and line of the call, keyed by the tensor's identity in a table
 whose entries go with their tensors, and the set of lines where factories ran. Every other op
-costs nothing here.
+costs nothing here. When library code (torch's, an installed package's, the stdlib's) called the
+factory, the user's line that called into it is kept instead, with the library function it
+called (`w = torch.load(buf)`): the one extra cost on the user's own factory calls is a test of
+the calling frame's file name against a fixed tuple of prefixes.
 
 The rest is worked out only when an error is reported (`explain`), from the live stack of the
 failing call: the tensor's record (or its view base's); the module, optimizer or variable that
@@ -18,8 +21,11 @@ from __future__ import annotations
 import ast
 import inspect
 import linecache
+import os
 import re
+import site
 import sys
+import sysconfig
 import textwrap
 import weakref
 from collections.abc import Callable, Iterator
@@ -28,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from devicekit._describe import _INTERNAL, call_site, is_internal, op_name
+from devicekit._describe import _DEVICEKIT_DIR, _INTERNAL, call_site, is_internal, op_name
 from devicekit._errors import Provenance
 
 __all__ = ["FACTORIES", "MOVES", "explain", "keep", "made", "record"]
@@ -44,7 +50,9 @@ FACTORIES = _existing(
     torch,
     "arange range zeros ones empty full tensor as_tensor asarray rand randn randint randperm "
     "linspace logspace eye empty_strided tril_indices triu_indices scalar_tensor "
-    "bartlett_window blackman_window hamming_window hann_window kaiser_window",
+    "bartlett_window blackman_window hamming_window hann_window kaiser_window "
+    # `*_like` follow their input's device, and take `device=` as the others do.
+    "zeros_like ones_like empty_like full_like rand_like randn_like randint_like",
 )
 #: The moves whose results are recorded: a `.cpu()` in the middle of a computation shows here.
 MOVES = _existing(torch.Tensor, "to cpu cuda")
@@ -53,14 +61,20 @@ MOVES = _existing(torch.Tensor, "to cpu cuda")
 class _Entry(weakref.ref):  # type: ignore[type-arg]
     """A weak reference to a recorded tensor, with the op that made it and where: the code
     and instruction of the user's frame, turned into a line only when a report needs it
-    (attributes are set after creation: a Python `__init__` would cost more than the rest)."""
+    (attributes are set after creation: a Python `__init__` would cost more than the rest).
 
-    __slots__ = ("code", "device", "func", "key", "lasti")
+    When library code made it (`torch.load`, `default_collate`), `called` is the code of the
+    library function the user's line called and `namespace` that line's globals, to name the
+    call as the line writes it; neither is set otherwise (read with `getattr`)."""
+
+    __slots__ = ("called", "code", "device", "func", "key", "lasti", "namespace")
     key: int
     func: object
     code: CodeType
     lasti: int
     device: torch.device | None  # as the user sees it, where torch's answer is not that
+    called: CodeType
+    namespace: dict[str, Any]
 
     @property
     def filename(self) -> str:
@@ -90,7 +104,9 @@ def _forget(entry: weakref.ref[Any]) -> None:
         del ENTRIES[key]
 
 
-def _remember(result: torch.Tensor, func: object, code: CodeType, lasti: int, device: Any) -> None:
+def _remember(
+    result: torch.Tensor, func: object, code: CodeType, lasti: int, device: Any
+) -> _Entry:
     entry = _Entry(result, _forget)
     entry.key = key = id(result)
     entry.func, entry.code, entry.lasti, entry.device = func, code, lasti, device
@@ -98,6 +114,29 @@ def _remember(result: torch.Tensor, func: object, code: CodeType, lasti: int, de
     if len(SITES) > _MAX_SITES:
         SITES.clear()
     SITES[id(code), lasti] = entry
+    return entry
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    """Where code the user did not write lives: the standard library and installed packages
+    (`site-packages`, `dist-packages`), torch among them, as written and as resolved."""
+    paths = {sysconfig.get_paths().get(key) for key in ("stdlib", "purelib", "platlib")}
+    paths.update(getattr(site, "getsitepackages", list)())
+    paths.add(getattr(site, "getusersitepackages", str)())
+    paths.update(path for path in sys.path if path.endswith(("site-packages", "dist-packages")))
+    found = set(_INTERNAL)
+    for path in paths:
+        if path:
+            found.update(os.path.join(p, "") for p in (path, os.path.realpath(path)))
+    ordered = sorted(found)  # a prefix inside another adds nothing (torch's, in site-packages)
+    return tuple(p for p in ordered if not any(p.startswith(q) and p != q for q in ordered))
+
+
+#: Prefixes of the files of library code (torch's, installed packages', the stdlib's): a
+#: factory such code calls is reported as the user's call into it (`torch.load`).
+LIBRARY = _library_prefixes()
+#: Names of the functions through which torch hands a call to a mode: not a library call.
+_DISPATCH = frozenset({"__torch_function__", "__torch_dispatch__"})
 
 
 def record(
@@ -106,14 +145,39 @@ def record(
     """Remember where the factory or move `func` made `result` (a tensor, else nothing), on
     `device` as the user sees it (`None`: where torch says it is). The user's frame is the
     first outside torch and devicekit from `depth` frames up (2: the caller's caller, which
-    is the user's when a torch function mode calls this for a C function the user called)."""
+    is the user's when a torch function mode calls this for a C function the user called).
+
+    When the factory's caller is library code (torch's, an installed package's, the stdlib's),
+    the record is the user's call into it instead: the user's line, and the library function
+    it called (`w = torch.load(buf)`), never the factory the user did not write."""
     if not isinstance(result, torch.Tensor):
         return
-    frame: FrameType | None = _getframe(depth)
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+    frame = _getframe(depth)
+    code = frame.f_code
+    if not code.co_filename.startswith(LIBRARY):  # the user called the factory: one test
+        _remember(result, func, code, frame.f_lasti, device)
+    else:
+        _record_from_library(func, result, device, frame)
+
+
+def _record_from_library(
+    func: object, result: torch.Tensor, device: torch.device | None, frame: FrameType | None
+) -> None:
+    """`record` where `frame` is devicekit's, torch's or another library's: past devicekit's
+    frames (a mode's) and torch's dispatch to a mode, the user's line and what it called."""
+    outer: FrameType | None = None  # the outermost library frame passed, devicekit's aside
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(LIBRARY):
+            break
+        if not filename.startswith(_DEVICEKIT_DIR):
+            outer = frame
         frame = frame.f_back
-    if frame is not None:
-        _remember(result, func, frame.f_code, frame.f_lasti, device)
+    else:
+        return  # no user code on the stack (a library's own thread): nothing to say
+    entry = _remember(result, func, frame.f_code, frame.f_lasti, device)
+    if outer is not None and outer.f_code.co_name not in _DISPATCH:
+        entry.called, entry.namespace = outer.f_code, frame.f_globals
 
 
 def keep(func: object, source: torch.Tensor, result: torch.Tensor) -> None:
@@ -128,7 +192,10 @@ def keep(func: object, source: torch.Tensor, result: torch.Tensor) -> None:
         return
     entry = _entry_of(source)
     if entry is not None:
-        _remember(result, entry.func, entry.code, entry.lasti, entry.device)
+        kept = _remember(result, entry.func, entry.code, entry.lasti, entry.device)
+        called = getattr(entry, "called", None)
+        if called is not None:
+            kept.called, kept.namespace = called, entry.namespace
 
 
 def made(func: object, result: Any, device: torch.device | None = None) -> Any:
@@ -162,13 +229,60 @@ def explain(
                 return found
     site = context.line_site()
     if site is not None:  # made on the failing line itself: `x + torch.arange(t)`
-        func, where = site
-        return Provenance(label, str(device), _how(func), _op(func), str(where))
+        entry, where = site
+        return Provenance(label, str(device), *_origin(entry), str(where))
     return first if first is not None else Provenance(label, str(device), "outside")
 
 
 def _how(func: object) -> Literal["made", "moved"]:
     return "moved" if func in MOVES else "made"
+
+
+def _origin(entry: _Entry) -> tuple[Literal["made", "moved", "returned"], str]:
+    """How the record `entry` says its tensor came to be, and the op that did it: the
+    library function the user's line called where library code ran the factory."""
+    called = getattr(entry, "called", None)
+    if called is not None:
+        return "returned", _called_name(entry, called)
+    return _how(entry.func), _op(entry.func)
+
+
+_LOAD = torch.serialization.load.__code__
+
+
+def _called_name(entry: _Entry, called: CodeType) -> str:
+    """The call on the user's line that ran the library function `called`, as the line
+    writes it (`torch.load`, `default_collate`, `model`); the first call on the line where
+    none can be told apart; the function's own name where the line has none."""
+    if called is _LOAD:
+        return "torch.load"
+    line = linecache.getline(entry.filename, entry.lineno)
+    first = None
+    for match in _CALL.finditer(line):
+        text = match.group(1)
+        first = first or text
+        parts = text.split(".")
+        value: object = entry.namespace.get(parts[0], _MISSING)
+        if value is _MISSING:
+            value = getattr(__builtins__, parts[0], _MISSING)
+        for part in parts[1:]:
+            if value is _MISSING:
+                break
+            value = getattr(value, part, _MISSING)
+        if value is not _MISSING and called in _codes(value):
+            return text
+    return first or called.co_name
+
+
+def _codes(value: object) -> list[object]:
+    """The code objects that a call of `value` runs first: a function's or method's own, a
+    callable object's `__call__`'s, a class's `__init__`'s."""
+    target = getattr(value, "__func__", value)
+    found = [getattr(target, "__code__", None)]
+    for name in ("__call__", "__init__"):
+        method = getattr(value if isinstance(value, type) else type(value), name, None)
+        found.append(getattr(getattr(method, "__func__", method), "__code__", None))
+    return found
 
 
 def _op(func: object) -> str:
@@ -212,9 +326,7 @@ class _Context:
         entry = _entry_of(tensor)
         if entry is not None:
             location = str(call_site(entry.filename, entry.lineno))
-            return Provenance(
-                label, device, _how(entry.func), _op(entry.func), location, via, where, kind
-            )
+            return Provenance(label, device, *_origin(entry), location, via, where, kind)
         if owner is not None or local is None:  # a holder made it before: its path says more
             return Provenance(label, device, "outside", None, None, via, where, kind)
         name, frame, is_argument = local
@@ -227,20 +339,20 @@ class _Context:
             return Provenance(label, device, "outside", None, None, via, where, kind)
         filename = frame.f_code.co_filename
         location = str(call_site(filename, lineno))
-        func = self.made_at(filename, lineno)
-        if func is not None:
-            return Provenance(label, device, _how(func), _op(func), location, via, where, kind)
+        site = self.made_at(filename, lineno)
+        if site is not None:
+            return Provenance(label, device, *_origin(site), location, via, where, kind)
         if depth < 2:
             # `future = steps[None] > steps[:, None]`: what the assigning line computed it from.
             for named, found_value in self.named_on_line(frame, lineno):
                 if found_value is not tensor and named != name:
                     found = self.identify(label, found_value, via or named, depth + 1)
-                    if found is not None and found.origin in ("made", "moved"):
+                    if found is not None and found.origin in ("made", "moved", "returned"):
                         return found
         called = self.made_in_call(frame, lineno)
         if called is not None:  # `mask = causal_mask(t)`: a factory ran in `causal_mask`
-            func, site = called
-            return Provenance(label, device, "made", _op(func), str(site), via, where, kind)
+            entry, at = called
+            return Provenance(label, device, *_origin(entry), str(at), via, where, kind)
         return Provenance(label, device, "assigned", None, location, via, where, kind)
 
     # -- who holds it -------------------------------------------------------------------------
@@ -315,9 +427,9 @@ class _Context:
             if value is not _MISSING:
                 yield name, value
 
-    def made_in_call(self, frame: FrameType, lineno: int) -> tuple[object, Any] | None:
+    def made_in_call(self, frame: FrameType, lineno: int) -> tuple[_Entry, Any] | None:
         """A factory recorded inside a Python function that the line `lineno` of `frame`
-        calls (by name), that made a tensor on the operand's device: `(func, site)`."""
+        calls (by name), that made a tensor on the operand's device: `(record, site)`."""
         line = linecache.getline(frame.f_code.co_filename, lineno)
         namespace = {**frame.f_globals, **_locals(frame)}
         for match in _CALL.finditer(line):
@@ -340,24 +452,24 @@ class _Context:
                     and first <= entry.lineno <= last
                     and self._on_device(entry)
                 ):
-                    return entry.func, call_site(entry.filename, entry.lineno)
+                    return entry, call_site(entry.filename, entry.lineno)
         return None
 
-    def line_site(self) -> tuple[object, Any] | None:
-        """The factory recorded on the failing line, with the line."""
+    def line_site(self) -> tuple[_Entry, Any] | None:
+        """The record of a factory run on the failing line, with the line."""
         frame = self.frame
         if frame is None:
             return None
         filename, lineno = frame.f_code.co_filename, frame.f_lineno
-        func = self.made_at(filename, lineno)
-        return None if func is None else (func, call_site(filename, lineno))
+        entry = self.made_at(filename, lineno)
+        return None if entry is None else (entry, call_site(filename, lineno))
 
-    def made_at(self, filename: str, lineno: int) -> object:
-        """The factory or move last recorded on a line that made a tensor on the operand's
-        device, else `None`."""
+    def made_at(self, filename: str, lineno: int) -> _Entry | None:
+        """The record of the factory or move last run on a line that made a tensor on the
+        operand's device, else `None`."""
         for entry in reversed(list(SITES.values())):
             if entry.filename == filename and entry.lineno == lineno and self._on_device(entry):
-                return entry.func
+                return entry
         return None
 
     def _on_device(self, entry: _Entry) -> bool:

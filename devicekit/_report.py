@@ -18,6 +18,8 @@ one fix chosen for the pattern found.
 
 from __future__ import annotations
 
+import linecache
+import re
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
@@ -52,7 +54,8 @@ class Report:
     Args:
         op: The op as users write it.
         operands: `(label, tensor)` of each operand to list, or `(label, text)` where there is
-            no one tensor to describe (`colocate`'s objects).
+            no one tensor to describe; `("", text)` for a line of its own (`and 9 more on
+            cuda:1`).
         devices: The distinct devices that met, in order.
         target: Where the op should run; `None` where that is ambiguous.
         block: `"device_guard"`, `"simulated_devices"` or `"colocate"`: which kind of check
@@ -117,7 +120,7 @@ class Report:
         devices = ", ".join(str(device) for device in self.devices)
         lines = [f"{self.op} got tensors on different devices ({devices}):"]
         for label, text in self.lines:
-            lines.append(f"  {label}: {text}")
+            lines.append(f"  {label}: {text}" if label else f"  {text}")
             found = self.provenance.get(label)
             if found is not None:
                 lines.extend(f"    {line}" for line in self._explained(found))
@@ -135,7 +138,7 @@ class Report:
         return CrossDeviceError(
             text,
             op=self.op,
-            operands=tuple(self.lines),
+            operands=tuple(line for line in self.lines if line[0]),
             devices=tuple(self.devices),
             location=self.location,
             provenance=tuple(self.provenance.values()),
@@ -148,6 +151,8 @@ class Report:
         named = found.owner_kind in ("local variable", "argument")
         if found.origin in ("made", "moved"):
             line = f"{head}{found.origin} by {found.op} at {found.location}"
+        elif found.origin == "returned":
+            line = f"{head}made inside {found.op}, called at {found.location}"
         elif found.origin == "assigned":
             line = f"{head}assigned at {found.location}"
         elif found.origin == "argument":
@@ -246,19 +251,35 @@ class Report:
     def _fix_origin(self, found: Provenance) -> str | None:
         target = self.target
         if found.origin == "made":
-            reference = self._reference()
-            where = (
-                f"device={reference}.device"
-                if reference is not None
-                else f'device="{target or self.devices[0]}"'
-            )
-            return f"create it on the device where it is used: `{found.op}(..., {where})`."
+            where = self._where()
+            return f"create it on the device where it is used: `{found.op}(..., device={where})`."
+        if found.origin == "returned":
+            return self._fix_returned(found)
         if found.origin == "moved" and target is not None:
             return (
                 f"keep it on {target}: drop the {found.op} at {found.location}, or move the "
                 "result back before this op."
             )
         return None
+
+    def _fix_returned(self, found: Provenance) -> str:
+        """A library function the user called made it (`torch.load`, `default_collate`): move
+        what it returns, or have it load there; never `device=` on a factory the user did not
+        call."""
+        target = self.target or self.devices[0]
+        named = found.owner_kind in ("local variable", "argument") and found.owner is not None
+        root = (found.owner or "").split("[", 1)[0] if named else "result"
+        moved = f'`{root} = devicekit.to_device({root}, "{target}")`'
+        if found.op == "torch.load":
+            reference = self._reference()
+            where = f'"{target}"' if reference is None else f"{reference}.device"
+            return (
+                f"load it onto the device where it is used: `torch.load(..., map_location="
+                f"{where})`, or move it after loading: {moved}."
+            )
+        reference = self._reference()
+        also = "" if reference is None else f" (or `.to({reference}.device)`)"
+        return f"move what {found.op} returns to {target} before using it: {moved}{also}."
 
     def _fix_entry(self, found: Provenance) -> str | None:
         target = self.target
@@ -270,13 +291,27 @@ class Report:
             f'{target}")`, or `{name} = {name}.to("{target}")`.'
         )
 
+    def _where(self) -> str:
+        """What a `device=` should say: a variable of the failing line on the target device
+        (`x.device`), else a neutral stand-in for the operand already there; the device
+        itself where no operand's device is the right one."""
+        reference = self._reference()
+        if reference is not None:
+            return f"{reference}.device"
+        if self.target is not None:
+            return "<the other operand>.device"
+        return f'"{self.devices[0]}"'
+
     def _reference(self) -> str | None:
-        """The name of a tensor on the target device in the user's frame (an operand's first),
-        else `None`."""
+        """The name of a variable on the failing line that holds a tensor on the target
+        device (an operand first), else `None`: a variable the line does not use may be
+        anything (`logits` of an earlier step)."""
         if self.frame is None or self.target is None:
             return None
+        line = linecache.getline(self.frame.f_code.co_filename, self.frame.f_lineno)
+        used = set(re.findall(r"(?<![\w.])[A-Za-z_]\w*", line))
         try:
-            names = {k: v for k, v in self.frame.f_locals.items() if k != "self"}
+            names = {k: v for k, v in self.frame.f_locals.items() if k != "self" and k in used}
         except Exception:
             names = {}
         for name, value in names.items():

@@ -470,7 +470,8 @@ def _plain(func: object) -> int:
             found = _NO_INDEX
         else:
             try:
-                found = _FACTORY if func in _device_constructors() else _ANY
+                factory = func in _device_constructors() or func in _provenance.FACTORIES
+                found = _FACTORY if factory else _ANY  # `*_like` too: recorded, as factories
             except TypeError:  # unhashable: always handled
                 return 0
     if len(_PLAIN) > _MAX_RUNNERS:

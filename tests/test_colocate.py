@@ -57,7 +57,14 @@ class TestColocate:
             moved_a, moved_b = colocate(a, {"b": b}, device="cuda:1")
             assert moved_a.device == moved_b["b"].device == torch.device("cuda", 1)
         assert info.value.op == "colocate"
-        assert info.value.operands == (("objs[0]", "cuda:0"), ("objs[1]['b']", "cuda:1"))
+        assert info.value.operands == (
+            ("objs[0]", "f32[2] @ cuda:0"),
+            ("objs[1]['b']", "f32[2] @ cuda:1"),
+        )
+        assert [(found.label, found.origin, found.owner) for found in info.value.provenance] == [
+            ("objs[0]", "made", "a"),
+            ("objs[1]['b']", "made", "b"),
+        ]
 
     @given(
         st.lists(
@@ -111,7 +118,18 @@ class TestColocated:
             a, b = torch.ones(2, device="cuda:0"), torch.ones(2, device="cuda:1")
             with pytest.raises(CrossDeviceError) as info:
                 add(a, second=b)
-        assert info.value.operands == (("first", "cuda:0"), ("second", "cuda:1"))
+        assert info.value.operands == (("first", "f32[2] @ cuda:0"), ("second", "f32[2] @ cuda:1"))
+        assert [found.op for found in info.value.provenance] == ["torch.ones", "torch.ones"]
+
+    def test_provenance_is_looked_up_inside_a_guard_or_simulation_only(self) -> None:
+        # Outside both nothing was recorded: no provenance is looked up.
+        from devicekit._colocate import _block
+
+        assert _block() == "colocate"
+        with devicekit.device_guard():
+            assert _block() == "device_guard"
+        with devicekit.simulated_devices("cuda", 1):
+            assert _block() == "simulated_devices"
 
     def test_inside_a_move_guard_nothing_is_left_to_move(self) -> None:
         @colocated

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 import devicekit
 from devicekit import (
@@ -26,6 +27,10 @@ bias = torch.ones(16, device="meta")
 
 #: torch's own first line, which programs match; devicekit's detail follows it.
 SAME_DEVICE = "Expected all tensors to be on the same device, but found at least two devices, "
+SIMULATED_NOTE = (
+    "(Device cuda:0 is simulated on the CPU by devicekit.simulated_devices; real hardware raises "
+    "here too.)"
+)
 
 
 def site(function: Callable[[], object], source: str) -> str:
@@ -210,25 +215,61 @@ def test_transfer_guard_unknown_policy() -> None:
 COLOCATE_SOURCE = 'return devicekit.colocate(a, {"b": b})'
 
 
+def make_on_two() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(2, device="cuda:0"), torch.arange(2, device="cuda:1")
+
+
 def test_colocate_on_two_accelerators() -> None:
     with devicekit.simulated_devices("cuda", 2):
-        a, b = torch.ones(2, device="cuda:0"), torch.ones(2, device="cuda:1")
+        a, b = make_on_two()
 
         def call() -> object:
             return devicekit.colocate(a, {"b": b})
 
         with pytest.raises(CrossDeviceError) as info:
             call()
+    made = 'return torch.ones(2, device="cuda:0"), torch.arange(2, device="cuda:1")'
     assert str(info.value) == (
         f"{SAME_DEVICE}cuda:0 and cuda:1!\n"
         "colocate got tensors on different devices (cuda:0, cuda:1):\n"
-        "  objs[0]: cuda:0\n"
-        "  objs[1]['b']: cuda:1\n"
+        "  objs[0]: f32[2] @ cuda:0\n"
+        f"    made by torch.ones at {site(make_on_two, made)}\n"
+        "  objs[1]['b']: i64[2] @ cuda:1\n"
+        f"    made by torch.arange at {site(make_on_two, made)}\n"
         f"called at {site(call, COLOCATE_SOURCE)}\n"
         'Fix: name the device, e.g. `colocate(..., device="cuda:0")`: with tensors on several '
         "accelerators there is no one device to move them to."
     )
-    assert info.value.provenance == ()
+    assert info.value.operands == (
+        ("objs[0]", "f32[2] @ cuda:0"),
+        ("objs[1]['b']", "i64[2] @ cuda:1"),
+    )
+    assert [(p.label, p.origin, p.op) for p in info.value.provenance] == [
+        ("objs[0]", "made", "torch.ones"),
+        ("objs[1]['b']", "made", "torch.arange"),
+    ]
+
+
+def test_colocate_lists_a_few_tensors_per_device() -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        first = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).to("cuda:0")
+        second = torch.nn.Linear(2, 2).to("cuda:1")
+        with pytest.raises(CrossDeviceError) as info:
+            devicekit.colocate(first, second)
+    lines = str(info.value).splitlines()
+    assert lines[2:12] == [
+        "  objs[0].0.weight: f32[2,2] @ cuda:0",
+        "    held by first[0].weight (parameter, on cuda:0)",
+        "  objs[0].0.bias: f32[2] @ cuda:0",
+        "    held by first[0].bias (parameter, on cuda:0)",
+        "  objs[0].1.weight: f32[2,2] @ cuda:0",
+        "    held by first[1].weight (parameter, on cuda:0)",
+        "  and 1 more on cuda:0",
+        "  objs[1].weight: f32[2,2] @ cuda:1",
+        "    held by second.weight (parameter, on cuda:1)",
+        "  objs[1].bias: f32[2] @ cuda:1",
+    ]
+    assert len(info.value.operands) == 5  # the summary line is no operand
 
 
 class _Leaky(torch.nn.Module):
@@ -436,3 +477,140 @@ def test_labels_from_outside_the_block_name_where_they_were_passed_in() -> None:
     )
     (found,) = info.value.provenance
     assert (found.origin, found.owner, found.owner_kind) == ("argument", "labels", "argument")
+
+
+# --- made by library code: the user's call into it, and a fix for that call (issue 15 review) -----
+
+
+def load_and_scale(buffer: object) -> object:
+    with devicekit.simulated_devices("cuda", 1):
+        w = torch.load(buffer, weights_only=True)
+        return torch.ones(3, device="cuda") * w
+
+
+def test_a_tensor_torch_load_made_names_the_load_not_its_factory() -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(torch.ones(3), buffer)
+    buffer.seek(0)
+    with pytest.raises(CrossDeviceError) as info:
+        load_and_scale(buffer)
+    assert str(info.value) == (
+        f"{SAME_DEVICE}cuda:0 and cpu!\n"
+        "Tensor.__mul__ got tensors on different devices (cuda:0, cpu):\n"
+        "  self: f32[3] @ cuda:0\n"
+        "  other: f32[3] @ cpu\n"
+        f"    made inside torch.load, called at {line_of(load_and_scale, 2)}: "
+        "w = torch.load(buffer, weights_only=True)\n"
+        f'called at {line_of(load_and_scale, 3)}: return torch.ones(3, device="cuda") * w\n'
+        'Fix: load it onto the device where it is used: `torch.load(..., map_location="cuda:0")`'
+        ', or move it after loading: `w = devicekit.to_device(w, "cuda:0")`.\n'
+        f"{SIMULATED_NOTE}"
+    )
+    (found,) = info.value.provenance
+    assert (found.origin, found.op) == ("returned", "torch.load")
+
+
+def collate_and_scale(x: torch.Tensor) -> object:
+    with devicekit.simulated_devices("cuda", 1):
+        x = x.to("cuda")
+        batch = default_collate([{"y": 1.0}, {"y": 2.0}])
+        return x * batch["y"]
+
+
+def test_a_batch_default_collate_made_names_the_collate_and_moves_its_result() -> None:
+    with pytest.raises(CrossDeviceError) as info:
+        collate_and_scale(torch.ones(2))
+    assert str(info.value) == (
+        f"{SAME_DEVICE}cuda:0 and cpu!\n"
+        "Tensor.__mul__ got tensors on different devices (cuda:0, cpu):\n"
+        "  self: f32[2] @ cuda:0\n"
+        "  other: f64[2] @ cpu\n"
+        f"    made inside default_collate, called at {line_of(collate_and_scale, 3)}: "
+        'batch = default_collate([{"y": 1.0}, {"y": 2.0}])\n'
+        f'called at {line_of(collate_and_scale, 4)}: return x * batch["y"]\n'
+        "Fix: move what default_collate returns to cuda:0 before using it: "
+        '`batch = devicekit.to_device(batch, "cuda:0")` (or `.to(x.device)`).\n'
+        f"{SIMULATED_NOTE}"
+    )
+
+
+def zeros_like_and_scale() -> object:
+    with devicekit.simulated_devices("cuda", 1):
+        base = torch.ones(3)
+        w = torch.zeros_like(base)
+        logits = torch.ones(3, device="cuda")
+        return torch.ones(3, device="cuda") * w + logits
+
+
+def test_a_like_factory_is_named_at_its_own_line_and_no_unused_variable_in_the_fix() -> None:
+    with pytest.raises(CrossDeviceError) as info:
+        zeros_like_and_scale()
+    assert str(info.value) == (
+        f"{SAME_DEVICE}cuda:0 and cpu!\n"
+        "Tensor.__mul__ got tensors on different devices (cuda:0, cpu):\n"
+        "  self: f32[3] @ cuda:0\n"
+        "  other: f32[3] @ cpu\n"
+        f"    made by torch.zeros_like at {line_of(zeros_like_and_scale, 3)}: "
+        "w = torch.zeros_like(base)\n"
+        f"called at {line_of(zeros_like_and_scale, 5)}: "
+        'return torch.ones(3, device="cuda") * w + logits\n'
+        "Fix: create it on the device where it is used: "
+        "`torch.zeros_like(..., device=logits.device)`.\n"
+        f"{SIMULATED_NOTE}"
+    )
+
+
+def made_beside_an_unused_variable() -> object:
+    with devicekit.simulated_devices("cuda", 1):
+        logits = torch.ones(3, device="cuda")
+        arr = torch.tensor([1.0, 2.0, 3.0])
+        scaled = torch.ones(3, device="cuda") * arr
+        return scaled, logits
+
+
+def test_the_fix_names_no_variable_the_failing_line_does_not_use() -> None:
+    with pytest.raises(CrossDeviceError) as info:
+        made_beside_an_unused_variable()
+    assert str(info.value).splitlines()[-2] == (
+        "Fix: create it on the device where it is used: "
+        "`torch.tensor(..., device=<the other operand>.device)`."
+    )
+
+
+# --- a missing device: `check=False` offered only where the function takes it ---------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "operation"),
+    [
+        (
+            lambda: devicekit.materialize(torch.nn.Linear(2, 2, device="meta"), "cuda:63"),
+            "materialize",
+        ),
+        (lambda: devicekit.deferred("cuda:63"), "deferred"),
+        (lambda: devicekit.prefetch([torch.ones(2)], device="cuda:63"), "prefetch"),
+        (lambda: devicekit.to_device(torch.ones(2), "cuda:63"), "to_device"),
+    ],
+)
+def test_a_missing_device_offers_no_check_to_functions_without_it(
+    call: Callable[[], object], operation: str
+) -> None:
+    with pytest.raises(devicekit.DeviceUnavailableError) as info:
+        call()
+    available = ", ".join(map(str, info.value.available))
+    assert str(info.value) == (
+        f"{operation}('cuda:63'): cuda:63 is not available on this machine. Available devices: "
+        f"{available}. Use one of those."
+    )
+
+
+def test_a_missing_device_offers_check_false_to_as_device() -> None:
+    with pytest.raises(devicekit.DeviceUnavailableError) as info:
+        devicekit.as_device("cuda:63")
+    available = ", ".join(map(str, info.value.available))
+    assert str(info.value) == (
+        "as_device('cuda:63'): cuda:63 is not available on this machine. Available devices: "
+        f"{available}. Use one of those, or pass check=False to build the torch.device anyway."
+    )

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import devicekit
 from devicekit import CrossDeviceError, _provenance, _report, device_guard
+from tests.machine import REAL_CUDA
 
 pytest_plugins = ["pytester"]
 
@@ -86,6 +87,9 @@ FACTORIES: dict[str, Callable[[int], torch.Tensor]] = {
     "torch.randn": lambda n: torch.randn(n),
     "torch.linspace": lambda n: torch.linspace(0, 1, n),
     "torch.tensor": lambda n: torch.tensor([1.0] * n),
+    "torch.zeros_like": lambda n: torch.zeros_like(torch.empty(n)),
+    "torch.full_like": lambda n: torch.full_like(torch.empty(n), 2.0),
+    "torch.randn_like": lambda n: torch.randn_like(torch.empty(n)),
 }
 
 
@@ -208,7 +212,7 @@ USER_CODE = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation needs a machine without CUDA")
+@pytest.mark.skipif(REAL_CUDA, reason="the simulation needs a machine without CUDA")
 @pytest.mark.parametrize("style", ["line", "short"])
 def test_tracebacks_end_at_the_users_line(pytester: pytest.Pytester, style: str) -> None:
     pytester.makepyfile(test_user=USER_CODE)
@@ -241,7 +245,7 @@ def test_tracebacks_end_at_the_users_line(pytester: pytest.Pytester, style: str)
     result.stdout.no_fnmatch_line("*torch/overrides.py*")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation needs a machine without CUDA")
+@pytest.mark.skipif(REAL_CUDA, reason="the simulation needs a machine without CUDA")
 def test_fulltrace_keeps_torchs_frames(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_CODE)
     result = pytester.runpytest("-p", "no:cacheprovider", "--fulltrace", "-k", "test_function")
@@ -256,3 +260,104 @@ def test_the_error_of_a_function_names_the_users_line() -> None:
     line = test_the_error_of_a_function_names_the_users_line.__code__.co_firstlineno + 3
     assert info.value.location is not None
     assert info.value.location.startswith(f"{__file__}:{line}: ")
+
+
+# --- tensors made by library code: the user's call into it (issue 15 review) ----------------------
+
+
+LIBRARY_SOURCE = """
+import torch
+
+
+def make_weights(n):
+    return build(n)
+
+
+def build(n):
+    return torch.zeros(n) + 1
+"""
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A module in a folder that counts as installed code (as site-packages does)."""
+    folder = tmp_path / "site-packages"
+    folder.mkdir()
+    (folder / "weights_lib.py").write_text(LIBRARY_SOURCE)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(_provenance, "LIBRARY", (*_provenance.LIBRARY, f"{folder}/"))
+    import weights_lib  # type: ignore[import-not-found]
+
+    yield weights_lib
+    import sys
+
+    sys.modules.pop("weights_lib", None)
+
+
+@pytest.mark.parametrize("simulate", [False, True])
+def test_an_installed_packages_factory_is_named_by_the_users_call(
+    installed, simulate: bool
+) -> None:  # type: ignore[no-untyped-def]
+    lib = installed
+    if simulate:
+        with devicekit.simulated_devices("cuda", 1):
+            x = torch.ones(3, device="cuda")
+            w = lib.make_weights(3)
+            with pytest.raises(CrossDeviceError) as info:
+                x * w
+    else:
+        with device_guard():
+            x = META
+            w = lib.make_weights(3)
+            with pytest.raises(CrossDeviceError) as info:
+                x * w
+    (found,) = info.value.provenance
+    line = test_an_installed_packages_factory_is_named_by_the_users_call.__code__.co_firstlineno
+    offset = 8 if simulate else 14  # from the decorator's line
+    assert (found.origin, found.op) == ("returned", "lib.make_weights")
+    assert found.location == f"{__file__}:{line + offset}: w = lib.make_weights(3)"
+    device = "cuda:0" if simulate else "meta"
+    assert str(info.value).splitlines()[4:6] == [
+        f"    made inside lib.make_weights, called at {found.location}",
+        f"called at {__file__}:{line + offset + 2}: x * w",
+    ]
+    fix = [line for line in str(info.value).splitlines() if line.startswith("Fix: ")]
+    assert fix == [
+        f"Fix: move what lib.make_weights returns to {device} before using it: "
+        f'`w = devicekit.to_device(w, "{device}")` (or `.to(x.device)`).'
+    ]
+    assert "torch.zeros(..., device=" not in str(info.value)
+
+
+def test_a_factory_called_by_the_user_is_still_the_users() -> None:
+    with device_guard():
+        made = torch.zeros(2)
+    entry = _provenance.ENTRIES[id(made)]
+    assert getattr(entry, "called", None) is None
+    assert entry.filename == __file__
+
+
+def test_torch_load_under_the_guard_is_named_as_the_load() -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buffer)
+    buffer.seek(0)
+    with device_guard():
+        state = torch.load(buffer, weights_only=True)
+        with pytest.raises(CrossDeviceError) as info:
+            META[:2] + state["w"]
+    (found,) = info.value.provenance
+    assert (found.origin, found.op, found.owner) == ("returned", "torch.load", "state['w']")
+    assert str(info.value).splitlines()[-1] == (
+        'Fix: load it onto the device where it is used: `torch.load(..., map_location="meta")`, '
+        'or move it after loading: `state = devicekit.to_device(state, "meta")`.'
+    )
+
+
+def test_the_library_prefixes_cover_torch_and_the_stdlib() -> None:
+    import json
+
+    assert torch.__file__.startswith(_provenance.LIBRARY)
+    assert json.__file__.startswith(_provenance.LIBRARY)
+    assert not __file__.startswith(_provenance.LIBRARY)
