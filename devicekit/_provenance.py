@@ -19,6 +19,7 @@ the names on the failing line it was computed from.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import linecache
 import os
@@ -264,7 +265,7 @@ def _called_name(entry: _Entry, called: CodeType) -> str:
         parts = text.split(".")
         value: object = entry.namespace.get(parts[0], _MISSING)
         if value is _MISSING:
-            value = getattr(__builtins__, parts[0], _MISSING)
+            value = getattr(builtins, parts[0], _MISSING)
         for part in parts[1:]:
             if value is _MISSING:
                 break
