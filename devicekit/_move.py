@@ -357,15 +357,19 @@ def aliases(
 def move_module(
     module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, non_blocking: bool
 ) -> Any:
-    """`module.to(device, dtype)`, with tied parameters and shared buffers kept tied.
+    """`module.to(device, dtype)`, with tied parameters, shared buffers and views kept.
 
     torch keeps a parameter's identity only where it can swap the data in place (`param.data =
     moved`); to and from `meta`, or with `torch.__future__`'s overwrite or swap settings, each
     module gets a new `Parameter`, and one shared by two modules becomes two. A buffer is
     replaced by every move that changes it, so one registered under two names (or by two
-    modules, or as a buffer and a parameter) becomes two on any device. Here every slot that
-    held the shared tensor is pointed at one result afterwards: the first slot holding a
-    `Parameter` (torch kept its identity, where it could), else the first slot.
+    modules, or as a buffer and a parameter) becomes two on any device, and every moved tensor
+    gets a storage of its own, so a buffer made from `param.data` (or a view of it) no longer
+    shares the parameter's memory. Here every slot that held one tensor is pointed at one result
+    afterwards (the first slot holding a `Parameter`, whose identity torch kept where it could,
+    else the first slot), and tensors that shared a storage are made views of the moved copy of
+    the one that covered all of it (without `dtype`: a cast changes the layout). A move that
+    changes nothing (every tensor already on `device`, no `dtype`) costs one look at each.
     """
     future = torch.__future__
     untying = (
@@ -373,15 +377,128 @@ def move_module(
         or future.get_overwrite_module_params_on_conversion()
         or future.get_swap_module_params_on_conversion()
     )
-    groups = aliases(module, buffers_only=not untying)
+    modules = _modules(module)
+    if not untying and dtype is None and _all_on(modules, device):
+        # Nothing is replaced: every tie and view stays as it is.
+        return module.to(device=device, non_blocking=non_blocking)
+    ties, views = _sharing(_tensor_slots(modules))
     moved = module.to(device=device, dtype=dtype, non_blocking=non_blocking)
-    for group in groups:
+    for group in ties:
         values = [entries.get(name) for entries, name in group]
         kept = next((v for v in values if isinstance(v, torch.nn.Parameter)), values[0])
         for (other, other_name), value in zip(group, values, strict=True):
             if value is not kept and other_name in other:
                 other[other_name] = kept
+    if dtype is None:
+        for storage_group in views:
+            _share_storage(storage_group)
     return moved
+
+
+_Slots = list[tuple[dict[str, Any], str]]
+#: A tensor's geometry before a move (offset, shape, stride, dtype), and the slots holding it.
+_Placed = tuple[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], _Slots]
+
+
+def _all_on(modules: list[torch.nn.Module], device: torch.device) -> bool:
+    """Whether every parameter and buffer of `modules` is on `device` (a CPU, CUDA, MPS or
+    XPU device, with its index where it has one)."""
+    if device.type == "cpu":
+        for submodule in modules:
+            for entries in (submodule._parameters, submodule._buffers):
+                for tensor in entries.values():
+                    if tensor is not None and not tensor.is_cpu:
+                        return False
+        return True
+    for submodule in modules:
+        for entries in (submodule._parameters, submodule._buffers):
+            for tensor in entries.values():
+                if tensor is not None and tensor.device != device:
+                    return False
+    return True
+
+
+def _tensor_slots(
+    modules: list[torch.nn.Module],
+) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """Every parameter and buffer slot of `modules`: `(entries, name, tensor)`."""
+    found = []
+    for submodule in modules:
+        for entries in (submodule._parameters, submodule._buffers):
+            for name, tensor in entries.items():
+                if tensor is not None:
+                    found.append((entries, name, tensor))
+    return found
+
+
+def _sharing(
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]],
+) -> tuple[list[_Slots], list[list[_Placed]]]:
+    """The slots holding one tensor (ties), and the tensors sharing one storage (views): for
+    each, its geometry before the move and its slots, the one covering the storage first."""
+    by_id: dict[int, tuple[torch.Tensor, _Slots]] = {}
+    for entries, name, tensor in slots:
+        by_id.setdefault(id(tensor), (tensor, []))[1].append((entries, name))
+    ties = [group for _, group in by_id.values() if len(group) > 1]
+    # Storages and geometry as they are, past any torch function mode (a mode that simulates
+    # devices would otherwise run for every call below).
+    with torch._C.DisableTorchFunction():
+        return ties, _views(by_id)
+
+
+def _views(by_id: dict[int, tuple[torch.Tensor, _Slots]]) -> list[list[_Placed]]:
+    by_storage: dict[int, list[tuple[torch.Tensor, _Slots]]] = {}
+    for tensor, group in by_id.values():
+        by_storage.setdefault(int(tensor.untyped_storage()._cdata), []).append((tensor, group))
+    views: list[list[_Placed]] = []
+    for shared in by_storage.values():
+        if len(shared) < 2:
+            continue
+        covering = [i for i, (tensor, _) in enumerate(shared) if _covers_storage(tensor)]
+        if not covering:
+            continue  # no moved tensor holds all of the storage: nothing to make views of
+        shared.insert(0, shared.pop(covering[0]))
+        views.append(
+            [
+                ((int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), t.dtype), group)
+                for t, group in shared
+            ]
+        )
+    return views
+
+
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.storage_offset() == 0
+        and tensor.is_contiguous()
+        and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
+    )
+
+
+def _share_storage(group: list[_Placed]) -> None:
+    """Make the moved tensors of `group` views of the moved first one's storage again."""
+    (_, base_slots), *others = group
+    entries, name = base_slots[0]
+    base = entries.get(name)
+    if not isinstance(base, torch.Tensor):
+        return
+    storage = base.untyped_storage()
+    for (offset, shape, stride, dtype), slots in others:
+        entries, name = slots[0]
+        current = entries.get(name)
+        if not isinstance(current, torch.Tensor) or current.device != base.device:
+            continue
+        if current.untyped_storage()._cdata == storage._cdata:
+            continue  # torch kept it (nothing moved)
+        view = torch.empty(0, dtype=dtype, device=base.device)
+        view.set_(storage, offset, shape, stride)
+        if isinstance(current, torch.nn.Parameter):
+            current.data = view  # every slot holds this very Parameter
+        elif type(current) is torch.Tensor:
+            view.requires_grad_(current.requires_grad)
+            for other, other_name in slots:
+                if other.get(other_name) is current:
+                    other[other_name] = view
 
 
 def to_device(

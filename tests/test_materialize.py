@@ -680,6 +680,18 @@ def _identities(model: nn.Module) -> list[list[str]]:
     return sorted(sorted(group) for group in groups.values())
 
 
+def _storages(model: nn.Module) -> list[list[str]]:
+    """The parameter and buffer slots of `model` grouped by the storage they live in."""
+    groups: dict[int, list[str]] = {}
+    for prefix, submodule in model.named_modules(remove_duplicate=False):
+        for kind, entries in (("param", submodule._parameters), ("buffer", submodule._buffers)):
+            for name, tensor in entries.items():
+                if tensor is not None:
+                    key = int(tensor.untyped_storage()._cdata)
+                    groups.setdefault(key, []).append(f"{kind}:{prefix}.{name}")
+    return sorted(sorted(group) for group in groups.values())
+
+
 def _shared_buffers_model() -> nn.Module:
     parent = nn.Module()
     parent.m1, parent.m2 = nn.Module(), nn.Module()
@@ -716,30 +728,46 @@ _SLOTS = st.lists(
 
 @given(
     slots=_SLOTS,
-    parameters=st.lists(st.booleans(), min_size=6, max_size=6),
+    parameters=st.lists(
+        st.sampled_from(["parameter", "tensor", "data", "view"]), min_size=6, max_size=6
+    ),
     target=st.sampled_from(["meta", "cuda:1"]),
 )
 def test_to_device_keeps_any_sharing_of_parameters_and_buffers(
-    slots: list[tuple[int, bool, int]], parameters: list[bool], target: str
+    slots: list[tuple[int, bool, int]], parameters: list[str], target: str
 ) -> None:
-    # Six tensors (each a Parameter or not), registered in up to four submodules, as a
-    # parameter (Parameters only) or a buffer, under numbered names.
+    # Six tensors (a Parameter, a tensor, or the `.data` or a view of the first tensor),
+    # registered in up to four submodules, as a parameter (Parameters only) or a buffer, under
+    # numbered names. Identities and shared storages come back as they were.
     with devicekit.simulated_devices("cuda", 2):
-        pool = [nn.Parameter(torch.ones(2)) if p else torch.ones(2) for p in parameters]
+        first = nn.Parameter(torch.arange(4.0))
+        made = {
+            "parameter": lambda: nn.Parameter(torch.ones(2)),
+            "tensor": lambda: torch.ones(2),
+            "data": lambda: first.data,
+            "view": lambda: first.data[1:3],
+        }
+        pool: list[torch.Tensor] = [first, *(made[kind]() for kind in parameters[1:])]
         model = nn.Module()
         children = [nn.Module() for _ in range(3)]
         for index, child in enumerate(children):
             model.add_module(f"c{index}", child)
         owners = [model, *children]
+        model.first = first  # the views' base is always moved too (else each view is a copy)
         for number, (owner, as_buffer, which) in enumerate(slots):
             tensor = pool[which]
             if as_buffer or not isinstance(tensor, nn.Parameter):
                 owners[owner].register_buffer(f"b{number}", tensor)
             else:
                 owners[owner].register_parameter(f"p{number}", tensor)
-        expected = _identities(model)
+        expected, storages = _identities(model), _storages(model)
+        values = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
         to_device(model, target)
         assert _identities(model) == expected
+        assert _storages(model) == storages
+        if target != "meta":
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                assert torch.equal(tensor.cpu(), values[name]), name
         assert all(
             t.device == torch.device(target) for t in (*model.parameters(), *model.buffers())
         )
@@ -762,3 +790,21 @@ def test_the_timing_table_times_eager_against_record_and_materialise() -> None:
         "GPT-2 2 layers, width 128",
         "GPT-2 6 layers, width 512",
     }
+
+
+@pytest.mark.parametrize("target", ["meta", "cuda:1"])
+def test_to_device_keeps_buffers_that_alias_or_view_a_parameter(target: str) -> None:
+    with devicekit.simulated_devices("cuda", 2):
+        model = nn.Linear(2, 3)
+        model.register_buffer("alias", model.weight.data)
+        model.register_buffer("row", model.weight.data[1])
+        to_device(model, target)
+        storage = model.weight.untyped_storage()._cdata
+        assert model.get_buffer("alias").untyped_storage()._cdata == storage
+        assert model.get_buffer("row").untyped_storage()._cdata == storage
+        assert model.get_buffer("row").storage_offset() == 2
+        assert isinstance(model.weight, nn.Parameter)
+        if target != "meta":
+            with torch.no_grad():
+                model.weight[1].fill_(7.0)
+            assert model.get_buffer("row").cpu().tolist() == [7.0, 7.0]
