@@ -88,9 +88,10 @@ def materialize(module: M, device: DeviceLike = None, *, init: Init = "replay") 
 
     Raises:
         MaterializeError: With `init="replay"`, a meta tensor was not made inside a
-            `deferred()` block (assigned afterwards, or built under another meta context), it
-            was changed in place after the block, or a recorded op failed on `device`; the
-            message names the tensor's path and the op.
+            `deferred()` block (assigned, cast with `Module.to(dtype)` or copied with
+            `copy.deepcopy` afterwards, which the message tells apart where it can, or built
+            under another meta context), it was changed in place after the block, or a
+            recorded op failed on `device`; the message names the tensor's path and the op.
         MoveError: Moving a tensor that is not on `meta` failed.
         InvalidArgumentError: `init` is not one of the values above, or `module` is not an
             `nn.Module`.

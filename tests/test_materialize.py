@@ -808,3 +808,17 @@ def test_to_device_keeps_buffers_that_alias_or_view_a_parameter(target: str) -> 
             with torch.no_grad():
                 model.weight[1].fill_(7.0)
             assert model.get_buffer("row").cpu().tolist() == [7.0, 7.0]
+
+
+def test_a_buffer_registered_after_the_block_raises_saying_so() -> None:
+    model = built(TiedLM)
+    model.body[0].register_buffer("late", torch.zeros(2, device="meta"))
+    with pytest.raises(MaterializeError) as caught:
+        materialize(model, "cpu")
+    assert caught.value.path == "model.body.0.late"
+    assert caught.value.op is None
+    assert str(caught.value).startswith(
+        "materialize(cpu): model.body.0.late (f32[2] @ meta) was assigned after the deferred() "
+        "block (it held no meta tensor there), and only what runs inside a devicekit.deferred() "
+        "block is recorded, so its values cannot be replayed. Fix: assign it inside the block"
+    )
