@@ -11,6 +11,8 @@ until devicekit is actually used: torch is imported then, not before.
 from __future__ import annotations
 
 import importlib as _importlib
+import os as _os
+import sys as _sys
 import typing as _typing
 from importlib import metadata as _metadata
 
@@ -143,6 +145,10 @@ def __getattr__(name: str) -> _typing.Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'devicekit' has no attribute {name!r}")
+    if "torch" not in _sys.modules and _os.environ.get("DEVICEKIT_SIMULATE"):
+        # A child of a simulating process enters the simulation as torch is imported, which
+        # imports devicekit's modules: import torch first, while none of them is half imported.
+        _importlib.import_module("torch")
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value

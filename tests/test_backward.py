@@ -18,13 +18,12 @@ from hypothesis import strategies as st
 
 import devicekit
 from devicekit import CrossDeviceError
+from tests.machine import REAL_CUDA
 
 SAME_DEVICE = "Expected all tensors to be on the same device, but found at least two devices, "
 ENGINE = torch.autograd.graph._engine_run_backward
 
-simulation_only = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
-)
+simulation_only = pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 
 
 class StrayInBackward(torch.autograd.Function):

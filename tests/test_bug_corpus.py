@@ -8,12 +8,12 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 from tests.bug_corpus import CASES, Case, Outcome, run, table
+from tests.machine import REAL_CUDA
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the corpus simulates CUDA; on a CUDA machine it is real"
+    REAL_CUDA, reason="the corpus simulates CUDA; on a CUDA machine it is real"
 )
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import devicekit
 import devicekit._context as context
 from devicekit import DeviceUnavailableError, InvalidDeviceSpecError, default_device
+from tests.machine import REAL_CUDA
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 
@@ -397,7 +398,7 @@ class Spawn:
 
 
 # `meta` is the second device on a CPU-only machine; with CUDA, the first GPU joins in.
-DEVICES = ["cpu", "meta", *(["cuda:0"] if torch.cuda.is_available() else [])]
+DEVICES = ["cpu", "meta", *(["cuda:0"] if REAL_CUDA else [])]
 simple_steps = st.one_of(
     st.sampled_from(DEVICES).map(Enter),
     st.just(Exit()),
@@ -543,7 +544,7 @@ def test_torch_compile_works_inside_and_after_blocks() -> None:
     }
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates CUDA on a machine without it")
+@pytest.mark.skipif(REAL_CUDA, reason="simulates CUDA on a machine without it")
 def test_simulated_cuda_devices_follow_the_block() -> None:
     with devicekit.simulated_devices("cuda", 2):
         with default_device("cuda:1"):

@@ -12,6 +12,7 @@ import devicekit
 from devicekit import _demo
 from devicekit._cli import _parser, main
 from devicekit._demo import batches, spirals, train
+from tests.machine import REAL_CUDA
 
 
 @settings(max_examples=25)
@@ -68,7 +69,7 @@ def test_train_restores_the_thread_count_and_the_default_device() -> None:
     assert torch.get_default_device() == torch.device("cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="simulation is refused where CUDA is real")
+@pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 def test_the_guard_is_active_during_training(monkeypatch: pytest.MonkeyPatch) -> None:
     # Plant the bug the demo guards against: batches that are never moved to the model's device.
     monkeypatch.setattr(_demo, "to_device", lambda batch, *args, **kwargs: batch)

@@ -22,8 +22,9 @@ from devicekit import (
     _guard,
     device_guard,
 )
+from tests.machine import REAL_CUDA
 
-CUDA = torch.cuda.is_available()
+CUDA = REAL_CUDA
 DEVICES = ["cpu", "meta", *(["cuda:0"] if CUDA else [])]
 
 

@@ -7,12 +7,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.machine import REAL_CUDA
 
 pytest_plugins = ["pytester"]
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="these runs simulate CUDA; on a CUDA machine it is real"
+    REAL_CUDA, reason="these runs simulate CUDA; on a CUDA machine it is real"
 )
 
 BUGGY_MODEL = """

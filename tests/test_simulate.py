@@ -13,10 +13,9 @@ import devicekit
 from devicekit import CrossDeviceError, SimulationError, simulated_devices
 from devicekit._simulate import _TAG
 from devicekit.testing import nested_batches, tensors
+from tests.machine import REAL_CUDA
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
-)
+pytestmark = pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 

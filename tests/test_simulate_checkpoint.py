@@ -15,10 +15,9 @@ import torch
 
 from devicekit import simulated_devices
 from devicekit._simulate import _TAG
+from tests.machine import REAL_CUDA
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
-)
+pytestmark = pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 
 CPU, CUDA0, CUDA1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
 

@@ -22,10 +22,9 @@ from hypothesis import strategies as st
 import devicekit
 from devicekit import InvalidArgumentError, SimulationError, simulated_devices
 from devicekit._simulate_patches import UNSIMULATED
+from tests.machine import REAL_CUDA
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
-)
+pytestmark = pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 SURFACE_PAGE = Path(__file__).parent.parent / "docs" / "simulation-surface.md"

@@ -18,15 +18,14 @@ import torch.distributed as dist
 from devicekit import simulated_devices
 from devicekit._errors import SimulationError
 from devicekit._simulate_distributed import _gloo_for
+from tests.machine import REAL_CUDA
 from tests.test_distributed import launch
 
 SCRIPT = Path(__file__).resolve().parent / "programs" / "gpu_train.py"
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed"),
-    pytest.mark.skipif(
-        torch.cuda.is_available(), reason="these runs simulate CUDA; on a CUDA machine it is real"
-    ),
+    pytest.mark.skipif(REAL_CUDA, reason="these runs simulate CUDA; on a CUDA machine it is real"),
 ]
 
 

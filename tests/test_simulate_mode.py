@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 
 import devicekit
 from devicekit import CrossDeviceError, SimulationError, simulated_devices
+from tests.machine import REAL_CUDA
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="simulation is refused where CUDA is real"
-)
+pytestmark = pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 SAME_DEVICE = "Expected all tensors to be on the same device, but found at least two devices, "

@@ -24,6 +24,7 @@ from devicekit._startup import (
     _rebuild_simulated,
     hook_installed,
 )
+from tests.machine import REAL_CUDA
 
 pytest_plugins = ["pytester"]
 
@@ -31,7 +32,7 @@ PROGRAMS = Path(__file__).resolve().parent / "programs"
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="these runs simulate CUDA; on a CUDA machine it is real"
+    REAL_CUDA, reason="these runs simulate CUDA; on a CUDA machine it is real"
 )
 
 
@@ -98,6 +99,16 @@ def test_a_script_run_from_inside_a_simulation_is_simulated() -> None:
         done = _python("-c", code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "cuda:1", "True"]
+
+
+def test_a_child_that_imports_torch_through_devicekit_is_simulated() -> None:
+    # devicekit's lazy names import torch first, so entering the inherited simulation (as
+    # torch is imported) never meets a devicekit module that is half imported.
+    code = "import devicekit; print(devicekit.devices()[-1].simulated, devicekit.best_device())"
+    with simulated_devices("cuda", 2):
+        done = _python("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "cuda:0"]
 
 
 def test_a_child_started_outside_a_simulation_is_not_simulated() -> None:

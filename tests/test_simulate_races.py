@@ -29,6 +29,7 @@ from benchmarks import race_corpus
 from benchmarks._timing import format_table
 from devicekit import _simulate_async, _simulate_mode
 from devicekit._errors import InvalidArgumentError, RaceError, SimulationError
+from tests.machine import REAL_CUDA
 
 pytest_plugins = ["pytester"]
 
@@ -821,7 +822,7 @@ def _run_pytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return run(pytester, *args)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates CUDA")
+@pytest.mark.skipif(REAL_CUDA, reason="simulates CUDA")
 def test_the_races_option_turns_the_race_finder_on_for_run_wide_and_marker_simulations(
     pytester: pytest.Pytester,
 ) -> None:

@@ -24,11 +24,12 @@ from devicekit import _simulate_mode
 from devicekit._errors import CrossDeviceError, ScopeError
 from devicekit._simulate import _paused, simulated_devices
 from devicekit._startup import ENVIRONMENT_VARIABLE
+from tests.machine import REAL_CUDA
 
 pytest_plugins = ["pytester"]
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="these runs simulate CUDA; on a CUDA machine it is real"
+    REAL_CUDA, reason="these runs simulate CUDA; on a CUDA machine it is real"
 )
 
 

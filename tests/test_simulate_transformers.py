@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from devicekit._startup import ENVIRONMENT_VARIABLE
+from tests.machine import REAL_CUDA
 
 pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="these runs simulate CUDA; on a CUDA machine it is real"
+    REAL_CUDA, reason="these runs simulate CUDA; on a CUDA machine it is real"
 )
 
 PROGRAM = Path(__file__).resolve().parent / "programs" / "hf_tiny.py"

@@ -27,6 +27,7 @@ from devicekit.testing import (
     nested_batches,
     tensors,
 )
+from tests.machine import REAL_CUDA
 
 pytest_plugins = ["pytester"]
 
@@ -125,14 +126,14 @@ def test_available_devices_are_this_machines(device: torch.device) -> None:
     assert device in [info.device for info in devicekit.devices()]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="simulation is refused where CUDA is real")
+@pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 def test_available_devices_include_simulated_ones() -> None:
     with devicekit.simulated_devices("cuda", 2):
         assert find(available_devices(), lambda d: d.type == "cuda") == torch.device("cuda", 0)
         assert find(device_specs(), lambda spec: spec == "cuda:1") == "cuda:1"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="simulation is refused where CUDA is real")
+@pytest.mark.skipif(REAL_CUDA, reason="simulation is refused where CUDA is real")
 def test_one_strategy_object_reads_the_devices_at_every_draw() -> None:
     devices, specs = available_devices(), device_specs()
     cuda_1 = torch.device("cuda", 1)
