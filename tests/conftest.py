@@ -110,16 +110,6 @@ PLAIN_MACHINE = {
     "tests/test_pytest_plugin.py::test_planted_bug_goes_unnoticed_without_simulation": "plain run",
     "tests/test_pytest_plugin.py::test_a_bad_marker_fails_its_own_test_only": "plain run",
     "tests/test_pytest_plugin.py::test_simulated_devices_marker_and_requires_device": "plain run",
-    # A guard's message for a tensor made before its block: a simulation records where tensors
-    # are made, so the message names the line ("made by torch.ones at ...") instead.
-    "tests/test_messages.py::test_device_guard_error": "a tensor made before the guard",
-    "tests/test_messages.py::test_device_guard_error_for_an_operator": "made before the guard",
-    "tests/test_messages.py::test_device_guard_error_for_a_list_argument": "made before the guard",
-    "tests/test_messages.py::test_device_guard_error_for_indexing": "made before the guard",
-    "tests/test_messages.py::test_device_guard_warn": "a tensor made before the guard",
-    "tests/test_messages.py::test_labels_from_outside_the_block_name_where_they_were_passed_in": (
-        "provenance of tensors made before the guard"
-    ),
 }
 
 
