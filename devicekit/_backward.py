@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from devicekit import _modes
 from devicekit._modes import ModeKind
-from devicekit._scope import Record
+from devicekit._scope import Record, locked
 
 __all__ = ["CoveredModeKind", "gradient_patches", "holders"]
 
@@ -60,27 +60,38 @@ class _Holders:
         object.__setattr__(self, "blocks", set())
         object.__setattr__(self, "simulation", None)
 
+    # Every change runs under `locked`: an interrupt landing inside `with _lock:` could leave
+    # the lock held for good, and every other thread's guard would then wait on it forever.
+
     def __setattr__(self, name: str, value: object) -> None:
-        with _lock:
+        def change() -> None:
             object.__setattr__(self, name, value)
             _sync()
 
+        locked(_lock, change)
+
     def __delattr__(self, name: str) -> None:
-        with _lock:
+        def change() -> None:
             object.__delattr__(self, name)
             if name == "simulation":
                 object.__setattr__(self, name, None)
             _sync()
 
+        locked(_lock, change)
+
     def add(self, record: Record) -> None:
-        with _lock:
+        def change() -> None:
             self.blocks.add(id(record))
             _sync()
 
+        locked(_lock, change)
+
     def discard(self, record: Record) -> None:
-        with _lock:
+        def change() -> None:
             self.blocks.discard(id(record))
             _sync()
+
+        locked(_lock, change)
 
 
 _lock = threading.RLock()
