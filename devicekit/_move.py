@@ -55,7 +55,7 @@ from devicekit._tree import (
 )
 from devicekit._types import DeviceLike
 
-__all__ = ["aliases", "move_module", "to_device"]
+__all__ = ["move_module", "to_device"]
 
 T = TypeVar("T")
 
@@ -325,33 +325,6 @@ def _modules(module: torch.nn.Module) -> list[torch.nn.Module]:
                 seen.add(id(child))
                 found.append(child)
     return found
-
-
-def aliases(
-    module: torch.nn.Module, *, buffers_only: bool = False
-) -> list[list[tuple[dict[str, Any], str]]]:
-    """The parameter and buffer slots of `module` that hold one tensor shared by several:
-    `[[(embed._parameters, "weight"), (head._parameters, "weight")], ...]`; with
-    `buffers_only`, only the groups with a buffer slot among them."""
-    modules = _modules(module)
-    slots: dict[int, list[tuple[dict[str, Any], str]]] = {}
-    for submodule in modules:
-        buffers = submodule._buffers
-        for name, tensor in buffers.items():
-            if tensor is not None:
-                slots.setdefault(id(tensor), []).append((buffers, name))
-    if buffers_only and not slots:
-        return []
-    for submodule in modules:
-        parameters = submodule._parameters
-        for name, tensor in parameters.items():
-            if tensor is not None:
-                if buffers_only:
-                    if id(tensor) in slots:
-                        slots[id(tensor)].append((parameters, name))
-                else:
-                    slots.setdefault(id(tensor), []).append((parameters, name))
-    return [group for group in slots.values() if len(group) > 1]
 
 
 def move_module(
