@@ -350,6 +350,7 @@ def _shape(batch: Any) -> list[tuple[type, Any]]:
 
 
 def _kind_name(value: Any) -> str:
+    """`a tensor`, or the type of `value` (or `value` itself, when a type) with its article."""
     if isinstance(value, torch.Tensor):
         return "a tensor"
     name = value.__name__ if isinstance(value, type) else type(value).__name__
@@ -533,7 +534,7 @@ class Prefetcher(Generic[T]):
                 found = True
         if not found:
             raise InvalidArgumentError(
-                f"prefetch(...).set_epoch({epoch!r}): the source, {_described_type(source)}, "
+                f"prefetch(...).set_epoch({epoch!r}): the source, {_kind_name(type(source))}, "
                 "has no set_epoch method and no sampler with one. Call set_epoch on the "
                 "sampler that shuffles, or leave it out."
             )
@@ -546,7 +547,7 @@ class Prefetcher(Generic[T]):
         except AttributeError as error:
             raise AttributeError(
                 f"'Prefetcher' object has no attribute {name!r}, and neither has its source "
-                f"({_described_type(self.source)})"
+                f"({_kind_name(type(self.source))})"
             ) from error
 
     def __repr__(self) -> str:
@@ -556,11 +557,6 @@ class Prefetcher(Generic[T]):
 class _SizedPrefetcher(Prefetcher[T]):
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
-
-
-def _described_type(value: object) -> str:
-    kind = type(value).__name__
-    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def prefetch(
