@@ -271,11 +271,10 @@ class _Call:
         """The report of this call, its offending operands those not on `target` (all of the
         relevant ones when `target` is `None`)."""
         __tracebackhide__ = True
-        relevant = _relevant(self.func, self.operands, self.home)
         if target is None:
-            strays = [label for label, _ in relevant]
+            strays = [label for label, _ in _relevant(self.func, self.operands, self.home)]
         else:
-            strays = [label for label, tensor in relevant if tensor.device != target]
+            strays = [label for label, _ in _strays(self, target)]
         return Report(
             self.op,
             self.operands,
