@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from devicekit._deferred import Op, Recording, Ref, disown, recording_of, replaced, storage_key
 from devicekit._describe import describe_tensor
 from devicekit._errors import InvalidArgumentError, MaterializeError, MaterializeWarning
-from devicekit._move import to_device
+from devicekit._move import covers_storage, to_device
 from devicekit._resolve import resolve
 from devicekit._types import DeviceLike
 
@@ -211,13 +211,7 @@ def _allocated(
             continue
         nbytes = tensor.untyped_storage().nbytes()
         size = tensor.element_size()
-        whole = (
-            shared[key] == 1
-            and tensor.storage_offset() == 0
-            and tensor.is_contiguous()
-            and tensor.numel() * size == nbytes
-        )
-        if whole:
+        if shared[key] == 1 and covers_storage(tensor):
             real[key] = torch.empty_strided(
                 tensor.shape, tensor.stride(), dtype=tensor.dtype, device=target
             )

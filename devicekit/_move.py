@@ -55,7 +55,7 @@ from devicekit._tree import (
 )
 from devicekit._types import DeviceLike
 
-__all__ = ["move_module", "to_device"]
+__all__ = ["covers_storage", "move_module", "to_device"]
 
 T = TypeVar("T")
 
@@ -427,7 +427,7 @@ def _views(by_id: dict[int, tuple[torch.Tensor, _Slots]]) -> list[list[_Placed]]
     for shared in by_storage.values():
         if len(shared) < 2:
             continue
-        covering = [i for i, (tensor, _) in enumerate(shared) if _covers_storage(tensor)]
+        covering = [i for i, (tensor, _) in enumerate(shared) if covers_storage(tensor)]
         if not covering:
             continue  # no moved tensor holds all of the storage: nothing to make views of
         shared.insert(0, shared.pop(covering[0]))
@@ -440,7 +440,8 @@ def _views(by_id: dict[int, tuple[torch.Tensor, _Slots]]) -> list[list[_Placed]]
     return views
 
 
-def _covers_storage(tensor: torch.Tensor) -> bool:
+def covers_storage(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is all of its storage: contiguous, from offset 0, to its last byte."""
     return (
         tensor.storage_offset() == 0
         and tensor.is_contiguous()
