@@ -46,6 +46,7 @@ from devicekit._describe import (
     PASS_THROUGH,
     call_site,
     describe_tensor,
+    op_name,
     user_call_site,
     user_frame,
 )
@@ -249,7 +250,7 @@ class _Op:
     @property
     def name(self) -> str:
         if self._name is None:
-            self._name = _op_name(self.func) + self.suffix
+            self._name = op_name(self.func) + self.suffix
         return self._name
 
     @property
@@ -777,15 +778,6 @@ def _indexes(args: Sequence[Any]) -> bool:
         return False
     parts = args[1] if isinstance(args[1], tuple) else (args[1],)
     return any(isinstance(part, (torch.Tensor, list)) for part in parts)
-
-
-def _op_name(func: Callable[..., Any]) -> str:
-    name = getattr(func, "__name__", repr(func))
-    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
-    if owner is torch._C.TensorBase or owner is torch.Tensor:
-        return f"Tensor.{name}"
-    module = getattr(func, "__module__", None) or ""
-    return f"torch.{name}" if module.startswith("torch") or not module else name
 
 
 def _non_blocking(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
