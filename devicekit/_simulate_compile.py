@@ -169,7 +169,9 @@ class _Runner:
         session = _simulate_mode._active
         if session is None:
             return self.compiled(*args, **kwargs)
-        tensors = [leaf for leaf in _pytree.tree_leaves((args, kwargs)) if _is_tensor(leaf)]
+        tensors = [
+            leaf for leaf in _pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)
+        ]
         if self.module is not None:
             tensors.extend(self.module.parameters())
             tensors.extend(self.module.buffers())
@@ -201,10 +203,6 @@ def _names_autocast(code: types.CodeType) -> bool:
     return any(
         isinstance(const, types.CodeType) and _names_autocast(const) for const in code.co_consts
     )
-
-
-def _is_tensor(value: object) -> bool:
-    return isinstance(value, torch.Tensor)
 
 
 def _tagged(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
