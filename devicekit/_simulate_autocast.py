@@ -174,7 +174,7 @@ def call(
         target = torch.float32
     else:  # PROMOTE: float32 wins over the low precision; float64 is left out, as on CUDA
         target = torch.get_autocast_dtype("cuda")
-        for value in _tensors(args, kwargs):
+        for _, value in _simulate_mode._operands(args, kwargs):
             if _castable(value):
                 target = torch.promote_types(target, value.dtype)
 
@@ -254,13 +254,3 @@ def _castable(value: object) -> bool:
         and value.dtype is not torch.float64
         and _simulate_mode._simulated(value) is not None
     )
-
-
-def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, (list, tuple)):
-            found.extend(item for item in value if isinstance(item, torch.Tensor))
-    return found
