@@ -29,6 +29,7 @@ from devicekit._containers import ATOM, MODULE, OPAQUE, TENSOR, attribute_step
 from devicekit._describe import describe_tensor
 from devicekit._errors import InvalidArgumentError
 from devicekit._paths import Where, _kind, _labelled, listing, render
+from devicekit._provenance import module_internals
 
 __all__ = ["AuditFinding", "AuditReport", "Severity", "audit", "severity_rank"]
 
@@ -181,17 +182,6 @@ def _module_step(key: Any) -> str:
     return f"[{key}]" if isinstance(key, str) and key.isdigit() else f".{key}"
 
 
-#: What every `nn.Module` keeps in its `__dict__` (hooks, the registries): not user attributes.
-_MODULE_INTERNALS: frozenset[str] = frozenset()
-
-
-def _internals() -> frozenset[str]:
-    global _MODULE_INTERNALS
-    if not _MODULE_INTERNALS:
-        _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
-    return _MODULE_INTERNALS
-
-
 @dataclasses.dataclass
 class _Registered:
     """A parameter or buffer, where it was first met."""
@@ -293,7 +283,7 @@ class _Walk:
                     parameter=False,
                     persistent=name not in non_persistent,
                 )
-        internals = _internals()
+        internals = module_internals()
         attributes = [(k, v) for k, v in vars(module).items() if k not in internals]
         for name, value in reversed(attributes):
             at: Where = (where, attribute_step, name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import inspect
 import linecache
 import os
@@ -38,7 +39,7 @@ import torch
 from devicekit._describe import _DEVICEKIT_DIR, _INTERNAL, call_site, is_internal, op_name
 from devicekit._errors import Provenance
 
-__all__ = ["FACTORIES", "MOVES", "explain", "keep", "made", "record"]
+__all__ = ["FACTORIES", "MOVES", "explain", "keep", "made", "module_internals", "record"]
 
 
 def _existing(owner: object, names: str) -> frozenset[object]:
@@ -667,7 +668,11 @@ def _default_name(root: object) -> str:
     return "optimizer" if isinstance(root, torch.optim.Optimizer) else "model"
 
 
-_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+@functools.cache
+def module_internals() -> frozenset[str]:
+    """What every `nn.Module` keeps in its `__dict__` (hooks, the registries): not user
+    attributes (built on first use, not at import)."""
+    return frozenset(vars(torch.nn.Module()))
 
 
 def _in_module(
@@ -684,13 +689,14 @@ def _in_module(
             continue
         seen.add(id(module))
         state = module.__dict__
+        internals = module_internals()
         for table, what in (("_parameters", "parameter"), ("_buffers", "buffer")):
             for key, value in state.get(table, {}).items():
                 if value is not None and _is(value, targets):
                     return f"{path}.{key}", "unregistered module" if unregistered else what
         children: list[tuple[str, torch.nn.Module, bool]] = []
         for key, value in state.items():
-            if key in _MODULE_INTERNALS:
+            if key in internals:
                 continue
             found = _holding(f"{path}.{key}", value, targets)
             if found is not None:
