@@ -122,19 +122,26 @@ def _weight_norm() -> nn.Module:
     )
 
 
-def _gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _gpt2_sized(
+    width: int, layers: int, heads: int, vocab: int, positions: int = 1024
+) -> Callable[[], nn.Module]:
+    """A builder of a GPT-2 from a config of these sizes."""
 
-    config = GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=128,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
+    def build() -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            vocab_size=vocab,
+            n_positions=positions,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return GPT2LMHeadModel(config)
+
+    return build
 
 
 def _llama() -> nn.Module:
@@ -162,7 +169,7 @@ def _transformer() -> nn.Module:
 #: The ten models, by the name the table shows.
 MODELS: dict[str, Build] = {
     "LM with a tied head": TiedLM,
-    "HF GPT-2 (tiny, from config)": _gpt2,
+    "HF GPT-2 (tiny, from config)": _gpt2_sized(32, 2, 2, 128, positions=32),
     "HF Llama (tiny, rotary, tied)": _llama,
     "nn.Transformer": _transformer,
     "nn.MultiheadAttention": lambda: nn.MultiheadAttention(16, 2, kdim=8, vdim=8),
@@ -463,24 +470,6 @@ def memory_table(methods: Sequence[str] = METHODS) -> str:
         cells = [name, f"{total:.1f}", f"{largest:.1f}", *(f"{peak:.1f}" for peak in peaks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _gpt2_sized(width: int, layers: int, heads: int, vocab: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        config = GPT2Config(
-            n_embd=width,
-            n_layer=layers,
-            n_head=heads,
-            vocab_size=vocab,
-            n_positions=1024,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return GPT2LMHeadModel(config)
-
-    return build
 
 
 #: The models `--timing` times: GPT-2s from configs, tiny to small.
