@@ -263,17 +263,24 @@ def _called_name(entry: _Entry, called: CodeType) -> str:
     for match in _CALL.finditer(line):
         text = match.group(1)
         first = first or text
-        parts = text.split(".")
-        value: object = entry.namespace.get(parts[0], _MISSING)
-        if value is _MISSING:
-            value = getattr(builtins, parts[0], _MISSING)
-        for part in parts[1:]:
-            if value is _MISSING:
-                break
-            value = getattr(value, part, _MISSING)
+        value = _lookup(entry.namespace, text)
         if value is not _MISSING and called in _codes(value):
             return text
     return first or called.co_name
+
+
+def _lookup(namespace: dict[str, Any], dotted: str) -> object:
+    """What the dotted name `dotted` (`torch.load`, `self.mask`) of a line refers to, its first
+    part looked up in `namespace` and then the builtins; `_MISSING` where a part is missing."""
+    first, *rest = dotted.split(".")
+    value: object = namespace.get(first, _MISSING)
+    if value is _MISSING:
+        value = getattr(builtins, first, _MISSING)
+    for part in rest:
+        if value is _MISSING:
+            break
+        value = getattr(value, part, _MISSING)
+    return value
 
 
 def _codes(value: object) -> list[object]:
@@ -435,12 +442,7 @@ class _Context:
         line = linecache.getline(frame.f_code.co_filename, lineno)
         namespace = {**frame.f_globals, **_locals(frame)}
         for match in _CALL.finditer(line):
-            parts = match.group(1).split(".")
-            value: object = namespace.get(parts[0], _MISSING)
-            for part in parts[1:]:
-                if value is _MISSING:
-                    break
-                value = getattr(value, part, _MISSING)
+            value = _lookup(namespace, match.group(1))
             code = getattr(getattr(value, "__func__", value), "__code__", None)
             if not isinstance(code, CodeType):
                 continue
