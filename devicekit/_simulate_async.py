@@ -411,7 +411,7 @@ class Races:
                 else:  # a blocking copy between host and device waits for its stream
                     self.host_waits(stamp_of(stream))
             elif recording:
-                self._wrote(op, result, writes, reads, stream)
+                self._wrote(op, name, result, writes, reads, stream)
             if name in ("to", "copy_") or name == self.session.type:
                 self._between_devices(name, args, result, stream, streams)
         return result
@@ -632,6 +632,7 @@ class Races:
     def _wrote(
         self,
         op: _Op,
+        name: str,
         result: Any,
         writes: list[torch.Tensor],
         reads: list[torch.Tensor],
@@ -643,7 +644,7 @@ class Races:
         made = [result] if isinstance(result, torch.Tensor) else []
         if isinstance(result, (list, tuple)):
             made = [item for item in result if isinstance(item, torch.Tensor)]
-        allocation = getattr(op.func, "__name__", "") in _ALLOCATIONS
+        allocation = name in _ALLOCATIONS
         for tensor in made:
             key = _key(tensor)
             if not key or key in operands or _simulated(tensor) is None:
