@@ -574,9 +574,7 @@ def _user_frames(frame: FrameType | None, limit: int) -> Iterator[FrameType]:
 
 def _user_caller(frame: FrameType) -> object:
     """The user's line that called the function running in `frame`."""
-    caller = frame.f_back
-    while caller is not None and is_internal(caller.f_code.co_filename):
-        caller = caller.f_back
+    caller = next(_user_frames(frame.f_back, limit=1), None)
     return None if caller is None else call_site(caller.f_code.co_filename, caller.f_lineno)
 
 
