@@ -225,9 +225,7 @@ class Recording:
         for reference in self.owned:
             module = reference()
             if module is not None:
-                tensors = {**module._parameters, **module._buffers}
-                refs = {n: Ref(t) for n, t in tensors.items() if t is not None and t.is_meta}
-                self.slots[id(module)] = (type(module), refs)
+                self.slots[id(module)] = (type(module), _meta_refs(module))
         self.owned = []
 
 
@@ -280,7 +278,7 @@ def replaced(
                 f"{tensor.dtype}, by Module.to or Tensor.to?)"
             )
         return None, "replaced after the deferred() block (assigned a new tensor?)"
-    layout = _layout(module)
+    layout = _layout_of(_meta_refs(module))
     for recording in {id(r): r for r in _OWNERS.values()}.values():
         for kind, refs in recording.slots.values():
             if kind is not type(module) or _layout_of(refs) != layout:
@@ -298,9 +296,10 @@ def replaced(
     return None
 
 
-def _layout(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+def _meta_refs(module: torch.nn.Module) -> dict[str, Ref]:
+    """A `Ref` per meta parameter and buffer of `module` (not of its children), by name."""
     tensors = {**module._parameters, **module._buffers}
-    return {n: tuple(t.shape) for n, t in tensors.items() if t is not None and t.is_meta}
+    return {n: Ref(t) for n, t in tensors.items() if t is not None and t.is_meta}
 
 
 def _layout_of(refs: dict[str, Ref]) -> dict[str, tuple[int, ...]]:
