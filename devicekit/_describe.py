@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "CallSite",
     "call_site",
+    "called_at",
     "describe_tensor",
     "is_internal",
     "labelled_tensors",
@@ -324,6 +325,16 @@ def user_frame(depth: int = 1) -> FrameType | None:
 def call_site(filename: str, lineno: int) -> CallSite:
     """The `CallSite` of `filename:lineno`, with its source text."""
     return CallSite(filename, lineno, linecache.getline(filename, lineno).strip())
+
+
+def called_at(site: CallSite | None) -> str:
+    """The "called at ..." line of devicekit's messages about the op at `site`.
+
+    Example:
+        >>> called_at(None)
+        'called at an unknown line'
+    """
+    return f"called at {site}" if site is not None else "called at an unknown line"
 
 
 def user_call_site() -> CallSite | None:

@@ -24,6 +24,7 @@ from devicekit import _context
 from devicekit._backward import CoveredModeKind
 from devicekit._describe import (
     CallSite,
+    called_at,
     labelled_tensors,
     op_name_at,
     user_call_site,
@@ -285,10 +286,6 @@ class _Call:
         )
 
 
-def _called_at(site: CallSite | None) -> str:
-    return f"called at {site}" if site is not None else "called at an unknown line"
-
-
 def _examine(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     operands = list(labelled_tensors(func, args, kwargs))
     name = getattr(func, "__name__", "")
@@ -466,7 +463,7 @@ def _mixed(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
             call,
             DeviceMoveWarning,
             f'device_guard("move") moved {labels} to {target} to run {call.op}, '
-            f"{_called_at(call.site)}.\n"
+            f"{called_at(call.site)}.\n"
             "Each call copies them again: move them once with `devicekit.to_device`, or "
             "silence this with "
             '`warnings.filterwarnings("ignore", category=devicekit.DeviceMoveWarning)`.',

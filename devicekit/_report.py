@@ -29,6 +29,7 @@ import torch
 from devicekit._describe import (
     CallSite,
     call_site,
+    called_at,
     describe_tensor,
     is_internal,
     torch_sentence,
@@ -124,9 +125,7 @@ class Report:
             found = self.provenance.get(label)
             if found is not None:
                 lines.extend(f"    {line}" for line in self._explained(found))
-        lines.append(
-            f"called at {self.site}" if self.site is not None else "called at an unknown line"
-        )
+        lines.append(called_at(self.site))
         lines.append(fix if fix is not None else self.fix())
         return "\n".join(lines)
 
