@@ -488,14 +488,10 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _generator_module(device: torch.device) -> Any:
-    return torch.random if device.type == "cpu" else getattr(torch, device.type)
-
-
 def _rng_state(device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.get_rng_state()
-    state: torch.Tensor = _generator_module(device).get_rng_state(device)
+    state: torch.Tensor = getattr(torch, device.type).get_rng_state(device)
     return state
 
 
@@ -503,4 +499,4 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
     if device.type == "cpu":
         torch.set_rng_state(state)
     else:
-        _generator_module(device).set_rng_state(state, device)
+        getattr(torch, device.type).set_rng_state(state, device)
