@@ -24,6 +24,7 @@ gradients under a simulation, and hooks registered before the simulation began r
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -64,34 +65,31 @@ class _Holders:
     # the lock held for good, and every other thread's guard would then wait on it forever.
 
     def __setattr__(self, name: str, value: object) -> None:
-        def change() -> None:
-            object.__setattr__(self, name, value)
-            _sync()
-
-        locked(_lock, change)
+        _changed(functools.partial(object.__setattr__, self, name, value))
 
     def __delattr__(self, name: str) -> None:
         def change() -> None:
             object.__delattr__(self, name)
             if name == "simulation":
                 object.__setattr__(self, name, None)
-            _sync()
 
-        locked(_lock, change)
+        _changed(change)
 
     def add(self, record: Record) -> None:
-        def change() -> None:
-            self.blocks.add(id(record))
-            _sync()
-
-        locked(_lock, change)
+        _changed(functools.partial(self.blocks.add, id(record)))
 
     def discard(self, record: Record) -> None:
-        def change() -> None:
-            self.blocks.discard(id(record))
-            _sync()
+        _changed(functools.partial(self.blocks.discard, id(record)))
 
-        locked(_lock, change)
+
+def _changed(change: Callable[[], object]) -> None:
+    """`change`, then `_sync`, under `_lock`."""
+
+    def work() -> None:
+        change()
+        _sync()
+
+    locked(_lock, work)
 
 
 _lock = threading.RLock()
