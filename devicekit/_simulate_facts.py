@@ -28,7 +28,6 @@ __all__ = [
     "DeviceProperties",
     "Memory",
     "admit",
-    "count",
     "format_size",
 ]
 
@@ -310,13 +309,6 @@ class Memory:
         for pool in self.pools[index].values():
             pool.total = pool.counted = pool.freed = pool.freed_count = 0
         self.ooms[index] = 0
-
-
-def count(tensor: torch.Tensor, device: torch.device) -> None:
-    """Count `tensor`'s storage on the simulated `device` (the mode calls it for each tag)."""
-    memory = active
-    if memory is not None:
-        memory.add(tensor, device)
 
 
 #: Factories whose leading arguments (or `size=`) are the shape of the tensor they make.
