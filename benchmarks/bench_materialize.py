@@ -370,20 +370,13 @@ def count(
 # --- peak memory ----------------------------------------------------------------------------------
 
 
-def _vmhwm_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A size in KiB from `/proc/self/status`: `VmHWM` (the peak) or `VmRSS` (the current)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")  # pragma: no cover
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")  # pragma: no cover
+    raise RuntimeError(f"no {field} in /proc/self/status")  # pragma: no cover
 
 
 def _reset_peak() -> None:
@@ -403,9 +396,9 @@ def measure_child(model: str, method: str) -> None:
             build()
         runner(TiedLM, device, 0)
         _reset_peak()
-        before = _rss_kib()
+        before = _status_kib("VmRSS")
         built = runner(build, device, 0)
-        peak = _vmhwm_kib()
+        peak = _status_kib("VmHWM")
     nbytes = sum(t.nbytes for t in {id(t): t for t in _tensors(built).values()}.values())
     print(json.dumps({"peak_mib": (peak - before) / 1024, "model_mib": nbytes / 2**20}))
 
