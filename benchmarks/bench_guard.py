@@ -329,6 +329,30 @@ def _recording_off() -> Iterator[None]:
         _guard._RECORDED = saved
 
 
+@contextmanager
+def _guarded(*, recording: bool) -> Iterator[None]:
+    """A `device_guard("error")`, recording provenance or not."""
+    with nullcontext() if recording else _recording_off(), devicekit.device_guard("error"):
+        yield
+
+
+def _shuffled_rounds(
+    function: Callable[[], object],
+    conditions: dict[str, Callable[[], AbstractContextManager[object]]],
+    rounds: int,
+    rng: random.Random,
+) -> dict[str, list[float]]:
+    """Per condition, the microseconds per call of each round's batch of `function`; each
+    round times the conditions in a shuffled order."""
+    number = calls_per_batch(function)
+    samples: dict[str, list[float]] = {key: [] for key in conditions}
+    for _ in range(rounds):
+        for key in rng.sample(list(conditions), len(conditions)):
+            with conditions[key]():
+                samples[key].append(batch_us(function, number))
+    return samples
+
+
 def provenance_cost(rounds: int, seed: int = 0) -> str:
     """What recording provenance adds to the guard: ops run in place under `device_guard` with
     recording on, and with it off (the guard before issue 15), in alternating batches."""
@@ -344,19 +368,13 @@ def provenance_cost(rounds: int, seed: int = 0) -> str:
     }
     conditions: dict[str, Callable[[], AbstractContextManager[object]]] = {
         "none": nullcontext,
-        "off": _recording_off,
-        "on": nullcontext,
+        "off": lambda: _guarded(recording=False),
+        "on": lambda: _guarded(recording=True),
     }
     rng = random.Random(seed)
     rows = []
     for name, function in ops.items():
-        number = calls_per_batch(function)
-        samples: dict[str, list[float]] = {key: [] for key in conditions}
-        for _ in range(rounds):
-            for key in rng.sample(list(conditions), len(conditions)):
-                guard = nullcontext() if key == "none" else devicekit.device_guard("error")
-                with conditions[key](), guard:
-                    samples[key].append(batch_us(function, number))
+        samples = _shuffled_rounds(function, conditions, rounds, rng)
         rows.append(
             [
                 name,
@@ -425,12 +443,7 @@ def simulated_provenance_cost(rounds: int, seed: int = 0) -> str:
             'torch.arange(16, device="cuda")': lambda: torch.arange(16, device="cuda"),
         }
         for name, function in ops.items():
-            number = calls_per_batch(function)
-            samples: dict[str, list[float]] = {key: [] for key in conditions}
-            for _ in range(rounds):
-                for key in rng.sample(list(conditions), len(conditions)):
-                    with conditions[key]():
-                        samples[key].append(batch_us(function, number))
+            samples = _shuffled_rounds(function, conditions, rounds, rng)
             rows.append(
                 [
                     name,
