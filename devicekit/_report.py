@@ -42,6 +42,8 @@ __all__ = ["Report", "end_at_user_line"]
 
 #: How each kind of block is named in "came from outside the ... block".
 _BLOCKS = {"device_guard": "guarded", "simulated_devices": "simulated_devices"}
+#: The holders that are the user's own variables, named in the fix (`labels = labels.to(...)`).
+_VARIABLES = ("local variable", "argument")
 _LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy", "multilabel_soft_margin_loss")
 
 
@@ -147,7 +149,7 @@ class Report:
 
     def _explained(self, found: Provenance) -> list[str]:
         head = f"computed from {found.via}, " if found.via is not None else ""
-        named = found.owner_kind in ("local variable", "argument")
+        named = found.owner_kind in _VARIABLES
         if found.origin in ("made", "moved"):
             line = f"{head}{found.origin} by {found.op} at {found.location}"
         elif found.origin == "returned":
@@ -239,7 +241,7 @@ class Report:
                 f'`.to("{target}")`, or pass `w.to("{target}")`.'
             )
         if found.label == "target":
-            named = found.owner_kind in ("local variable", "argument")
+            named = found.owner_kind in _VARIABLES
             name = found.owner if named and found.owner is not None else "labels"
             return (
                 f'move the labels to {target} with the batch: `devicekit.to_device(batch, "'
@@ -266,7 +268,7 @@ class Report:
         what it returns, or have it load there; never `device=` on a factory the user did not
         call."""
         target = self.target or self.devices[0]
-        named = found.owner_kind in ("local variable", "argument") and found.owner is not None
+        named = found.owner_kind in _VARIABLES and found.owner is not None
         root = (found.owner or "").split("[", 1)[0] if named else "result"
         moved = f'`{root} = devicekit.to_device({root}, "{target}")`'
         if found.op == "torch.load":
@@ -282,7 +284,7 @@ class Report:
 
     def _fix_entry(self, found: Provenance) -> str | None:
         target = self.target
-        if target is None or found.owner_kind not in ("local variable", "argument"):
+        if target is None or found.owner_kind not in _VARIABLES:
             return None
         name = found.owner
         return (
