@@ -219,13 +219,11 @@ def eager(build: Build, device: torch.device, seed: int) -> nn.Module:
 
 
 def _reset_all(model: nn.Module) -> None:
-    from devicekit._materialize import _post_order
+    from devicekit._materialize import _post_order, reset_function
 
     for _, module in _post_order(model):
-        reset: Any = getattr(module, "reset_parameters", None)
-        if not callable(reset):
-            reset = getattr(module, "_reset_parameters", None)
-        if callable(reset):
+        reset = reset_function(module)
+        if reset is not None:
             with torch.no_grad():
                 reset()
 

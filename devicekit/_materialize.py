@@ -13,6 +13,7 @@ its last use, so memory never holds a parameter twice.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -245,6 +246,15 @@ def _post_order(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return order
 
 
+def reset_function(module: torch.nn.Module) -> Callable[[], object] | None:
+    """`module.reset_parameters`, else `module._reset_parameters`, where callable."""
+    for name in ("reset_parameters", "_reset_parameters"):
+        reset: Callable[[], object] | None = getattr(module, name, None)
+        if callable(reset):
+            return reset
+    return None
+
+
 def _reset(
     module: torch.nn.Module,
     metas: dict[int, tuple[torch.Tensor, list[_Slot]]],
@@ -254,10 +264,8 @@ def _reset(
     holders = {id(slot.module) for _, slots in metas.values() for slot in slots}
     missing: list[str] = []
     for prefix, submodule in _post_order(module):
-        reset = getattr(submodule, "reset_parameters", None)
-        if not callable(reset):
-            reset = getattr(submodule, "_reset_parameters", None)
-        if callable(reset):
+        reset = reset_function(submodule)
+        if reset is not None:
             with torch.no_grad():
                 reset()
         elif id(submodule) in holders:
