@@ -16,8 +16,7 @@ is emptied for the simulation and restored after it, so no simulated stream outl
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,10 +24,6 @@ import torch.cuda.nccl
 import torch.nn.parallel._functions
 import torch.nn.parallel.comm
 from torch._utils import _get_device_index
-from torch.overrides import _get_current_function_mode_stack
-
-from devicekit import _simulate_mode
-from devicekit._simulate_mode import _set_tag, _simulated
 
 __all__ = ["patches"]
 
@@ -125,69 +120,15 @@ def patches(device_type: str) -> dict[tuple[object, str], object]:
         (comm, "scatter"): scatter,
         (comm, "gather"): gather,
         (functions, "_streams"): None,
-        (functions.Scatter, "forward"): staticmethod(_remembering(_scatter_forward)),
+        (functions.Scatter, "forward"): staticmethod(_scatter_forward),
     }
     if device_type == "cuda":  # reduce_add asks NCCL first, which warns on a CPU build
         found[(torch.cuda.nccl, "is_available")] = _no_nccl
-    for forward_cls in (functions.Broadcast, functions.ReduceAddCoalesced, functions.Gather):
-        forward = forward_cls.__dict__["forward"].__func__
-        found[(forward_cls, "forward")] = staticmethod(_remembering(forward))
-    for cls in (
-        functions.Broadcast,
-        functions.ReduceAddCoalesced,
-        functions.Gather,
-        functions.Scatter,
-    ):
-        found[(cls, "backward")] = staticmethod(_tagging(cls.__dict__["backward"].__func__))
     return found
 
 
 def _no_nccl(tensors: object) -> bool:
     return False
-
-
-# Autograd hands a Function's `backward` gradients it made in C++: plain CPU tensors, without
-# the simulated device of the outputs they belong to. These Functions remember their outputs'
-# devices in `forward` and give them to the gradients in `backward`.
-_DEVICES = "_devicekit_output_devices"
-
-
-def _remembering(forward: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def wrapper(ctx: Any, *args: Any) -> Any:
-        outputs = forward(ctx, *args)
-        listed = outputs if isinstance(outputs, tuple) else (outputs,)
-        setattr(
-            ctx, _DEVICES, [_simulated(o) if isinstance(o, torch.Tensor) else None for o in listed]
-        )
-        return outputs
-
-    return wrapper
-
-
-def _tagging(backward: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(backward)
-    def wrapper(ctx: Any, *grads: Any) -> Any:
-        for grad, device in zip(grads, getattr(ctx, _DEVICES, ()), strict=False):
-            if isinstance(grad, torch.Tensor) and device is not None and _simulated(grad) is None:
-                _set_tag(grad, device)
-        session = _simulate_mode._active
-        mode = None if session is None else session.mode
-        if mode is None or _is_on_stack(mode):
-            return backward(ctx, *grads)
-        with mode:  # `Tensor.backward` runs with the mode popped: its copies must be simulated
-            return backward(ctx, *grads)
-
-    return wrapper
-
-
-def _is_on_stack(mode: object) -> bool:
-    """Whether `mode`, or the simulation's mode of another thread, is on this thread's stack."""
-    stack: list[object] = _get_current_function_mode_stack()  # type: ignore[no-untyped-call]
-    return any(entry is mode or type(entry).__module__ == _THREADS for entry in stack)
-
-
-_THREADS = "devicekit._simulate_threads"  # where the mode of the simulation's other threads lives
 
 
 def _scatter_forward(
