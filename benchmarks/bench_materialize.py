@@ -283,6 +283,11 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
+def _distinct_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of `model`, each tensor once (a tied one is counted once)."""
+    return list({id(t): t for t in _tensors(model).values()}.values())
+
+
 def sharing(model: nn.Module) -> list[list[str]]:
     """The names of the parameters and buffers, grouped by the object they name."""
     groups: dict[int, list[str]] = {}
@@ -397,7 +402,7 @@ def measure_child(model: str, method: str) -> None:
         before = _status_kib("VmRSS")
         built = runner(build, device, 0)
         peak = _status_kib("VmHWM")
-    nbytes = sum(t.nbytes for t in {id(t): t for t in _tensors(built).values()}.values())
+    nbytes = sum(t.nbytes for t in _distinct_tensors(built))
     print(json.dumps({"peak_mib": (peak - before) / 1024, "model_mib": nbytes / 2**20}))
 
 
@@ -454,7 +459,7 @@ def memory_table(methods: Sequence[str] = METHODS) -> str:
             warnings.simplefilter("ignore")
             with torch.device("meta"):
                 shapes = build()
-        tensors = {id(t): t for t in _tensors(shapes).values()}.values()
+        tensors = _distinct_tensors(shapes)
         total = sum(t.nbytes for t in tensors) / 2**20
         largest = max(t.nbytes for t in tensors) / 2**20
         peaks = [peak_memory(name, how)["peak_mib"] for how in ("eager", *methods)]
